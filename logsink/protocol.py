@@ -1,0 +1,219 @@
+"""The logsink wire protocol, sans-io: control messages and batch frame headers as pure functions over bytes.
+
+Everything that defines a byte on the wire lives in this module (``docs/protocol.md`` describes
+the same bytes for humans). It imports neither ``socket`` nor ``asyncio``: the daemon, the clients
+and the fuzz tests all drive it with plain ``bytes``.
+
+Control messages travel on the control socket (AF_UNIX SOCK_STREAM, later also TCP) as frames:
+a 4-byte big-endian length, then that many bytes of one msgpack map whose key ``"t"`` names the
+message type. Batches travel on the data pipe: a 32-byte frame header, then ``payload_len`` bytes
+of whole records (lines ending in ``\\n``).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# -- limits ---------------------------------------------------------------------------------------
+# A control message is small (HELLO, RELEASE, a STATUS reply with a few hundred producers);
+# 1 MiB leaves room for big status replies while a garbage length prefix cannot make us buffer GBs.
+MAX_CONTROL_MESSAGE = 1 << 20
+# A batch is one arena segment. 64 MiB is far above any sane segment (the default is 256 KiB)
+# and far below what would let one bad header make the daemon splice gigabytes into a file.
+MAX_BATCH_PAYLOAD = 64 << 20
+# Stream names become file names: keep them portable and unable to escape the output directory.
+MAX_STREAM_NAME = 64
+_STREAM_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# -- frame header ---------------------------------------------------------------------------------
+FRAME_MAGIC = b"LSK1"
+FRAME_HEADER_SIZE = 32
+# magic, version, flags, header_len, payload_len, record_count, seq, reserved (little-endian)
+_FRAME = struct.Struct("<4sBBHIIQQ")
+assert _FRAME.size == FRAME_HEADER_SIZE
+
+_LEN = struct.Struct(">I")
+
+# -- message types --------------------------------------------------------------------------------
+HELLO = "hello"          # client -> daemon, carries the pipe's read end with SCM_RIGHTS
+WELCOME = "welcome"      # daemon -> client, HELLO accepted
+RELEASE = "release"      # daemon -> client, every batch with seq <= through is in the file
+ERROR = "error"          # daemon -> client, the connection is refused or being closed, with a reason
+SHUTDOWN = "shutdown"    # daemon -> client, hand over what you hold and close: the daemon is stopping
+STATUS = "status"        # client -> daemon asks, daemon -> client answers with the same type
+
+TRANSPORTS = ("vmsplice", "copy")
+
+# Error codes carried in ERROR messages (and counted by the daemon under the same names).
+E_BAD_MESSAGE = "bad-message"      # undecodable frame or unknown/ill-typed message
+E_BAD_VERSION = "bad-version"      # protocol version we do not speak
+E_BAD_STREAM = "bad-stream"        # stream name empty, too long, or outside [A-Za-z0-9._-]
+E_BAD_FD = "bad-fd"                # HELLO without exactly one fd, or the fd is not a pipe's read end
+E_BAD_FRAME = "bad-frame"          # a batch header with bad magic/version or an absurd length
+E_PRODUCER_DIED = "producer-died"  # the pipe closed mid-batch: the partial batch was discarded
+E_WRITE_FAILED = "write-failed"    # the output file refused the batch (e.g. disk full)
+E_SHUTTING_DOWN = "shutting-down"  # the daemon no longer accepts producers
+E_TOO_MANY = "too-many-producers"  # the engine has no free producer slot
+
+
+class ProtocolError(ValueError):
+    """Bytes or a message that break the protocol; ``code`` is one of the ``E_*`` strings."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# -- stream names ---------------------------------------------------------------------------------
+def validate_stream_name(name: Any) -> str:
+    """Return ``name`` if it is a valid stream name, else raise ProtocolError(E_BAD_STREAM)."""
+    if not isinstance(name, str) or not _STREAM_NAME_RE.fullmatch(name) or name.startswith(".") or ".." in name:
+        raise ProtocolError(
+            E_BAD_STREAM,
+            f"stream name {name!r} is invalid: use 1 to {MAX_STREAM_NAME} characters of [A-Za-z0-9._-], "
+            "not starting with '.' and without '..'",
+        )
+    return name
+
+
+# -- frame headers --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FrameHeader:
+    payload_len: int
+    record_count: int
+    seq: int
+    flags: int = 0
+
+
+def pack_frame_header(payload_len: int, record_count: int, seq: int, flags: int = 0) -> bytes:
+    """The 32 bytes that precede a batch of ``payload_len`` bytes on the data pipe."""
+    return _FRAME.pack(FRAME_MAGIC, PROTOCOL_VERSION, flags, FRAME_HEADER_SIZE, payload_len, record_count, seq, 0)
+
+
+def unpack_frame_header(data: bytes, max_payload: int = MAX_BATCH_PAYLOAD) -> FrameHeader:
+    """Parse and validate a frame header; raise ProtocolError(E_BAD_FRAME) saying what is wrong.
+
+    The C engine applies exactly these checks (native/ls_frame.h); this is the reference.
+    """
+    if len(data) != FRAME_HEADER_SIZE:
+        raise ProtocolError(E_BAD_FRAME, f"frame header is {len(data)} bytes, expected {FRAME_HEADER_SIZE}")
+    magic, version, flags, header_len, payload_len, records, seq, _reserved = _FRAME.unpack(data)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError(E_BAD_FRAME, f"frame header has bad magic {magic!r}, expected {FRAME_MAGIC!r}")
+    if version != PROTOCOL_VERSION or header_len != FRAME_HEADER_SIZE:
+        raise ProtocolError(E_BAD_FRAME, f"frame header version {version}/length {header_len} is not supported")
+    if payload_len == 0 or payload_len > max_payload:
+        raise ProtocolError(E_BAD_FRAME, f"frame payload length {payload_len} is outside 1..{max_payload}")
+    if records == 0 or records > payload_len:
+        raise ProtocolError(E_BAD_FRAME, f"frame record count {records} is impossible for {payload_len} bytes")
+    return FrameHeader(payload_len, records, seq, flags)
+
+
+# -- control messages -----------------------------------------------------------------------------
+# Required keys and their types, per message type. Unknown extra keys are ignored (forward compat).
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    HELLO: {"v": int, "stream": str, "pid": int, "transport": str},
+    WELCOME: {"v": int, "producer": int, "engine": str},
+    RELEASE: {"through": int},
+    ERROR: {"code": str, "reason": str},
+    SHUTDOWN: {},
+    STATUS: {},
+}
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One control frame: 4-byte big-endian length, then the msgpack map."""
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(E_BAD_MESSAGE, f"control message of {len(body)} bytes exceeds {MAX_CONTROL_MESSAGE}")
+    return _LEN.pack(len(body)) + body
+
+
+def check_message(msg: Any) -> dict[str, Any]:
+    """Validate a decoded control message's shape; raise ProtocolError(E_BAD_MESSAGE) if wrong."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_BAD_MESSAGE, f"control message is a {type(msg).__name__}, expected a map")
+    kind = msg.get("t")
+    schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise ProtocolError(E_BAD_MESSAGE, f"unknown control message type {kind!r}")
+    for key, typ in schema.items():
+        val = msg.get(key)
+        if not isinstance(val, typ) or isinstance(val, bool) and typ is int:
+            raise ProtocolError(E_BAD_MESSAGE, f"{kind} message needs {key!r} of type {typ.__name__}, got {val!r}")
+    if kind == HELLO:
+        if msg["v"] != PROTOCOL_VERSION:
+            raise ProtocolError(E_BAD_VERSION, f"protocol version {msg['v']} is not supported (this daemon speaks {PROTOCOL_VERSION})")
+        validate_stream_name(msg["stream"])
+        if msg["transport"] not in TRANSPORTS:
+            raise ProtocolError(E_BAD_MESSAGE, f"transport {msg['transport']!r} is not one of {TRANSPORTS}")
+    return msg
+
+
+class ControlDecoder:
+    """Bytes in, messages out. ``feed(data)`` returns the complete messages now available.
+
+    A ProtocolError leaves the decoder in an error state (every later feed raises again): the
+    connection it belongs to must be closed, as nothing after garbage can be trusted.
+    """
+
+    def __init__(self, max_message: int = MAX_CONTROL_MESSAGE):
+        self._buf = bytearray()
+        self._max = max_message
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        out = []
+        try:
+            while len(self._buf) >= 4:
+                (n,) = _LEN.unpack_from(self._buf)
+                if n == 0 or n > self._max:
+                    raise ProtocolError(E_BAD_MESSAGE, f"control frame length {n} is outside 1..{self._max}")
+                if len(self._buf) < 4 + n:
+                    break
+                body = bytes(self._buf[4 : 4 + n])
+                del self._buf[: 4 + n]
+                try:
+                    msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+                except Exception as exc:  # msgpack raises several types for garbage
+                    raise ProtocolError(E_BAD_MESSAGE, f"control frame is not valid msgpack: {exc}") from None
+                out.append(check_message(msg))
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back (a peer that closes with this > 0 sent half a frame)."""
+        return len(self._buf)
+
+
+def hello(stream: str, pid: int, transport: str, **extra: Any) -> dict[str, Any]:
+    return {"t": HELLO, "v": PROTOCOL_VERSION, "stream": stream, "pid": pid, "transport": transport, **extra}
+
+
+def welcome(producer: int, engine: str, **extra: Any) -> dict[str, Any]:
+    return {"t": WELCOME, "v": PROTOCOL_VERSION, "producer": producer, "engine": engine, **extra}
+
+
+def release(through: int, failed: list[list[Any]] | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"t": RELEASE, "through": through}
+    if failed:
+        msg["failed"] = failed  # [[seq, code, reason], ...]: batches that were NOT written
+    return msg
+
+
+def error(code: str, reason: str) -> dict[str, Any]:
+    return {"t": ERROR, "code": code, "reason": reason}

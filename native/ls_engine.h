@@ -1,0 +1,100 @@
+/* ls_engine.h - the daemon's data plane: moves batches from producer pipes into stream files.
+ *
+ * Python (the control plane) creates an engine, adds streams (an output fd and the offset to
+ * write at) and producers (a pipe's read end and the stream it feeds). The engine runs its own
+ * thread: it reads each batch's 32-byte frame header, then moves the payload into the stream's
+ * file at an offset it owns, one batch at a time per stream (so batches never interleave), and
+ * queues an event per finished or failed batch. Python waits for readability of
+ * ls_engine_notify_fd() and drains events with ls_engine_poll_events().
+ *
+ * Engines: io_uring (READ_FIXED of headers into a registered buffer, SPLICE with fixed files),
+ * splice (epoll + splice(2)), readwrite (epoll + read/pwrite, the copy baseline). All three
+ * produce byte-identical files.
+ *
+ * Contract: every function returns >= 0 on success or -errno on failure; errno is never the
+ * channel. Functions are safe to call from one control thread while the engine thread runs.
+ */
+#ifndef LS_ENGINE_H
+#define LS_ENGINE_H
+
+#include <stdint.h>
+
+#define LS_ENGINE_AUTO 0
+#define LS_ENGINE_IO_URING 1
+#define LS_ENGINE_SPLICE 2
+#define LS_ENGINE_READWRITE 3
+
+/* Event kinds delivered by ls_engine_poll_events(). */
+#define LS_EV_BATCH_DONE 1      /* batch seq of producer is in the file: release it */
+#define LS_EV_BATCH_FAILED 2    /* batch seq was not written (err = -errno from the file); payload discarded */
+#define LS_EV_PRODUCER_EOF 3    /* pipe closed cleanly between batches; producer slot is free again */
+#define LS_EV_PRODUCER_DIED 4   /* pipe closed mid-batch (bytes = bytes of the partial batch discarded) */
+#define LS_EV_BAD_FRAME 5       /* a frame header failed validation (err = LS_EFRAME_*); producer stopped */
+#define LS_EV_PRODUCER_ERROR 6  /* reading the pipe failed (err = -errno); producer stopped */
+#define LS_EV_PRODUCER_REMOVED 7 /* answer to ls_engine_remove_producer(); slot free again */
+
+struct ls_event {
+    uint32_t kind;
+    uint32_t producer_id;
+    uint32_t stream_id;
+    int32_t err;
+    uint64_t seq;
+    uint64_t bytes;
+    uint64_t records;
+};
+
+struct ls_counters {
+    uint64_t bytes;          /* payload bytes landed in files */
+    uint64_t records;
+    uint64_t batches;
+    uint64_t bytes_spliced;  /* moved by splice (no user-space copy) */
+    uint64_t bytes_copied;   /* moved through a user-space buffer (readwrite engine) */
+    uint64_t header_bytes;   /* frame header bytes read (the only bytes the engine looks at) */
+    uint64_t errors;
+    uint64_t offset;         /* streams: the next write offset (= file size); producers: pipe bytes queued */
+    uint64_t last_seq;       /* producers: last seq landed */
+};
+
+struct ls_engine;
+
+/* Create an engine of `kind`; LS_ENGINE_AUTO tries io_uring, then splice, then readwrite.
+ * `max_producers` and `max_streams` size the slot tables (ids are 0..max-1).
+ * `max_batch` bounds payload_len (a larger header is a bad frame). */
+int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32_t max_batch,
+                  struct ls_engine **out);
+/* The engine actually running (LS_ENGINE_IO_URING, _SPLICE or _READWRITE). */
+int ls_engine_kind(struct ls_engine *e);
+/* Why AUTO stepped down the ladder, e.g. "io_uring_setup: Operation not permitted" ("" if not). */
+const char *ls_engine_fallback_reason(struct ls_engine *e);
+/* An fd that is readable while events are pending (an eventfd). */
+int ls_engine_notify_fd(struct ls_engine *e);
+
+/* Output: stream `id` writes to `fd` (opened without O_APPEND) starting at `offset`. The engine
+ * does not own fd: the caller closes it after ls_engine_set_stream(e, id, -1, 0) returns. Replacing
+ * the fd (rotation) takes effect between batches; the call waits for the in-flight batch. */
+int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
+
+/* Producer `id` feeds stream `stream_id` through the pipe read end `pipe_fd`; the engine owns the
+ * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED). */
+int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
+/* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
+ * stop; drain=0: stop at once (a batch in flight still completes). Answered by
+ * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). */
+int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain);
+
+/* Copy up to `max` pending events into `out`; returns how many. Clears the notify fd. */
+int ls_engine_poll_events(struct ls_engine *e, struct ls_event *out, int max);
+
+int ls_engine_stream_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);
+int ls_engine_producer_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);
+int ls_engine_total_counters(struct ls_engine *e, struct ls_counters *out);
+
+/* Stop the engine thread and free everything (closes producer pipes, not stream fds). */
+void ls_engine_free(struct ls_engine *e);
+
+/* If the file at fd does not end with '\n' (a crash tore its last batch), truncate it back to
+ * just after its last '\n' (or to 0). Returns the bytes cut (>= 0) or -errno; *size gets the
+ * resulting size. Reads only the file's tail, in C. */
+int64_t ls_repair_tail(int fd, uint64_t *size);
+
+#endif
