@@ -1,0 +1,718 @@
+"""`logsink bench`: end-to-end throughput and CPU of each engine and client transport, side by side with a direct write()."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# -- defaults (the issue's workload) --------------------------------------------------------------
+# 1 GiB per run: long enough that daemon CPU read in clock ticks (10 ms) and process start-up noise
+# are a few percent at most, short enough for 7 variants x 3 runs in a few minutes.
+DEFAULT_BYTES = 1 << 30
+# A typical JSON log line.
+DEFAULT_RECORD_SIZE = 200
+# What a buffering logger hands over per write: 64 KiB is 327 whole 200-byte records.
+DEFAULT_CHUNK_SIZE = 64 << 10
+# design.md "Measuring on these machines": medians of at least 3 interleaved runs.
+DEFAULT_RUNS = 3
+DEFAULT_PRODUCERS = 1
+
+ENGINES = ("io_uring", "splice", "readwrite")
+TRANSPORTS = ("vmsplice", "copy")  # mirrors logsink.protocol.TRANSPORTS; the CLI validates names
+STREAM = "bench"
+
+# -- the issue's targets, all for io_uring + vmsplice ---------------------------------------------
+TARGET_VS_READWRITE = 1.5   # throughput >= 1.5x the readwrite engine with the copy transport
+TARGET_VS_DIRECT = 0.8      # throughput >= 0.8x the producer writing the file itself
+TARGET_CPU_VS_DIRECT = 1.2  # daemon CPU per GB <= 1.2x the direct writer's CPU per GB
+BEST = ("io_uring", "vmsplice")
+BASELINE = ("readwrite", "copy")
+
+# -- timeouts -------------------------------------------------------------------------------------
+# A cold daemon start imports Python modules and sets up the engine: seconds on a slow VM, never 30.
+DAEMON_START_TIMEOUT = 30.0
+# SIGTERM drains what producers left in pipes; a finished run leaves nothing, so this is generous.
+DAEMON_STOP_TIMEOUT = 30.0
+# A spawned producer imports logsink and connects before the start barrier.
+PRODUCER_READY_TIMEOUT = 60.0
+# 1 GiB at a pathological 5 MB/s still finishes; anything slower is a hang worth reporting.
+PRODUCER_RUN_TIMEOUT = 600.0
+
+# The warm-up scratch file is written in 1 MiB writes: few syscalls, no big buffer.
+WARM_WRITE_SIZE = 1 << 20
+GB = 1e9  # results are in decimal GB, as disk and network rates usually are
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # unit of utime/stime in /proc/<pid>/stat
+
+
+class BenchError(RuntimeError):
+    """A run could not complete (daemon refused to start, a producer failed, the file is short).
+
+    ``str(exc)`` is one line for the table; ``detail`` (e.g. the daemon's last log lines) goes to stderr.
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+# -- configuration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    record_size: int
+    chunk_size: int
+    producers: int
+    chunks_per_producer: int
+    segment_size: int | None
+    segments: int | None
+
+    @property
+    def records_per_chunk(self) -> int:
+        return self.chunk_size // self.record_size
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes per write(): whole records only, so a chunk of 64 KiB carries 65400 bytes."""
+        return self.records_per_chunk * self.record_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.chunk_bytes * self.chunks_per_producer * self.producers
+
+    @property
+    def total_records(self) -> int:
+        return self.records_per_chunk * self.chunks_per_producer * self.producers
+
+
+@dataclass(frozen=True)
+class Variant:
+    engine: str | None      # None: the direct-write baseline, no daemon
+    transport: str | None
+
+    @property
+    def name(self) -> str:
+        return "direct write (limit)" if self.engine is None else f"{self.engine} + {self.transport}"
+
+
+DIRECT = Variant(None, None)
+
+
+def parse_size(text: str) -> int:
+    """'1G', '256M', '64MiB', '4096' -> bytes (K/M/G are binary: 1024-based)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a number with an optional K, M or G suffix")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
+def parse_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated list of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="logsink bench",
+        description="Run the daemon with each engine and client transport, and a direct write() of the "
+        "same bytes, interleaved; print medians and the issue's target checks.",
+    )
+    p.add_argument("--bytes", type=parse_size, default=DEFAULT_BYTES,
+                   help="bytes per run, all producers together (default 1G; K/M/G suffixes are 1024-based)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="interleaved rounds; medians are reported (default 3)")
+    p.add_argument("--engines", type=parse_list(ENGINES), default=list(ENGINES),
+                   help="comma-separated daemon engines (default io_uring,splice,readwrite)")
+    p.add_argument("--transports", type=parse_list(TRANSPORTS), default=list(TRANSPORTS),
+                   help="comma-separated client transports (default vmsplice,copy)")
+    p.add_argument("--producers", type=int, default=DEFAULT_PRODUCERS, help="producer processes (default 1)")
+    p.add_argument("--record-size", type=int, default=DEFAULT_RECORD_SIZE, help="bytes per record, with its \\n (default 200)")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+                   help="bytes per client.write(), cut down to whole records (default 64K)")
+    p.add_argument("--segment-size", type=parse_size, default=None, help="client arena segment size (default: the client's)")
+    p.add_argument("--segments", type=int, default=None, help="client arena segments (default: the client's)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where output files go; a temporary directory is made inside it and removed afterwards "
+                   "(default: the current directory, so outputs land in the page cache of its filesystem)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
+    return p
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    if args.record_size < 2:
+        raise BenchError("--record-size must be at least 2 (one byte and the newline)")
+    if args.chunk_size < args.record_size:
+        raise BenchError(f"--chunk-size {args.chunk_size} is smaller than one record ({args.record_size} bytes)")
+    if args.producers < 1 or args.runs < 1:
+        raise BenchError("--producers and --runs must be at least 1")
+    chunk_bytes = args.chunk_size // args.record_size * args.record_size
+    chunks = max(1, round(args.bytes / args.producers / chunk_bytes))
+    return Workload(args.record_size, args.chunk_size, args.producers, chunks, args.segment_size, args.segments)
+
+
+# -- records --------------------------------------------------------------------------------------
+def make_record(size: int, producer: int, seq: int) -> bytes:
+    """One JSON-ish log line of exactly `size` bytes ending in \\n."""
+    head = f'{{"ts":"2024-05-01T12:00:00.{seq % 1000000:06d}Z","level":"info","logger":"bench","producer":{producer},"seq":{seq},"msg":"'
+    tail = '"}\n'
+    pad = size - len(head) - len(tail)
+    if pad < 0:  # too small for the JSON shape: plain filler
+        return b"x" * (size - 1) + b"\n"
+    return (head + "x" * pad + tail).encode()
+
+
+def make_chunk(workload: Workload, producer: int) -> bytes:
+    return b"".join(make_record(workload.record_size, producer, i) for i in range(workload.records_per_chunk))
+
+
+# -- producers (run in spawned processes) ---------------------------------------------------------
+@dataclass
+class ProducerResult:
+    index: int
+    start_ns: int   # CLOCK_MONOTONIC: system-wide, so comparable across processes
+    end_ns: int
+    cpu_ns: int     # this process's user+system CPU (all its threads) over the run
+    bytes: int
+    records: int
+    stats: dict[str, Any] = field(default_factory=dict)  # Client.stats() before close
+
+
+class _ClientSink:
+    """Writes chunks through logsink.Client; finish() returns once every byte is in the file."""
+
+    def __init__(self, variant: Variant, sock: str, workload: Workload):
+        from logsink import Client  # imported here: the direct-write producer must not pay for it
+
+        self.client = Client(STREAM, socket=sock, transport=variant.transport,
+                             segment_size=workload.segment_size, segments=workload.segments)
+        self.stats: dict[str, Any] = {}
+
+    def write_chunks(self, chunk: bytes, count: int) -> None:
+        write = self.client.write
+        for _ in range(count):
+            write(chunk)
+
+    def finish(self) -> None:
+        self.client.flush()
+        self.stats = self.client.stats()
+        self.client.close()
+
+
+class _FileSink:
+    """Writes the same chunks with os.write into a file of its own: the one-copy limit."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.stats: dict[str, Any] = {}
+
+    def write_chunks(self, chunk: bytes, count: int) -> None:
+        write, fd, n = os.write, self.fd, len(chunk)
+        for _ in range(count):
+            if write(fd, chunk) != n:
+                raise BenchError(f"short write to the direct-write file (disk full?)")
+
+    def finish(self) -> None:
+        os.close(self.fd)
+
+
+def _producer_main(index: int, variant: Variant, sock: str, out_dir: str, workload: Workload,
+                   barrier, results) -> None:
+    """A producer process: connect, report ready, wait at the barrier, write, flush, report."""
+    try:
+        if variant.engine is None:
+            sink = _FileSink(os.path.join(out_dir, f"direct-{index}.log"))
+        else:
+            sink = _ClientSink(variant, sock, workload)
+        chunk = make_chunk(workload, index)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which names the variant
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        return
+    results.put(("ready", index, None))
+    try:
+        barrier.wait(timeout=PRODUCER_READY_TIMEOUT)
+    except Exception:  # the parent aborted the run
+        return
+    try:
+        cpu0, t0 = time.process_time_ns(), time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        sink.write_chunks(chunk, workload.chunks_per_producer)
+        sink.finish()
+        t1, cpu1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.process_time_ns()
+    except BaseException as exc:  # noqa: BLE001
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        return
+    n = workload.chunks_per_producer
+    results.put(("done", index, ProducerResult(index, t0, t1, cpu1 - cpu0, n * len(chunk),
+                                               n * workload.records_per_chunk, sink.stats)))
+
+
+class ProducerGroup:
+    """N producer processes behind one start barrier, so the daemon's CPU is measured apart from theirs."""
+
+    def __init__(self, variant: Variant, sock: str, out_dir: str, workload: Workload):
+        ctx = multiprocessing.get_context("spawn")  # fresh processes, like real applications
+        self.n = workload.producers
+        self.barrier = ctx.Barrier(self.n + 1)
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_producer_main, args=(i, variant, sock, out_dir, workload, self.barrier, self.results),
+                        name=f"bench-producer-{i}", daemon=True)
+            for i in range(self.n)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def _collect(self, kind: str, timeout: float) -> list[Any]:
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < self.n:
+            try:
+                tag, index, payload = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                raise BenchError(f"{self.n - len(got)} producer(s) did not report {kind!r} within {timeout:.0f} s") from None
+            if tag == "error":
+                raise BenchError(f"producer {index} failed: {payload}")
+            got.append(payload)
+        return got
+
+    def wait_ready(self) -> None:
+        self._collect("ready", PRODUCER_READY_TIMEOUT)
+
+    def run(self) -> list[ProducerResult]:
+        """Release the barrier and wait for every producer's result."""
+        self.barrier.wait(timeout=PRODUCER_READY_TIMEOUT)
+        return self._collect("done", PRODUCER_RUN_TIMEOUT)
+
+    def close(self) -> None:
+        self.barrier.abort()  # frees producers still waiting if the run failed before the start
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        self.results.close()
+
+
+# -- the daemon -----------------------------------------------------------------------------------
+def process_cpu_seconds(pid: int) -> float:
+    """utime+stime of a whole process (every thread, io_uring workers included) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15
+
+
+class Daemon:
+    """`logsink serve` in a child process, stderr to a log file, ready once its socket accepts."""
+
+    def __init__(self, engine: str, out_dir: Path, sock: str, log_path: Path):
+        self.sock, self.log_path = sock, log_path
+        cmd = [sys.executable, "-m", "logsink", "serve", "--dir", str(out_dir), "--socket", sock, "--engine", engine]
+        if os.path.exists(sock):  # left by a daemon that was killed: it would look like ours accepting
+            os.unlink(sock)
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"daemon exited with {self.proc.returncode} before listening", self.log_tail())
+            if _socket_accepts(self.sock):
+                return
+            time.sleep(0.02)
+        raise BenchError(f"daemon did not accept connections on {self.sock} within {DAEMON_START_TIMEOUT:.0f} s",
+                         self.log_tail())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def status(self) -> dict[str, Any] | None:
+        """`logsink status --json`, or None if it fails (it is informative, not required)."""
+        try:
+            out = subprocess.run([sys.executable, "-m", "logsink", "status", "--socket", self.sock, "--json"],
+                                 capture_output=True, timeout=30, check=True).stdout
+            return json.loads(out)
+        except (subprocess.SubprocessError, ValueError, OSError):
+            return None
+
+    def listening_event(self) -> dict[str, Any]:
+        """The structlog "listening" event (it names the engine actually running)."""
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == "listening":
+                return ev
+        return {}
+
+    def stop(self) -> str:
+        """SIGTERM and wait; returns a warning ("" if it exited 0 in time)."""
+        warning = ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=DAEMON_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                warning = f"daemon ignored SIGTERM for {DAEMON_STOP_TIMEOUT:.0f} s and was killed"
+        if not warning and self.proc.returncode != 0:
+            warning = f"daemon exited with {self.proc.returncode} on SIGTERM"
+        self.log.close()
+        return warning
+
+    def log_tail(self, lines: int = 20) -> str:
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in text[-lines:])
+
+
+def _socket_accepts(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# -- one measurement ------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One run of one variant; every derived number comes from these fields."""
+
+    wall_s: float            # first producer's first write -> last producer's flush+close returned
+    bytes: int
+    records: int
+    cpu_s: float             # the daemon's CPU (direct write: the writers' own CPU)
+    producer_cpu_s: float    # all producers together
+    producer_wall_s: float   # mean over producers
+    producers: int
+    engine: str = ""         # as the daemon reported it
+    client_transports: list[str] = field(default_factory=list)
+    status_totals: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        gb = self.bytes / GB
+        return {
+            "gb_per_s": gb / self.wall_s,
+            "mrec_per_s": self.records / self.wall_s / 1e6,
+            "cpu_s_per_gb": self.cpu_s / gb,
+            "producer_cpu_ns_per_record": self.producer_cpu_s * 1e9 / self.records,
+            "producer_wall_ns_per_record": self.producer_wall_s * 1e9 / (self.records / self.producers),
+        }
+
+
+def warm_page_cache(path: Path, size: int) -> None:
+    """Write and delete `size` bytes: the VM gives freed memory back to the host, and writing into
+    such memory again runs several times slower (design.md "Measuring on these machines")."""
+    block = b"\0" * WARM_WRITE_SIZE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[: min(left, WARM_WRITE_SIZE)])
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def clear_dir(path: Path) -> None:
+    for child in path.iterdir():
+        child.unlink()
+
+
+def output_size(out_dir: Path) -> int:
+    return sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+
+
+def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no: int) -> Sample:
+    """Start the daemon (unless direct), the producers, warm pages, release the barrier, stop, check."""
+    out_dir = work / "out"
+    clear_dir(out_dir)
+    daemon = None
+    producers = None
+    try:
+        if variant.engine is not None:
+            log = work / f"daemon-{variant.engine}-{variant.transport}-{run_no}.log"
+            daemon = Daemon(variant.engine, out_dir, sock, log)
+        producers = ProducerGroup(variant, sock, str(out_dir), workload)
+        producers.wait_ready()
+        warm_page_cache(work / "warm.scratch", workload.total_bytes)
+        cpu0 = daemon.cpu_seconds() if daemon else 0.0
+        results = producers.run()
+        cpu1 = daemon.cpu_seconds() if daemon else 0.0
+        sample = _sample_from(results, cpu1 - cpu0 if daemon else None)
+        if daemon:
+            status = daemon.status() or {}
+            sample.status_totals = status.get("totals", {})
+            sample.engine = status.get("engine") or daemon.listening_event().get("engine", "")
+    finally:
+        if producers:
+            producers.close()
+        warning = daemon.stop() if daemon else ""
+    if warning:
+        sample.warnings.append(warning)
+    if daemon and sample.engine and sample.engine != variant.engine:
+        sample.warnings.append(f"asked for engine {variant.engine}, the daemon ran {sample.engine}")
+    if variant.transport and any(t != variant.transport for t in sample.client_transports):
+        sample.warnings.append(f"asked for transport {variant.transport}, the client used {sample.client_transports}")
+    written = output_size(out_dir)
+    clear_dir(out_dir)
+    if written != workload.total_bytes:
+        raise BenchError(f"the output holds {written} bytes after flush(), expected {workload.total_bytes}")
+    return sample
+
+
+def _sample_from(results: list[ProducerResult], daemon_cpu_s: float | None) -> Sample:
+    start = min(r.start_ns for r in results)
+    end = max(r.end_ns for r in results)
+    producer_cpu_s = sum(r.cpu_ns for r in results) / 1e9
+    return Sample(
+        wall_s=(end - start) / 1e9,
+        bytes=sum(r.bytes for r in results),
+        records=sum(r.records for r in results),
+        cpu_s=producer_cpu_s if daemon_cpu_s is None else daemon_cpu_s,
+        producer_cpu_s=producer_cpu_s,
+        producer_wall_s=statistics.fmean((r.end_ns - r.start_ns) / 1e9 for r in results),
+        producers=len(results),
+        client_transports=[r.stats.get("transport", "") for r in results if r.stats],
+    )
+
+
+# -- rounds and medians ---------------------------------------------------------------------------
+@dataclass
+class VariantResult:
+    variant: Variant
+    samples: list[Sample] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def median(self, key: str) -> float | None:
+        values = [s.metrics()[key] for s in self.samples]
+        return statistics.median(values) if values else None
+
+    def spread(self) -> float | None:
+        """(max - min) / median of GB/s over the runs: how far to trust the medians."""
+        values = [s.metrics()["gb_per_s"] for s in self.samples]
+        return (max(values) - min(values)) / statistics.median(values) if values else None
+
+    def medians(self) -> dict[str, float | None]:
+        keys = self.samples[0].metrics() if self.samples else {}
+        return {k: self.median(k) for k in keys}
+
+
+def run_rounds(variants: list[Variant], workload: Workload, runs: int, work: Path, sock: str) -> list[VariantResult]:
+    """Interleave the variants (A B C A B C ...) so slow drift of the machine hits each alike."""
+    results = [VariantResult(v) for v in variants]
+    for run_no in range(1, runs + 1):
+        for res in results:
+            label = f"[run {run_no}/{runs}] {res.variant.name:<22}"
+            try:
+                sample = measure(res.variant, workload, work, sock, run_no)
+            except BenchError as exc:
+                res.failures.append(f"run {run_no}: {exc}")
+                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
+                if exc.detail:
+                    print(exc.detail, file=sys.stderr, flush=True)
+                continue
+            res.samples.append(sample)
+            m = sample.metrics()
+            extra = "".join(f"  ({w})" for w in sample.warnings)
+            print(f"{label} {m['gb_per_s']:6.2f} GB/s  {m['cpu_s_per_gb']:.3f} CPU s/GB{extra}", file=sys.stderr, flush=True)
+    return results
+
+
+# -- target checks --------------------------------------------------------------------------------
+@dataclass
+class Check:
+    number: int
+    passed: bool | None  # None: a variant it needs was not measured
+    ratio: float | None
+    target: str
+    text: str
+
+
+def _find(results: list[VariantResult], variant: Variant) -> VariantResult | None:
+    return next((r for r in results if r.variant == variant and r.samples), None)
+
+
+def target_checks(results: list[VariantResult]) -> list[Check]:
+    best, base, direct = _find(results, Variant(*BEST)), _find(results, Variant(*BASELINE)), _find(results, DIRECT)
+    name = Variant(*BEST).name
+    specs = [
+        (1, base, "gb_per_s", TARGET_VS_READWRITE, ">=", "throughput", "GB/s", Variant(*BASELINE).name),
+        (2, direct, "gb_per_s", TARGET_VS_DIRECT, ">=", "throughput", "GB/s", DIRECT.name),
+        (3, direct, "cpu_s_per_gb", TARGET_CPU_VS_DIRECT, "<=", "daemon CPU", "s/GB", "the direct writer's CPU"),
+    ]
+    checks = []
+    for number, ref, key, target, op, what, unit, ref_name in specs:
+        goal = f"{op} {target}x"
+        if best is None or ref is None:
+            missing = name if best is None else ref_name
+            checks.append(Check(number, None, None, goal, f"SKIP ({number}) {name} {what} {goal} {ref_name}: {missing} was not measured"))
+            continue
+        mine, theirs = best.median(key), ref.median(key)
+        ratio = mine / theirs if theirs else float("inf")
+        passed = ratio >= target if op == ">=" else ratio <= target
+        fmt = "{:.2f}" if unit == "GB/s" else "{:.3f}"
+        checks.append(Check(number, passed, ratio, goal,
+                            f"{'PASS' if passed else 'MISS'} ({number}) {name} {what} {fmt.format(mine)} {unit} = "
+                            f"{ratio:.2f}x {ref_name} {fmt.format(theirs)} {unit} (target {goal})"))
+    return checks
+
+
+# -- output ---------------------------------------------------------------------------------------
+# (header, width, metric key or special, format)
+COLUMNS = [
+    ("variant", 22, None, "{}"),
+    ("GB/s", 7, "gb_per_s", "{:.2f}"),
+    ("spread", 7, "spread", "{:.0%}"),
+    ("Mrec/s", 7, "mrec_per_s", "{:.2f}"),
+    ("daemon s/GB", 12, "cpu_s_per_gb", "{:.3f}"),
+    ("prod ns/rec", 12, "producer_cpu_ns_per_record", "{:.0f}"),
+    ("prod wall ns/rec", 17, "producer_wall_ns_per_record", "{:.0f}"),
+    ("vs readwrite+copy", 18, "vs_baseline", "{:.2f}x"),
+    ("vs direct write", 16, "vs_direct", "{:.2f}x"),
+]
+
+
+def row_values(res: VariantResult, baseline: VariantResult | None, direct: VariantResult | None) -> dict[str, Any]:
+    values: dict[str, Any] = dict(res.medians())
+    values["spread"] = res.spread()
+    gbps = values.get("gb_per_s")
+    for key, ref in (("vs_baseline", baseline), ("vs_direct", direct)):
+        ref_gbps = ref.median("gb_per_s") if ref else None
+        values[key] = gbps / ref_gbps if gbps and ref_gbps else None
+    return values
+
+
+def format_table(results: list[VariantResult]) -> list[str]:
+    baseline, direct = _find(results, Variant(*BASELINE)), _find(results, DIRECT)
+    lines = ["".join(h.ljust(w) if key is None else h.rjust(w) for h, w, key, _ in COLUMNS)]
+    for res in results:
+        if not res.samples:
+            lines.append(res.variant.name.ljust(COLUMNS[0][1]) + f"FAILED in every run ({res.failures[0] if res.failures else '?'})")
+            continue
+        values = row_values(res, baseline, direct)
+        cells = []
+        for header, width, key, fmt in COLUMNS:
+            if key is None:
+                cells.append(res.variant.name.ljust(width))
+                continue
+            val = values.get(key)
+            text = "-" if val is None else fmt.format(val)
+            if key == "cpu_s_per_gb" and res.variant == DIRECT:
+                text += "*"
+            cells.append(text.rjust(width))
+        lines.append("".join(cells).rstrip())
+    return lines
+
+
+def describe(workload: Workload, runs: int) -> str:
+    return (f"{workload.total_bytes / GB:.2f} GB per run ({workload.total_records} records of {workload.record_size} bytes), "
+            f"{workload.producers} producer(s), {workload.chunk_bytes}-byte writes ({workload.records_per_chunk} records), "
+            f"medians of {runs} interleaved run(s)")
+
+
+def print_report(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int, work: Path) -> None:
+    print(f"logsink bench: {describe(workload, runs)}")
+    print(f"Linux {platform.release()}, {os.cpu_count()} CPUs, outputs in {work} (page cache)")
+    print()
+    for line in format_table(results):
+        print(line)
+    print()
+    print("* direct write: the writer's own CPU s/GB (there is no daemon); prod ns/rec is producer CPU per record.")
+    for res in results:
+        notes = sorted({w for s in res.samples for w in s.warnings}) + res.failures
+        for note in notes:
+            print(f"  {res.variant.name}: {note}")
+    print()
+    for check in checks:
+        print(check.text)
+
+
+def results_json(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int) -> dict[str, Any]:
+    baseline, direct = _find(results, Variant(*BASELINE)), _find(results, DIRECT)
+    return {
+        "workload": {**asdict(workload), "chunk_bytes": workload.chunk_bytes, "total_bytes": workload.total_bytes,
+                     "total_records": workload.total_records, "runs": runs},
+        "system": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "variants": [
+            {"name": r.variant.name, "engine": r.variant.engine, "transport": r.variant.transport,
+             "median": row_values(r, baseline, direct) if r.samples else None,
+             "samples": [{**asdict(s), **s.metrics()} for s in r.samples], "failures": r.failures}
+            for r in results
+        ],
+        "checks": [asdict(c) for c in checks],
+    }
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def make_workdir(parent: Path | None) -> Path:
+    work = Path(tempfile.mkdtemp(prefix=".logsink-bench-", dir=parent or Path.cwd())).resolve()
+    (work / "out").mkdir()
+    return work
+
+
+def check_space(work: Path, workload: Workload) -> None:
+    free = shutil.disk_usage(work).free
+    if free < 2 * workload.total_bytes:  # the output plus slack for the daemon's logs and the fs
+        raise BenchError(f"{work} has {free / GB:.1f} GB free; a run needs about {2 * workload.total_bytes / GB:.1f} GB "
+                         "(use --bytes or --dir)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        workload = workload_from_args(args)
+    except BenchError as exc:
+        print(f"logsink bench: {exc}", file=sys.stderr)
+        return 2
+    variants = [DIRECT] + [Variant(e, t) for e in args.engines for t in args.transports]
+    work = make_workdir(args.dir)
+    sock_dir = tempfile.mkdtemp(prefix="lsb-")  # AF_UNIX paths are limited to 108 bytes: keep it short
+    try:
+        check_space(work, workload)
+        print(f"logsink bench: {describe(workload, args.runs)}", file=sys.stderr, flush=True)
+        results = run_rounds(variants, workload, args.runs, work, os.path.join(sock_dir, "bench.sock"))
+    except BenchError as exc:
+        print(f"logsink bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    checks = target_checks(results)
+    if args.json:
+        print(json.dumps(results_json(results, checks, workload, args.runs), indent=2))
+    else:
+        print_report(results, checks, workload, args.runs, work.parent)
+    return 1 if any(r.failures for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

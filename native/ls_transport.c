@@ -1,0 +1,125 @@
+/* ls_transport.c - producer side of the data path (see ls_transport.h). */
+#define _GNU_SOURCE
+#include "ls_transport.h"
+#include "ls_frame.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HUGE_PAGE (2u << 20)
+
+int ls_arena_map(size_t size, void **out)
+{
+    if (size == 0)
+        return -EINVAL;
+    if (size < HUGE_PAGE) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return -errno;
+        *out = p;
+        return 0;
+    }
+    /* Over-allocate by one huge page, then trim both ends to a 2 MiB boundary. */
+    size_t len = (size + HUGE_PAGE - 1) & ~(size_t)(HUGE_PAGE - 1);
+    char *raw = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED)
+        return -errno;
+    char *aligned = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (aligned > raw)
+        munmap(raw, (size_t)(aligned - raw));
+    size_t tail = (size_t)(raw + len + HUGE_PAGE - (aligned + len));
+    if (tail)
+        munmap(aligned + len, tail);
+    (void)madvise(aligned, len, MADV_HUGEPAGE); /* advice: THP may be off, which is fine */
+    *out = aligned;
+    return 0;
+}
+
+int ls_arena_unmap(void *addr, size_t size)
+{
+    if (size >= HUGE_PAGE)
+        size = (size + HUGE_PAGE - 1) & ~(size_t)(HUGE_PAGE - 1);
+    return munmap(addr, size) < 0 ? -errno : 0;
+}
+
+int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size)
+{
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        return -errno;
+    if (fcntl(fds[1], F_SETFL, O_NONBLOCK) < 0) {
+        int err = -errno;
+        close(fds[0]);
+        close(fds[1]);
+        return err;
+    }
+    if (want_size > 0)
+        (void)fcntl(fds[1], F_SETPIPE_SZ, want_size); /* EPERM/EBUSY past the uid's limit: keep the default */
+    int got = fcntl(fds[1], F_GETPIPE_SZ);
+    if (got < 0) {
+        int err = -errno;
+        close(fds[0]);
+        close(fds[1]);
+        return err;
+    }
+    *rfd = fds[0];
+    *wfd = fds[1];
+    *got_size = got;
+    return 0;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq, int transport,
+                int timeout_ms)
+{
+    if (transport != LS_TRANSPORT_VMSPLICE && transport != LS_TRANSPORT_COPY)
+        return -EINVAL;
+    ls_frame_fill(seg, payload_len, records, seq);
+    size_t total = LS_FRAME_HEADER_SIZE + (size_t)payload_len, done = 0;
+    int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+    while (done < total) {
+        ssize_t r;
+        if (transport == LS_TRANSPORT_VMSPLICE) {
+            struct iovec iov = {.iov_base = (char *)seg + done, .iov_len = total - done};
+            /* vmsplice ignores O_NONBLOCK on the fd: only this flag keeps it from blocking. */
+            r = vmsplice(pipe_w, &iov, 1, SPLICE_F_NONBLOCK);
+        } else {
+            r = write(pipe_w, (char *)seg + done, total - done);
+        }
+        if (r > 0) {
+            done += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno != EAGAIN)
+            return -errno;
+        /* Pipe full: wait for the daemon to drain it. */
+        int wait = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - now_ms();
+            if (left <= 0)
+                return -ETIMEDOUT;
+            wait = left > INT32_MAX ? INT32_MAX : (int)left;
+        }
+        struct pollfd pfd = {.fd = pipe_w, .events = POLLOUT};
+        int pr = poll(&pfd, 1, wait);
+        if (pr < 0 && errno != EINTR)
+            return -errno;
+        if (pr > 0 && (pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
+            return -EPIPE;
+    }
+    return 0;
+}

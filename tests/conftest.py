@@ -1,0 +1,185 @@
+"""Fixtures: a ``daemon`` factory that runs ``python -m logsink serve`` in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lsk_helpers import status, wait_for  # noqa: E402
+
+__all__ = ["status"]
+
+TESTS_DIR = Path(__file__).resolve().parent
+PRODUCER = TESTS_DIR / "producer.py"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+
+
+class Daemon:
+    """One ``logsink serve`` subprocess with its own log directory, socket and captured stderr."""
+
+    def __init__(self, root: Path, engine: str, extra: tuple[str, ...]):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.dir = root / "logs"
+        self.dir.mkdir()
+        sock = root / "s.sock"
+        if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
+            sock = Path(tempfile.mkdtemp(prefix="lsk-")) / "s.sock"
+        self.sock = str(sock)
+        self.engine = engine
+        self.stderr_path = root / "daemon.stderr"
+        self.cmd = [
+            sys.executable, "-m", "logsink", "serve",
+            "--dir", str(self.dir), "--socket", self.sock, "--engine", engine, *extra,
+        ]
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False  # True while SIGSTOPped
+
+    def start(self) -> "Daemon":
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, cwd=self.root)
+        wait_for(self._ready, START_TIMEOUT, f"the daemon to accept connections on {self.sock}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise_exit = f"daemon exited with {self.proc.returncode} before listening:\n{self.stderr()}"
+            pytest.fail(raise_exit)
+        if not os.path.exists(self.sock):
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self, stream: str) -> Path:
+        return self.dir / f"{stream}.log"
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-20000:]
+        except OSError as exc:
+            return f"<no stderr: {exc}>"
+
+    def stderr_events(self) -> list[dict]:
+        out = []
+        for line in self.stderr_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def status(self) -> dict:
+        return status(self.sock)
+
+    def sigstop(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self.stopped = True
+
+    def sigcont(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.stopped = False
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit code (fails the test if it does not exit in time)."""
+        if self.proc.poll() is None:
+            if self.stopped:
+                self.sigcont()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"daemon did not exit within {timeout}s of SIGTERM; stderr:\n{self.stderr()}")
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """Teardown: stop the daemon and require exit code 0."""
+        if self.proc is None:
+            return
+        try:
+            rc = self.terminate()
+        finally:
+            self._stderr.close()
+        assert rc == 0, f"daemon exited with {rc}; stderr:\n{self.stderr()}"
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """Factory: ``daemon(engine="readwrite", *extra_args)`` starts a daemon; teardown SIGTERMs it and asserts exit 0."""
+    started: list[Daemon] = []
+
+    def start(engine: str = "readwrite", *extra: str) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", engine, extra)
+        started.append(d)
+        return d.start()
+
+    yield start
+    errors = []
+    for d in started:
+        try:
+            d.close()
+        except BaseException as exc:  # report every daemon, not just the first
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("\n\n".join(errors))
+
+
+def run_producer(config: dict, **popen) -> subprocess.Popen:
+    """Start tests/producer.py with ``config`` (see that file) in a subprocess."""
+    return subprocess.Popen(
+        [sys.executable, str(PRODUCER), json.dumps(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen,
+    )
+
+
+def finish_producer(proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+    """Wait for a producer subprocess, require exit 0, and return the JSON on its last stdout line."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"producer {proc.pid} did not finish in {timeout}s; stderr:\n{err.decode(errors='replace')[-5000:]}")
+    assert proc.returncode == 0, f"producer exited {proc.returncode}; stderr:\n{err.decode(errors='replace')[-5000:]}"
+    lines = out.decode().strip().splitlines()
+    assert lines, f"producer printed nothing; stderr:\n{err.decode(errors='replace')[-5000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture
+def producers():
+    """Factory for producer subprocesses; any still running at teardown are killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(config: dict, **popen) -> subprocess.Popen:
+        p = run_producer(config, **popen)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -1,0 +1,286 @@
+"""Shared helpers for the logsink test suite: record generation, file checks, raw producers, status.
+
+Imported by conftest.py, the test modules and tests/producer.py (which runs in subprocesses), so it
+depends only on the standard library and ``logsink.protocol``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from logsink import protocol
+
+ENGINES = ("io_uring", "splice", "readwrite")
+SPLICE_ENGINES = ("io_uring", "splice")
+
+# -- records --------------------------------------------------------------------------------------
+_FILL = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=+" * 8)
+
+
+def record(tag: str, i: int, minlen: int = 20, maxlen: int = 300) -> bytes:
+    """Record ``i`` of producer ``tag``: ``tag:i:filler\\n``, distinct, length in [minlen, maxlen].
+
+    Deterministic and random-access (the length comes from a CRC of tag and i), so a checker can
+    regenerate any prefix without knowing how many records the producer wrote.
+    """
+    head = b"%s:%08d:" % (tag.encode(), i)
+    span = maxlen - minlen + 1
+    length = minlen + zlib.crc32(head) % span
+    fill = max(length - len(head) - 1, 1)
+    start = i % 64
+    return head + _FILL[start : start + fill] + b"\n"
+
+
+def make_records(tag: str, n: int, start: int = 0, **kw: int) -> list[bytes]:
+    return [record(tag, i, **kw) for i in range(start, start + n)]
+
+
+def tag_of(line: bytes) -> str:
+    return line.split(b":", 1)[0].decode("ascii", "replace")
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Split file contents into lines that keep their ``\\n`` (a torn tail stays as is)."""
+    lines = data.split(b"\n")
+    out = [ln + b"\n" for ln in lines[:-1]]
+    if lines[-1]:
+        out.append(lines[-1])
+    return out
+
+
+def check_file(
+    path: Path | str,
+    expected: dict[str, list[bytes]],
+    prefix_of: dict[str, Callable[[int], bytes]] | None = None,
+) -> tuple[list[str], dict[str, list[bytes]]]:
+    """Check a stream file: no NUL, ends with ``\\n``, every line belongs to a known producer tag.
+
+    ``expected[tag]`` must equal that producer's lines exactly (in order). ``prefix_of[tag]`` is a
+    generator of record i: that producer's lines must be records 0, 1, 2, ... (any length).
+    Returns (problems, lines grouped by tag); an empty problem list means the file is right.
+    """
+    prefix_of = prefix_of or {}
+    p = Path(path)
+    problems: list[str] = []
+    if not p.exists():
+        data = b""
+        if any(expected.values()):
+            problems.append(f"{p} does not exist")
+    else:
+        data = p.read_bytes()
+    if b"\0" in data:
+        problems.append(f"{p} contains a NUL byte at offset {data.index(b'\0')}")
+    if data and not data.endswith(b"\n"):
+        problems.append(f"{p} does not end with a newline (torn last line {data[-80:]!r})")
+    groups: dict[str, list[bytes]] = {}
+    for line in split_lines(data):
+        groups.setdefault(tag_of(line), []).append(line)
+    for tag, lines in groups.items():
+        if tag not in expected and tag not in prefix_of:
+            problems.append(f"{p}: {len(lines)} lines with unknown tag {tag!r}, e.g. {lines[0][:100]!r}")
+    for tag, want in expected.items():
+        got = groups.get(tag, [])
+        if got != want:
+            problems.append(f"{p}: producer {tag!r}: " + _diff(got, want))
+    for tag, gen in prefix_of.items():
+        got = groups.get(tag, [])
+        for i, line in enumerate(got):
+            if line != gen(i):
+                problems.append(f"{p}: producer {tag!r} line {i} is {line[:100]!r}, expected {gen(i)[:100]!r}")
+                break
+    return problems, groups
+
+
+def _diff(got: list[bytes], want: list[bytes]) -> str:
+    if len(got) != len(want):
+        msg = f"{len(got)} lines, expected {len(want)}"
+    else:
+        msg = "same count"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return msg + f"; first difference at line {i}: {a[:100]!r} != {b[:100]!r}"
+    return msg + "; one is a prefix of the other"
+
+
+def assert_file(path: Path | str, expected: dict[str, list[bytes]], **kw: Any) -> dict[str, list[bytes]]:
+    problems, groups = check_file(path, expected, **kw)
+    assert not problems, "\n".join(problems)
+    return groups
+
+
+# -- waiting --------------------------------------------------------------------------------------
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            val = cond()
+            if val:
+                return val
+        except Exception as exc:  # the condition may race with startup; report the last one
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """Read one line from ``proc.stdout`` within ``timeout`` seconds."""
+    fd = proc.stdout.fileno()
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"timed out after {timeout}s waiting for {what} from pid {proc.pid}"
+    line = proc.stdout.readline()
+    assert line, f"pid {proc.pid} closed stdout (exit {proc.poll()}) before {what}"
+    return line.decode().strip()
+
+
+# -- status ---------------------------------------------------------------------------------------
+def status(sock: str | Path, text: bool = False) -> Any:
+    """``logsink status --socket SOCK --json`` parsed (or the text output with ``text=True``)."""
+    cmd = [sys.executable, "-m", "logsink", "status", "--socket", str(sock)]
+    if not text:
+        cmd.append("--json")
+    res = subprocess.run(cmd, capture_output=True, timeout=30)
+    assert res.returncode == 0, f"{cmd} exited {res.returncode}: {res.stderr.decode(errors='replace')}"
+    out = res.stdout.decode()
+    return out if text else json.loads(out)
+
+
+# -- a hand-driven producer -----------------------------------------------------------------------
+class RawProducer:
+    """A producer that speaks the wire protocol by hand, to send what logsink.Client never would."""
+
+    def __init__(self, sock_path: str | Path, timeout: float = 15.0):
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(sock_path))
+        self.decoder = protocol.ControlDecoder()
+        self.queue: list[dict[str, Any]] = []
+        self.eof = False
+        self.r: int | None = None
+        self.w: int | None = None
+        self.released = 0
+
+    # sending
+    def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        fds = list(fds)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+
+    def pipe(self) -> int:
+        self.r, self.w = os.pipe()
+        return self.r
+
+    def hello(self, stream: str, transport: str = "copy", fds: Iterable[int] | None = None, **fields: Any) -> None:
+        """Send a HELLO; by default with a fresh pipe's read end attached (closed here after sending)."""
+        msg = protocol.hello(stream, os.getpid(), transport)
+        msg.update(fields)
+        if fds is None:
+            fds = [self.pipe()]
+        self.send(protocol.encode(msg), fds)
+        if self.r is not None:
+            os.close(self.r)
+            self.r = None
+
+    def write_pipe(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.w, view)
+            view = view[n:]
+
+    def send_batch(self, records: list[bytes], seq: int) -> None:
+        payload = b"".join(records)
+        self.write_pipe(protocol.pack_frame_header(len(payload), len(records), seq) + payload)
+
+    def close_pipe(self) -> None:
+        if self.w is not None:
+            os.close(self.w)
+            self.w = None
+
+    def close(self) -> None:
+        self.close_pipe()
+        if self.r is not None:
+            os.close(self.r)
+            self.r = None
+        self.sock.close()
+
+    # receiving
+    def next_message(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next control message, or None once the daemon closed the connection."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self.queue:
+            if self.eof:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("timed out waiting for a control message from the daemon")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            except socket.timeout:
+                continue
+            if not data:
+                self.eof = True
+                assert self.decoder.buffered == 0, "daemon closed the connection in the middle of a frame"
+                continue
+            self.queue.extend(self.decoder.feed(data))
+        msg = self.queue.pop(0)
+        if msg["t"] == protocol.RELEASE:
+            self.released = max(self.released, msg["through"])
+        return msg
+
+    def expect_welcome(self) -> dict[str, Any]:
+        msg = self.next_message()
+        assert msg is not None, "daemon closed the connection instead of answering HELLO"
+        assert msg["t"] == protocol.WELCOME, f"expected WELCOME, got {msg}"
+        assert msg["v"] == protocol.PROTOCOL_VERSION
+        return msg
+
+    def wait_release(self, seq: int) -> None:
+        while self.released < seq:
+            msg = self.next_message()
+            assert msg is not None, f"daemon closed the connection before releasing seq {seq}"
+            assert msg["t"] in (protocol.RELEASE,), f"expected RELEASE, got {msg}"
+            assert not msg.get("failed"), f"batches failed: {msg}"
+
+    def expect_error(self, code: str) -> dict[str, Any]:
+        """Wait for an ERROR (skipping RELEASEs), check its code, then check the daemon closes."""
+        while True:
+            msg = self.next_message()
+            assert msg is not None, f"daemon closed the connection without an ERROR (expected {code!r})"
+            if msg["t"] == protocol.RELEASE:
+                continue
+            assert msg["t"] == protocol.ERROR, f"expected ERROR {code!r}, got {msg}"
+            break
+        assert msg["code"] == code, f"expected error code {code!r}, got {msg}"
+        assert isinstance(msg["reason"], str) and msg["reason"], f"ERROR without a reason: {msg}"
+        self.expect_closed()
+        return msg
+
+    def expect_closed(self) -> None:
+        while True:
+            msg = self.next_message()
+            if msg is None:
+                return
+            assert msg["t"] == protocol.RELEASE, f"expected the connection to close, got {msg}"
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of a process from /proc (``T`` = stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
