@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import shutil
 import signal
@@ -52,6 +53,9 @@ DAEMON_STOP_TIMEOUT = 30.0
 PRODUCER_READY_TIMEOUT = 60.0
 # 1 GiB at a pathological 5 MB/s still finishes; anything slower is a hang worth reporting.
 PRODUCER_RUN_TIMEOUT = 600.0
+
+# How often the parent looks for producers that died without a word (a crash in C code).
+QUEUE_POLL_INTERVAL = 0.5
 
 # The warm-up scratch file is written in 1 MiB writes: few syscalls, no big buffer.
 WARM_WRITE_SIZE = 1 << 20
@@ -210,7 +214,7 @@ class _ClientSink:
             write(chunk)
 
     def finish(self) -> None:
-        self.client.flush()
+        self.client.flush(timeout=PRODUCER_RUN_TIMEOUT)
         self.stats = self.client.stats()
         self.client.close()
 
@@ -226,7 +230,7 @@ class _FileSink:
         write, fd, n = os.write, self.fd, len(chunk)
         for _ in range(count):
             if write(fd, chunk) != n:
-                raise BenchError(f"short write to the direct-write file (disk full?)")
+                raise BenchError("short write to the direct-write file (disk full?)")
 
     def finish(self) -> None:
         os.close(self.fd)
@@ -279,16 +283,26 @@ class ProducerGroup:
             p.start()
 
     def _collect(self, kind: str, timeout: float) -> list[Any]:
-        got, deadline = [], time.monotonic() + timeout
+        """One `kind` report from every producer; raise on an error report, a death or the timeout."""
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
         while len(got) < self.n:
             try:
-                tag, index, payload = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                raise BenchError(f"{self.n - len(got)} producer(s) did not report {kind!r} within {timeout:.0f} s") from None
+                tag, index, payload = self.results.get(timeout=QUEUE_POLL_INTERVAL)
+            except queue.Empty:
+                self._check_alive(got)
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.n - len(got)} producer(s) did not report {kind!r} within {timeout:.0f} s") from None
+                continue
             if tag == "error":
                 raise BenchError(f"producer {index} failed: {payload}")
-            got.append(payload)
-        return got
+            got[index] = payload
+        return list(got.values())
+
+    def _check_alive(self, reported: dict[int, Any]) -> None:
+        for i, p in enumerate(self.procs):
+            if i not in reported and p.exitcode is not None:
+                raise BenchError(f"producer {i} died with exit code {p.exitcode} without reporting")
 
     def wait_ready(self) -> None:
         self._collect("ready", PRODUCER_READY_TIMEOUT)
@@ -384,7 +398,6 @@ class Daemon:
         return warning
 
     def log_tail(self, lines: int = 20) -> str:
-        self.log.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join("    " + line for line in text[-lines:])
 
@@ -472,6 +485,10 @@ def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no:
             status = daemon.status() or {}
             sample.status_totals = status.get("totals", {})
             sample.engine = status.get("engine") or daemon.listening_event().get("engine", "")
+    except BenchError as exc:
+        if daemon and not exc.detail:
+            exc.detail = daemon.log_tail()
+        raise
     finally:
         if producers:
             producers.close()
@@ -616,7 +633,7 @@ def format_table(results: list[VariantResult]) -> list[str]:
     lines = ["".join(h.ljust(w) if key is None else h.rjust(w) for h, w, key, _ in COLUMNS)]
     for res in results:
         if not res.samples:
-            lines.append(res.variant.name.ljust(COLUMNS[0][1]) + f"FAILED in every run ({res.failures[0] if res.failures else '?'})")
+            lines.append(res.variant.name.ljust(COLUMNS[0][1]) + "FAILED in every run (see below)")
             continue
         values = row_values(res, baseline, direct)
         cells = []

@@ -63,7 +63,7 @@ const char *ls_native_version(void);
 ffi = FFI()
 ffi.cdef(CDEF)
 ffi.set_source(
-    "logsink._native",
+    "logsink._core",
     f'#include "ls_engine.h"\n#include "ls_frame.h"\n#include "ls_transport.h"\n'
     f'const char *ls_native_version(void) {{ return "{VERSION}"; }}\n',
     sources=[str(HERE / name) for name in ("ls_engine.c", "ls_ring.c", "ls_transport.c")],

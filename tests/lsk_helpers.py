@@ -17,8 +17,21 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from logsink import protocol
 
+
+class _LazyProtocol:
+    """``logsink.protocol``, imported on first use (so a broken ``logsink`` package fails the tests that
+    need it, not the import of this module)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from logsink import protocol as mod
+
+        return getattr(mod, name)
+
+
+protocol = _LazyProtocol()
+
+NUL = b"\0"
 ENGINES = ("io_uring", "splice", "readwrite")
 SPLICE_ENGINES = ("io_uring", "splice")
 
@@ -77,8 +90,8 @@ def check_file(
             problems.append(f"{p} does not exist")
     else:
         data = p.read_bytes()
-    if b"\0" in data:
-        problems.append(f"{p} contains a NUL byte at offset {data.index(b'\0')}")
+    if NUL in data:
+        problems.append(f"{p} contains a NUL byte at offset {data.index(NUL)}")
     if data and not data.endswith(b"\n"):
         problems.append(f"{p} does not end with a newline (torn last line {data[-80:]!r})")
     groups: dict[str, list[bytes]] = {}

@@ -1,0 +1,133 @@
+"""The ``logsink`` command: ``serve`` runs the daemon, ``status`` asks it how it is doing, ``bench`` measures it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from typing import Any
+
+import structlog
+
+from logsink import __version__, protocol
+from logsink.config import ENGINES, ConfigError, default_socket_path, load
+
+SERVE_HELP = """\
+Run the logsink daemon. Producers connect to the control socket and hand over batches of
+log lines through pipes; stream NAME is written to DIR/NAME.log as plain text.
+
+Settings come from the embedded defaults, then --config FILE (TOML, keys as the long flags
+with '_' for '-', e.g. dir = "/var/log/logsink", shutdown_grace = 5), then the flags.
+SIGTERM/SIGINT: stop accepting, let producers hand over what they hold, drain every pipe,
+exit 0. SIGHUP: reopen files that logrotate moved away.
+"""
+
+
+def _configure_logging() -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="logsink", description="A zero-copy logging sink daemon for Linux.")
+    ap.add_argument("--version", action="version", version=f"logsink {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("serve", help="run the daemon", description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--dir", help="output directory; stream NAME goes to DIR/NAME.log (default: ./logs)")
+    sp.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
+    sp.add_argument("--engine", choices=ENGINES, help="data engine; auto tries io_uring, then splice, then readwrite (default: auto)")
+    sp.add_argument("--config", metavar="FILE", help="TOML config file")
+    sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
+
+    st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon")
+    st.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bp = sub.add_parser("bench", help="measure engines and transports side by side (see benchmarks/README.md)", add_help=False)
+    bp.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        raise ConnectionError(f"no logsink daemon at {path}: {exc.strerror or exc} (start one with `logsink serve`, or pass --socket)") from None
+    with sock:
+        sock.sendall(protocol.encode({"t": protocol.STATUS}))
+        dec = protocol.ControlDecoder()
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("the daemon closed the connection without answering")
+            for msg in dec.feed(data):
+                if msg["t"] == protocol.STATUS:
+                    return msg["status"]
+                if msg["t"] == protocol.ERROR:
+                    raise ConnectionError(f"the daemon refused: {msg['reason']}")
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    t = st["totals"]
+    eng = st["engine"] + (f" (fell back: {st['fallback_reason']})" if st.get("fallback_reason") else "")
+    print(f"logsink {st['version']}  pid {st['pid']}  engine {eng}  up {st['uptime']:.0f}s")
+    print(f"dir {st['dir']}  socket {st['socket']}")
+    print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, copied {t['bytes_copied']}")
+    print(f"\n{'STREAM':<24} {'BYTES':>14} {'RECORDS':>12} {'BATCHES':>9} {'PROD':>5} {'ERR':>5}  FILE")
+    for name, s in sorted(st["streams"].items()):
+        print(f"{name:<24} {s['bytes']:>14} {s['records']:>12} {s['batches']:>9} {s['producers']:>5} {s['errors']:>5}  {s['file']}")
+    print(f"\n{'PRODUCER':>8} {'STREAM':<20} {'PID':>8} {'UID':>6} {'TRANSPORT':<9} {'BATCHES':>9} {'RELEASED':>9} {'PINNED':>6}")
+    for p in st["producers"]:
+        print(f"{p['id']:>8} {p['stream']:<20} {p['pid']:>8} {p['uid']:>6} {p['transport']:<9} {p['batches']:>9} {p['released']:>9} {p['pinned_segments']:>6}")
+    errs = {k: v for k, v in st["errors"].items() if v}
+    print("\nerrors: " + (", ".join(f"{k} {v}" for k, v in sorted(errs.items())) if errs else "none"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from logsink import bench
+
+        return bench.main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        _configure_logging()
+        try:
+            cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace})
+        except ConfigError as exc:
+            print(f"logsink serve: {exc}", file=sys.stderr)
+            return 2
+        from logsink.daemon import serve
+
+        try:
+            return serve(cfg)
+        except OSError as exc:
+            structlog.get_logger("logsink").error("startup_failed", error=str(exc))
+            print(f"logsink serve: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "status":
+        try:
+            st = _query_status(args.socket or default_socket_path())
+        except (ConnectionError, OSError, protocol.ProtocolError) as exc:
+            print(f"logsink status: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(st, sort_keys=True))
+        else:
+            _print_status(st)
+        return 0
+    return 2

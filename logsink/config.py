@@ -1,0 +1,75 @@
+"""Daemon settings: embedded defaults, an optional TOML file, then command-line flags (each overrides the one before)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENGINES = ("auto", "io_uring", "splice", "readwrite")
+
+
+def default_socket_path() -> str:
+    """Where daemon and clients meet when nobody configured it; both resolve it the same way.
+
+    ``$LOGSINK_SOCKET``, else ``$XDG_RUNTIME_DIR/logsink.sock`` (a private per-user directory) if that
+    directory exists, else ``/tmp/logsink-<uid>.sock``.
+    """
+    env = os.environ.get("LOGSINK_SOCKET")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "logsink.sock")
+    return f"/tmp/logsink-{os.getuid()}.sock"
+
+
+@dataclass
+class Config:
+    dir: str = "logs"
+    socket: str = ""          # "" = default_socket_path()
+    engine: str = "auto"
+    # Producers told to stop get this long to hand over what they hold before pipes are drained.
+    shutdown_grace: float = 5.0
+    # Slot tables in the engine; each producer costs 64 bytes of registered header buffer.
+    max_producers: int = 4096
+    max_streams: int = 1024
+    # Largest batch a producer may send (its segment size); mirrors protocol.MAX_BATCH_PAYLOAD.
+    max_batch: int = 64 << 20
+    file_mode: int = 0o644
+
+    def resolved_socket(self) -> str:
+        return self.socket or default_socket_path()
+
+
+class ConfigError(ValueError):
+    """A config file or flag value that cannot be used; the message says which and why."""
+
+
+def load(path: str | None, overrides: dict) -> Config:
+    """Defaults, then the TOML file at ``path`` (if given), then ``overrides`` (flags that were set)."""
+    cfg = Config()
+    known = {f.name: f.type for f in fields(Config)}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+            setattr(cfg, name, value)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+    if not isinstance(cfg.shutdown_grace, (int, float)) or cfg.shutdown_grace < 0:
+        raise ConfigError(f"shutdown_grace must be a number of seconds >= 0, got {cfg.shutdown_grace!r}")
+    cfg.dir = str(Path(cfg.dir).expanduser())
+    return cfg

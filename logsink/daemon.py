@@ -1,0 +1,515 @@
+"""The daemon's control plane (asyncio): accepts producers, routes streams, relays the engine's releases, answers status.
+
+Payload bytes never enter this module: producers' pipes go straight to the native engine
+(logsink._native), which moves batches into the stream files and reports events; this module
+turns those events into RELEASE messages and counters.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from logsink import __version__, protocol
+from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
+from logsink.config import Config
+
+log = structlog.get_logger("logsink.daemon")
+
+# Events drained per call into the engine; a full buffer just means another call.
+EVENT_BATCH = 512
+# After the grace period, producers still connected get their pipes drained; this bounds that.
+DRAIN_TIMEOUT = 10.0
+# Most fds a single control-socket read may carry (HELLO carries one; more is an error we report).
+MAX_FDS_PER_READ = 16
+
+FRAME_ERRORS = {
+    lib.LS_EFRAME_MAGIC: "bad magic (expected b'LSK1'): the pipe does not carry logsink frames",
+    lib.LS_EFRAME_VERSION: "unsupported frame version or header length",
+    lib.LS_EFRAME_LENGTH: "payload length is 0 or larger than the daemon's max_batch",
+    lib.LS_EFRAME_RECORDS: "record count is 0 or larger than the payload length",
+}
+
+ERROR_CODES = (
+    protocol.E_BAD_MESSAGE,
+    protocol.E_BAD_VERSION,
+    protocol.E_BAD_STREAM,
+    protocol.E_BAD_FD,
+    protocol.E_BAD_FRAME,
+    protocol.E_PRODUCER_DIED,
+    protocol.E_WRITE_FAILED,
+    protocol.E_SHUTTING_DOWN,
+    protocol.E_TOO_MANY,
+    "pipe-error",
+)
+
+
+@dataclass
+class Stream:
+    id: int
+    name: str
+    path: str
+    fd: int
+    inode: tuple[int, int]
+    producers: int = 0
+
+
+@dataclass
+class Producer:
+    id: int
+    stream: Stream
+    conn: "Conn | None"
+    pid: int
+    uid: int
+    transport: str
+    segment_size: int
+    released: int = 0
+    failed: list[list[Any]] = field(default_factory=list)
+    dirty: bool = False
+    removing: bool = False
+
+
+class Conn:
+    """One control connection: framing in, buffered writes out. At most one producer per connection."""
+
+    def __init__(self, daemon: "Daemon", sock: socket.socket):
+        self.daemon = daemon
+        self.sock = sock
+        self.decoder = protocol.ControlDecoder()
+        self.fds: list[int] = []
+        self.out = bytearray()
+        self.producer: Producer | None = None
+        self.closed = False
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self.on_readable)
+
+    def on_readable(self) -> None:
+        fds = array.array("i")
+        try:
+            data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_READ * fds.itemsize))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.daemon.on_conn_lost(self, f"control socket error: {exc}")
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+        self.fds.extend(fds)
+        if not data:
+            self.daemon.on_conn_lost(self, "closed" if not self.decoder.buffered else "closed mid-message")
+            return
+        try:
+            for msg in self.decoder.feed(data):
+                self.daemon.on_message(self, msg)
+                if self.closed:
+                    return
+        except protocol.ProtocolError as exc:
+            self.daemon.reject(self, exc.code, exc.reason)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self.out += protocol.encode(msg)
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.out.clear()
+            return
+        del self.out[:n]
+        if self.out:
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.sock.fileno())
+        if not self.closed:
+            self._flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        if self.out:  # best effort: the last ERROR/RELEASE
+            try:
+                self.sock.setblocking(True)
+                self.sock.settimeout(0.5)
+                self.sock.sendall(self.out)
+            except OSError:
+                pass
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.socket_path = cfg.resolved_socket()
+        self.dir = os.path.abspath(cfg.dir)
+        self.streams: dict[str, Stream] = {}
+        self.streams_by_id: dict[int, Stream] = {}
+        self.producers: dict[int, Producer] = {}
+        self.free_ids = list(range(cfg.max_producers - 1, -1, -1))
+        self.conns: set[Conn] = set()
+        self.errors = {code: 0 for code in ERROR_CODES}
+        self.shutting_down = False
+        self.started = time.time()
+        self.engine = ffi.NULL
+        self._evbuf = ffi.new("struct ls_event[]", EVENT_BATCH)
+        self._all_gone: asyncio.Event | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start_engine(self) -> None:
+        out = ffi.new("struct ls_engine **")
+        check(
+            lib.ls_engine_new(ENGINE_KINDS[self.cfg.engine], self.cfg.max_streams, self.cfg.max_producers, self.cfg.max_batch, out),
+            f"starting the {self.cfg.engine} engine",
+        )
+        self.engine = out[0]
+        self.engine_name = ENGINE_NAMES[lib.ls_engine_kind(self.engine)]
+        self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
+
+    def open_listener(self) -> socket.socket:
+        path = self.socket_path
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale socket of a daemon that is gone
+            else:
+                raise OSError(errno.EADDRINUSE, f"another logsink daemon is listening on {path}; stop it or pass --socket")
+            finally:
+                probe.close()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(512)
+        srv.setblocking(False)
+        return srv
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        os.makedirs(self.dir, exist_ok=True)
+        self.start_engine()
+        if self.fallback_reason and self.cfg.engine == "auto":
+            log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
+        srv = self.open_listener()
+        self.listener = srv
+        stop = asyncio.Event()
+        loop.add_reader(srv.fileno(), self._accept)
+        loop.add_reader(lib.ls_engine_notify_fd(self.engine), self._on_engine_events)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reopen_files)
+        log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid())
+        await stop.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.shutting_down = True
+        loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        log.info("shutting_down", producers=len(self.producers), grace=self.cfg.shutdown_grace)
+        for p in self.producers.values():
+            if p.conn:
+                p.conn.send({"t": protocol.SHUTDOWN})
+        await self._wait_producers_gone(self.cfg.shutdown_grace)
+        for p in list(self.producers.values()):
+            self._remove(p, drain=True)
+        if not await self._wait_producers_gone(DRAIN_TIMEOUT):
+            log.error("drain_timeout", producers=len(self.producers))
+        for conn in list(self.conns):
+            conn.close()
+        loop.remove_reader(lib.ls_engine_notify_fd(self.engine))
+        totals = self.counters_total()
+        lib.ls_engine_free(self.engine)
+        self.engine = ffi.NULL
+        for s in self.streams.values():
+            os.close(s.fd)
+        log.info("stopped", **totals)
+
+    async def _wait_producers_gone(self, timeout: float) -> bool:
+        if not self.producers:
+            return True
+        self._all_gone = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._all_gone.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._all_gone = None
+
+    # -- connections ------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and friends: say so, keep serving
+            log.error("accept_failed", error=str(exc))
+            return
+        sock.setblocking(False)
+        self.conns.add(Conn(self, sock))
+
+    def reject(self, conn: Conn, code: str, reason: str) -> None:
+        """Count, log and answer a protocol violation, then close the offending connection only."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+        log.warning("producer_rejected", code=code, reason=reason, pid=conn.pid, uid=conn.uid)
+        conn.send(protocol.error(code, reason))
+        self._drop_conn(conn, drain=False)
+
+    def on_conn_lost(self, conn: Conn, why: str) -> None:
+        if why != "closed":
+            log.info("connection_lost", pid=conn.pid, why=why)
+        self._drop_conn(conn, drain=True)
+
+    def _drop_conn(self, conn: Conn, drain: bool) -> None:
+        p = conn.producer
+        if p is not None:
+            p.conn = None
+            self._remove(p, drain)
+        conn.close()
+        self.conns.discard(conn)
+
+    def _remove(self, p: Producer, drain: bool) -> None:
+        if not p.removing:
+            p.removing = True
+            lib.ls_engine_remove_producer(self.engine, p.id, 1 if drain else 0)
+
+    def on_message(self, conn: Conn, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == protocol.HELLO:
+            self._hello(conn, msg)
+        elif kind == protocol.STATUS:
+            conn.send({"t": protocol.STATUS, "status": self.status()})
+        else:
+            self.reject(conn, protocol.E_BAD_MESSAGE, f"{kind!r} is not a message a client may send")
+
+    def _hello(self, conn: Conn, msg: dict[str, Any]) -> None:
+        fds, conn.fds = conn.fds, []
+        try:
+            if conn.producer is not None:
+                raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "HELLO sent twice on one connection")
+            if self.shutting_down:
+                raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is shutting down and takes no new producers")
+            if len(fds) != 1:
+                raise protocol.ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}")
+            if not self.free_ids:
+                raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_producers} producer slots are in use")
+            stream = self._stream(msg["stream"])
+            pid = self.free_ids.pop()
+            ret = lib.ls_engine_add_producer(self.engine, pid, stream.id, fds[0])
+            if ret < 0:
+                self.free_ids.append(pid)
+                if -ret == errno.ENOTTY:
+                    raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is not a pipe: send the read end of the data pipe")
+                if -ret == errno.EBADF:
+                    raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is a pipe's write end: send its read end")
+                check(ret, "adding producer")
+            fds.pop()  # the engine owns it now
+        except protocol.ProtocolError as exc:
+            for fd in fds:
+                os.close(fd)
+            self.reject(conn, exc.code, exc.reason)
+            return
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            log.error("hello_failed", stream=msg.get("stream"), error=str(exc))
+            conn.send(protocol.error("internal", str(exc)))
+            self._drop_conn(conn, drain=False)
+            return
+        seg = msg.get("segment_size")
+        p = Producer(
+            id=pid, stream=stream, conn=conn, pid=conn.pid, uid=conn.uid, transport=msg["transport"],
+            segment_size=seg if isinstance(seg, int) and seg > 0 else 0,
+        )
+        self.producers[pid] = p
+        stream.producers += 1
+        conn.producer = p
+        conn.send(protocol.welcome(pid, self.engine_name, max_batch=self.cfg.max_batch))
+        log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport)
+
+    # -- streams and files ------------------------------------------------------------------------
+    def _open_output(self, path: str) -> tuple[int, int, tuple[int, int]]:
+        """Open (create) an output file without O_APPEND (splice refuses it), repair a torn tail."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, self.cfg.file_mode)
+        size = ffi.new("uint64_t *")
+        try:
+            cut = check(lib.ls_repair_tail(fd, size), "checking the tail", path)
+        except OSError:
+            os.close(fd)
+            raise
+        if cut:
+            log.warning("torn_tail_repaired", file=path, bytes_cut=cut)
+        st = os.fstat(fd)
+        return fd, size[0], (st.st_dev, st.st_ino)
+
+    def _stream(self, name: str) -> Stream:
+        s = self.streams.get(name)
+        if s is not None:
+            return s
+        if len(self.streams) >= self.cfg.max_streams:
+            raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_streams} stream slots are in use")
+        path = os.path.join(self.dir, protocol.validate_stream_name(name) + ".log")
+        fd, size, inode = self._open_output(path)
+        sid = len(self.streams)
+        check(lib.ls_engine_set_stream(self.engine, sid, fd, size), "registering the stream")
+        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode)
+        self.streams[name] = s
+        self.streams_by_id[sid] = s
+        log.info("stream_opened", stream=name, file=path, offset=size)
+        return s
+
+    def reopen_files(self) -> None:
+        """SIGHUP: after logrotate moved a file away, start a new one at the configured path."""
+        for s in self.streams.values():
+            try:
+                st = os.stat(s.path)
+                if (st.st_dev, st.st_ino) == s.inode:
+                    continue
+            except FileNotFoundError:
+                pass
+            try:
+                fd, size, inode = self._open_output(s.path)
+            except OSError as exc:
+                log.error("reopen_failed", stream=s.name, file=s.path, error=str(exc))
+                continue
+            check(lib.ls_engine_set_stream(self.engine, s.id, fd, size), "switching the stream's file")
+            os.close(s.fd)
+            s.fd, s.inode = fd, inode
+            log.info("stream_reopened", stream=s.name, file=s.path)
+
+    # -- engine events ----------------------------------------------------------------------------
+    def _on_engine_events(self) -> None:
+        touched: list[Producer] = []
+        while True:
+            n = lib.ls_engine_poll_events(self.engine, self._evbuf, EVENT_BATCH)
+            for i in range(n):
+                ev = self._evbuf[i]
+                p = self.producers.get(ev.producer_id)
+                if p is None:
+                    continue
+                kind = ev.kind
+                if kind == lib.LS_EV_BATCH_DONE:
+                    p.released = ev.seq
+                elif kind == lib.LS_EV_BATCH_FAILED:
+                    reason = os.strerror(-ev.err) if ev.err < 0 else "write failed"
+                    p.failed.append([ev.seq, protocol.E_WRITE_FAILED, reason])
+                    p.released = ev.seq
+                    self.errors[protocol.E_WRITE_FAILED] += 1
+                    log.error("batch_write_failed", stream=p.stream.name, file=p.stream.path, seq=ev.seq, producer=p.id, error=reason, bytes=ev.bytes)
+                else:
+                    self._producer_ended(p, ev)
+                    continue
+                if not p.dirty:
+                    p.dirty = True
+                    touched.append(p)
+            if n < EVENT_BATCH:
+                break
+        for p in touched:
+            p.dirty = False
+            if p.conn:
+                p.conn.send(protocol.release(p.released, p.failed))
+            p.failed = []
+
+    def _producer_ended(self, p: Producer, ev: Any) -> None:
+        kind = ev.kind
+        conn = p.conn
+        if kind == lib.LS_EV_PRODUCER_DIED:
+            self.errors[protocol.E_PRODUCER_DIED] += 1
+            log.warning("producer_died_mid_batch", producer=p.id, pid=p.pid, stream=p.stream.name, discarded_bytes=ev.bytes)
+            if conn:
+                conn.send(protocol.error(protocol.E_PRODUCER_DIED, f"the pipe closed mid-batch; {ev.bytes} bytes of a partial batch were discarded"))
+        elif kind == lib.LS_EV_BAD_FRAME:
+            reason = FRAME_ERRORS.get(ev.err, f"invalid frame header ({ev.err})")
+            self.errors[protocol.E_BAD_FRAME] += 1
+            log.warning("producer_rejected", code=protocol.E_BAD_FRAME, reason=reason, producer=p.id, pid=p.pid, stream=p.stream.name)
+            if conn:
+                conn.send(protocol.error(protocol.E_BAD_FRAME, f"frame header rejected: {reason}"))
+        elif kind == lib.LS_EV_PRODUCER_ERROR:
+            self.errors["pipe-error"] += 1
+            log.error("producer_pipe_error", producer=p.id, pid=p.pid, error=os.strerror(-ev.err))
+        if conn:
+            conn.send(protocol.release(p.released, p.failed))
+            conn.producer = None
+            if kind != lib.LS_EV_PRODUCER_EOF and kind != lib.LS_EV_PRODUCER_REMOVED:
+                conn.close()
+                self.conns.discard(conn)
+        p.stream.producers -= 1
+        del self.producers[p.id]
+        self.free_ids.append(p.id)
+        if not self.producers and self._all_gone is not None:
+            self._all_gone.set()
+
+    # -- status -----------------------------------------------------------------------------------
+    def _counters(self, fn: Any, ident: int | None = None) -> dict[str, int]:
+        c = ffi.new("struct ls_counters *")
+        if ident is None:
+            fn(self.engine, c)
+        else:
+            fn(self.engine, ident, c)
+        return {k: getattr(c, k) for k in ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset", "last_seq")}
+
+    def counters_total(self) -> dict[str, int]:
+        c = self._counters(lib.ls_engine_total_counters)
+        del c["offset"], c["last_seq"]
+        return c
+
+    def status(self) -> dict[str, Any]:
+        streams = {}
+        for s in self.streams.values():
+            c = self._counters(lib.ls_engine_stream_counters, s.id)
+            streams[s.name] = {
+                "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
+                "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
+                "errors": c["errors"], "size": c["offset"],
+            }
+        producers = []
+        for p in self.producers.values():
+            c = self._counters(lib.ls_engine_producer_counters, p.id)
+            queued = c["offset"]
+            pinned = -(-queued // p.segment_size) if p.segment_size and p.transport == "vmsplice" else 0
+            producers.append({
+                "id": p.id, "stream": p.stream.name, "pid": p.pid, "uid": p.uid, "transport": p.transport,
+                "batches": c["batches"], "bytes": c["bytes"], "records": c["records"], "released": p.released,
+                "pipe_bytes": queued, "pinned_segments": pinned,
+            })
+        return {
+            "version": __version__, "engine": self.engine_name, "fallback_reason": self.fallback_reason,
+            "pid": os.getpid(), "uptime": round(time.time() - self.started, 3), "dir": self.dir,
+            "socket": self.socket_path, "totals": self.counters_total(), "errors": dict(self.errors),
+            "streams": streams, "producers": producers,
+        }
+
+
+def serve(cfg: Config) -> int:
+    return asyncio.run(Daemon(cfg).run())

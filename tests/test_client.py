@@ -1,0 +1,184 @@
+"""logsink.Client behaviour against a live daemon: whole records, flush, full arenas, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lsk_helpers import assert_file, make_records, proc_state, wait_for
+
+STATS_KEYS = {
+    "transport", "segment_size", "segments", "pipe_size", "batches", "records", "bytes",
+    "dropped_records", "released_through", "pinned_segments", "failed_batches",
+}
+
+
+@pytest.fixture
+def logsink():
+    import logsink as mod
+
+    return mod
+
+
+class TestWholeRecords:
+    @pytest.mark.parametrize("data", [b"no newline", b"one\ntwo", b"x" * 5000], ids=["no-newline", "torn-second", "long-no-newline"])
+    def test_partial_record_raises_value_error(self, daemon, logsink, data):
+        """write() of bytes not ending in a newline raises ValueError and nothing of it reaches the file."""
+        d = daemon("readwrite")
+        with logsink.Client("app", socket=d.sock) as c:
+            c.write(b"before\n")
+            with pytest.raises(ValueError):
+                c.write(data)
+            c.write(b"after\n")
+            c.flush(timeout=10)
+        assert d.log("app").read_bytes() == b"before\nafter\n"
+
+    def test_several_records_in_one_write(self, daemon, logsink):
+        """One write() of several whole records lands them all, counted as records."""
+        d = daemon("splice")
+        recs = make_records("m", 500)
+        with logsink.Client("app", socket=d.sock) as c:
+            for i in range(0, 500, 50):
+                c.write(b"".join(recs[i : i + 50]))
+            c.flush(timeout=10)
+            assert c.stats()["records"] == 500
+        assert_file(d.log("app"), {"m": recs})
+
+    def test_write_larger_than_a_segment_is_split_at_records(self, daemon, logsink):
+        """A single write bigger than a segment lands whole, never split inside a record."""
+        d = daemon("io_uring")
+        recs = make_records("L", 2000)
+        with logsink.Client("app", socket=d.sock, segment_size=4096, segments=4) as c:
+            c.write(b"".join(recs))
+            c.flush(timeout=10)
+        assert_file(d.log("app"), {"L": recs})
+
+
+class TestFlush:
+    @pytest.mark.parametrize("engine", ["io_uring", "readwrite"])
+    def test_flush_returns_only_when_records_are_in_the_file(self, daemon, logsink, engine):
+        """Right after flush() returns, the file holds every record written before it (no background flush helps)."""
+        d = daemon(engine)
+        with logsink.Client("app", socket=d.sock, flush_interval=None) as c:
+            written = []
+            for round_ in range(5):
+                recs = make_records("f", 37 * (round_ + 1), start=len(written))
+                for r in recs:
+                    c.write(r)
+                written += recs
+                c.flush(timeout=10)
+                assert_file(d.log("app"), {"f": written})
+                st = c.stats()
+                assert st["released_through"] == st["batches"] and st["pinned_segments"] == 0
+
+    def test_background_flush_lands_a_lone_record(self, daemon, logsink):
+        """With flush_interval=0.2 a single record reaches the file without flush() being called."""
+        d = daemon("splice")
+        with logsink.Client("app", socket=d.sock, flush_interval=0.2) as c:
+            c.write(b"lonely record\n")
+            wait_for(lambda: d.log("app").exists() and d.log("app").read_bytes() == b"lonely record\n", 10, "the record in the file")
+
+    def test_stats_keys_and_counts(self, daemon, logsink):
+        """stats() has the contract keys and counts records and bytes written."""
+        d = daemon("readwrite")
+        recs = make_records("k", 3000)
+        with logsink.Client("app", socket=d.sock, segment_size=8192, segments=3) as c:
+            for r in recs:
+                c.write(r)
+            c.flush(timeout=10)
+            st = c.stats()
+        assert STATS_KEYS <= set(st), f"missing {STATS_KEYS - set(st)}"
+        assert (st["segment_size"], st["segments"], st["transport"]) == (8192, 3, "vmsplice")
+        assert st["records"] == 3000 and st["bytes"] == sum(map(len, recs))
+        assert st["dropped_records"] == 0 and st["failed_batches"] == 0
+        assert st["pipe_size"] >= 8192
+
+
+class TestConnectionErrors:
+    def test_no_daemon_raises_connection_error(self, tmp_path, logsink):
+        """A Client whose socket has no daemon raises ConnectionError."""
+        with pytest.raises(ConnectionError):
+            logsink.Client("app", socket=str(tmp_path / "nobody.sock"))
+
+    def test_invalid_stream_is_refused(self, daemon, logsink):
+        """A Client for an invalid stream name raises (ValueError or ConnectionError) naming the problem."""
+        d = daemon("readwrite")
+        with pytest.raises((ValueError, ConnectionError)) as info:
+            logsink.Client("../etc/passwd", socket=d.sock)
+        assert "stream" in str(info.value)
+        assert list(d.dir.iterdir()) == []
+
+
+class TestFullArena:
+    def _stopped(self, d):
+        d.sigstop()
+        wait_for(lambda: proc_state(d.pid) == "T", 10, "the daemon to be stopped")
+
+    def test_on_full_drop_counts_dropped_records(self, daemon, logsink):
+        """With the daemon stopped and 2 segments pinned, on_full="drop" drops and counts; the accepted prefix lands exactly."""
+        d = daemon("splice")
+        c = logsink.Client("app", socket=d.sock, segments=2, segment_size=4096, on_full="drop", flush_interval=None)
+        try:
+            self._stopped(d)
+            recs = make_records("d", 1000)  # ~160 KB, 40 times the arena
+            t0 = time.monotonic()
+            for r in recs:
+                c.write(r)
+            assert time.monotonic() - t0 < 5, "drop mode blocked"
+            st = c.stats()
+            assert st["dropped_records"] > 0, st
+            assert st["pinned_segments"] == 2, st
+        finally:
+            d.sigcont()
+        c.flush(timeout=10)
+        st = c.stats()
+        c.close()
+        assert st["records"] + st["dropped_records"] == 1000, st
+        assert st["dropped_records"] >= 1000 - 2 * 4096 // 20, st
+        # the records that were kept are the ones written before the arena filled: a prefix
+        assert_file(d.log("app"), {"d": recs[: st["records"]]})
+
+    def test_on_full_block_times_out(self, daemon, logsink):
+        """With the daemon stopped, on_full="block" with timeout=0.5 makes write() raise TimeoutError after ~0.5 s."""
+        d = daemon("io_uring")
+        c = logsink.Client("app", socket=d.sock, segments=2, segment_size=4096, on_full="block", timeout=0.5, flush_interval=None)
+        accepted = []
+        try:
+            self._stopped(d)
+            recs = make_records("b", 1000)
+            with pytest.raises(TimeoutError):
+                for r in recs:
+                    t0 = time.monotonic()
+                    c.write(r)
+                    accepted.append(r)
+            waited = time.monotonic() - t0
+            assert 0.4 <= waited < 5, f"write blocked {waited:.2f}s, expected about 0.5s"
+            assert len(accepted) < 2 * 4096 // 20, "more records accepted than 2 segments can hold"
+        finally:
+            d.sigcont()
+        # after SIGCONT the daemon releases; the client works again and nothing was overwritten
+        more = make_records("b", 200, start=len(accepted))
+        for r in more:
+            c.write(r)
+        c.flush(timeout=10)
+        c.close()
+        assert_file(d.log("app"), {"b": accepted + more})
+
+    def test_segment_not_reused_before_release(self, daemon, logsink):
+        """While the daemon is stopped, pinned segments are not overwritten: everything accepted lands byte-exact after SIGCONT."""
+        d = daemon("splice")
+        c = logsink.Client("app", socket=d.sock, segments=3, segment_size=4096, on_full="block", timeout=0.3, flush_interval=None)
+        accepted = []
+        try:
+            self._stopped(d)
+            with pytest.raises(TimeoutError):
+                for r in make_records("n", 2000):
+                    c.write(r)
+                    accepted.append(r)
+            assert c.stats()["pinned_segments"] == 3
+        finally:
+            d.sigcont()
+        c.flush(timeout=10)
+        c.close()
+        assert_file(d.log("app"), {"n": accepted})
