@@ -189,6 +189,11 @@ static void stream_release(struct ls_engine *e, struct stream *s)
         s->wait_tail = NULL;
     p->next_wait = NULL;
     s->busy = p;
+    /* Someone truncated the file under us (logrotate's copytruncate, an admin's `: > file`):
+     * continue at its new end instead of leaving a hole of NUL bytes. One fstat per batch. */
+    struct stat st;
+    if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < s->offset)
+        s->offset = (uint64_t)st.st_size;
     p->batch_start = s->offset;
     p->moved = 0;
     p->state = P_PAYLOAD;

@@ -154,10 +154,13 @@ def run_producer(config: dict, **popen) -> subprocess.Popen:
     )
 
 
-def finish_producer(proc: subprocess.Popen, timeout: float = 120.0) -> dict:
-    """Wait for a producer subprocess, require exit 0, and return the JSON on its last stdout line."""
+def finish_producer(proc: subprocess.Popen, timeout: float = 120.0, input: bytes | None = None) -> dict:
+    """Wait for a producer subprocess, require exit 0, and return the JSON on its last stdout line.
+
+    ``input`` (for a producer started with stdin=PIPE) is written to its stdin, which is then closed.
+    """
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()

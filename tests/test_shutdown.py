@@ -35,8 +35,7 @@ class TestSigtermDrain:
         rc = d.proc.wait(30)
         assert rc == 0, f"daemon exited {rc} after SIGTERM; stderr:\n{d.stderr()}"
         results = {tag: finish_producer(p, timeout=90) for tag, p in busy.items()}
-        idle.stdin.close()
-        finish_producer(idle, timeout=30)
+        finish_producer(idle, timeout=30, input=b"")
 
         for tag, res in results.items():
             assert res["error"] is not None, f"producer {tag} never saw the daemon go away: {res}"
