@@ -140,7 +140,7 @@ class Client:
         arena = ffi.new("void **")
         check(lib.ls_arena_map(self.segment_size * self.segments, arena), "mapping the segment arena")
         self._arena = arena[0]
-        self._mem = memoryview(ffi.buffer(self._arena, self.segment_size * self.segments))
+        self._base = ffi.cast("char *", self._arena)
         self._pid = os.getpid()
 
     def _recv_one(self, sock: _socket.socket) -> dict[str, Any]:
@@ -309,12 +309,11 @@ class Client:
                     return
             elif self._broken or self._stopping or self._closed:
                 self._usable_or_raise()
-            start = self._cur * self.segment_size + protocol.FRAME_HEADER_SIZE + self._pos
-            self._mem[start : start + n] = data
             if not self._pos:
                 self._filled_at = time.monotonic()
+            dst = self._base + (self._cur * self.segment_size + protocol.FRAME_HEADER_SIZE + self._pos)
+            self._nrec += lib.ls_copy_records(dst, data if type(data) is bytes else ffi.from_buffer(data), n)
             self._pos += n
-            self._nrec += data.count(b"\n")
 
     def _write_large(self, data: bytes) -> None:
         """Split a write bigger than a segment at record boundaries."""
@@ -379,7 +378,6 @@ class Client:
             if self._sock is not None:
                 self._sock.close()
             if self._arena != ffi.NULL:
-                self._mem.release()
                 lib.ls_arena_unmap(self._arena, self.segment_size * self.segments)
                 self._arena = ffi.NULL
 

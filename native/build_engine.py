@@ -56,6 +56,7 @@ int ls_arena_unmap(void *addr, size_t size);
 int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size);
 int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq,
                 int transport, int timeout_ms);
+size_t ls_copy_records(void *dst, const void *src, size_t n);
 
 const char *ls_native_version(void);
 """
