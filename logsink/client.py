@@ -237,27 +237,30 @@ class Client:
     def _is_free(self, i: int) -> bool:
         return self._seg_seq[i] <= self._released
 
-    def _take_segment(self, deadline: float | None) -> bool:
-        """Make the next segment current; False if on_full='drop' and none is free."""
+    def _wait_for_segment(self, deadline: float | None) -> bool:
+        """Make the next segment in ring order current, waiting for its release; False = dropped.
+
+        Call in a loop that re-checks its condition: while we waited another thread may already
+        have taken a segment with room for us.
+        """
         nxt = (self._cur + 1) % self.segments
-        while not self._is_free(nxt):
-            self._usable_or_raise()
-            if self.on_full == "drop":
-                return False
-            self._stats["waits_for_release"] += 1
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(
-                    f"all {self.segments} segments of stream {self.stream!r} are still pinned after {self.timeout} s: "
-                    "the daemon has not released them (is it overloaded or stopped?)"
-                )
-            self._cond.wait(remaining)
-        self._usable_or_raise()
-        self._cur = nxt
-        self._active = True
-        self._seg_seq[nxt] = 0
-        self._pos = 0
-        self._nrec = 0
+        if self._is_free(nxt):
+            self._cur = nxt
+            self._seg_seq[nxt] = 0
+            self._active = True
+            self._pos = 0
+            self._nrec = 0
+            return True
+        if self.on_full == "drop":
+            return False
+        self._stats["waits_for_release"] += 1
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(
+                f"all {self.segments} segments of stream {self.stream!r} are still pinned after {self.timeout} s: "
+                "the daemon has not released them (is it overloaded or stopped?)"
+            )
+        self._cond.wait(remaining)
         return True
 
     def _handover_current(self) -> None:
@@ -303,15 +306,15 @@ class Client:
         with self._lock:
             if self._pid != os.getpid():
                 raise NotImplementedError("using a logsink.Client in a forked child (reconnect per process: create a new Client)")
-            if not self._active or self._pos + n > self._capacity:
+            if self._broken or self._stopping or self._closed:
+                self._usable_or_raise()
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while not self._active or self._pos + n > self._capacity:
                 self._usable_or_raise()
                 self._handover_current()
-                deadline = None if self.timeout is None else time.monotonic() + self.timeout
-                if not self._take_segment(deadline):
+                if not self._wait_for_segment(deadline):
                     self._stats["dropped_records"] += data.count(b"\n")
                     return
-            elif self._broken or self._stopping or self._closed:
-                self._usable_or_raise()
             if not self._pos:
                 self._filled_at = time.monotonic()
             dst = self._base + (self._cur * self.segment_size + protocol.FRAME_HEADER_SIZE + self._pos)

@@ -51,6 +51,7 @@ ERROR_CODES = (
     protocol.E_SHUTTING_DOWN,
     protocol.E_TOO_MANY,
     "pipe-error",
+    "internal",
 )
 
 
@@ -343,6 +344,7 @@ class Daemon:
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            self.errors["internal"] += 1
             log.error("hello_failed", stream=msg.get("stream"), error=str(exc))
             conn.send(protocol.error("internal", str(exc)))
             self._drop_conn(conn, drain=False)
@@ -361,7 +363,7 @@ class Daemon:
     # -- streams and files ------------------------------------------------------------------------
     def _open_output(self, path: str) -> tuple[int, int, tuple[int, int]]:
         """Open (create) an output file without O_APPEND (splice refuses it), repair a torn tail."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, self.cfg.file_mode)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.cfg.file_mode)  # RDWR: the tail check reads
         size = ffi.new("uint64_t *")
         try:
             cut = check(lib.ls_repair_tail(fd, size), "checking the tail", path)

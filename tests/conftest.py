@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -23,16 +24,17 @@ TESTS_DIR = Path(__file__).resolve().parent
 PRODUCER = TESTS_DIR / "producer.py"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
+WATCHDOG_SECONDS = 240
 
 
 class Daemon:
     """One ``logsink serve`` subprocess with its own log directory, socket and captured stderr."""
 
-    def __init__(self, root: Path, engine: str, extra: tuple[str, ...]):
+    def __init__(self, root: Path, engine: str, extra: tuple[str, ...], log_dir: Path | None = None):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.dir = root / "logs"
-        self.dir.mkdir()
+        self.dir = log_dir or root / "logs"
+        self.dir.mkdir(exist_ok=True)
         sock = root / "s.sock"
         if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
             sock = Path(tempfile.mkdtemp(prefix="lsk-")) / "s.sock"
@@ -125,13 +127,23 @@ class Daemon:
         assert rc == 0, f"daemon exited with {rc}; stderr:\n{self.stderr()}"
 
 
+@pytest.fixture(autouse=True)
+def _watchdog():
+    """A hung test (e.g. a flush the daemon never confirms) dumps every thread's stack and ends the run
+    instead of eating CI's whole time budget."""
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture
 def daemon(tmp_path):
-    """Factory: ``daemon(engine="readwrite", *extra_args)`` starts a daemon; teardown SIGTERMs it and asserts exit 0."""
+    """Factory: ``daemon(engine="readwrite", *extra_args, log_dir=None)`` starts a daemon; teardown SIGTERMs
+    it and asserts exit 0. ``log_dir`` reuses another daemon's ``dir`` (a restart)."""
     started: list[Daemon] = []
 
-    def start(engine: str = "readwrite", *extra: str) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(started)}", engine, extra)
+    def start(engine: str = "readwrite", *extra: str, log_dir: Path | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", engine, extra, log_dir)
         started.append(d)
         return d.start()
 

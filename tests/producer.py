@@ -8,6 +8,8 @@ Config keys: ``socket``, ``stream``, ``tag`` (record prefix), ``mode``, ``count`
   ``ready_after`` records, flush and print ``ready``. Last line: JSON with ``accepted`` (writes that
   returned), ``error`` (the exception's type name) and ``is_connection_error``.
 - ``flush-then-wait``: write ``count`` records, flush, print ``flushed``, wait for stdin to close.
+- ``until-stdin``: print ``ready`` after the first records, write records until stdin closes,
+  then flush and print the client's stats as JSON plus ``count`` (records written).
 - ``raw-die-mid-batch``: by hand, HELLO, one whole batch of ``count`` records (waits for its
   RELEASE), then a header and half the payload of the next batch; prints ``half`` and sleeps until
   killed.
@@ -83,6 +85,24 @@ def main() -> int:
             "message": str(err) if err else "",
             "is_connection_error": isinstance(err, ConnectionError),
         }), flush=True)
+        return 0
+    if mode == "until-stdin":
+        import select
+
+        n = 0
+        deadline = time.monotonic() + cfg.get("max_seconds", 60)
+        while time.monotonic() < deadline:
+            for _ in range(500):
+                client.write(record(tag, n))
+                n += 1
+            if n == 500:
+                print("ready", flush=True)
+            if select.select([sys.stdin], [], [], 0)[0]:
+                break
+        client.flush(timeout=60)
+        stats = client.stats()
+        client.close()
+        print(json.dumps({"count": n, **stats}), flush=True)
         return 0
     if mode == "flush-then-wait":
         for rec in make_records(tag, cfg["count"]):

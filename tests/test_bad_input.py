@@ -6,10 +6,11 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 
 import pytest
 
-from conftest import run_producer
+from conftest import finish_producer, run_producer
 from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, read_line, wait_for
 
 ERROR_CODES = (
@@ -361,3 +362,71 @@ class TestProducerDeath:
         raw.close()
         good.finish({"r1": recs})
         assert error_counts(d) == before
+
+
+class TestUnderLoad:
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_storm_of_bad_producers_during_good_traffic(self, daemon, producers, tmp_path, engine):
+        """Every kind of bad producer, one after another while two good producers write flat out: each is refused
+        with its code and counted, and the good producers' records are all in the file, in order."""
+        d = daemon(engine)
+        good = {
+            tag: producers({"socket": d.sock, "stream": "app", "tag": tag, "mode": "until-stdin", "max_seconds": 60},
+                           stdin=subprocess.PIPE)
+            for tag in ("L0", "L1")
+        }
+        for p in good.values():
+            assert read_line(p, 30, "'ready'") == "ready"
+        before = error_counts(d)
+        kept: dict[str, list[bytes]] = {}
+
+        def refused(code, *, stream="app", send=None, fds=None, **hello_fields):
+            raw = RawProducer(d.sock)
+            if send is not None:
+                raw.send(send)
+            else:
+                raw.hello(stream, fds=fds, **hello_fields)
+            raw.expect_error(code)
+            raw.close()
+
+        def accepted_then(tag, bad_bytes, code, close_pipe=False):
+            raw = RawProducer(d.sock)
+            raw.hello("app")
+            raw.expect_welcome()
+            kept[tag] = make_records(tag, 50)
+            raw.send_batch(kept[tag], 1)
+            raw.wait_release(1)
+            raw.write_pipe(bad_bytes)
+            if close_pipe:
+                raw.close_pipe()
+            raw.expect_error(code)
+            raw.close()
+
+        regular = tmp_path / "regular"
+        regular.write_bytes(b"")
+        reg_fd = os.open(regular, os.O_RDONLY)
+        evil = b"".join(make_records("evil", 40))
+        try:
+            refused("bad-message", send=b"GET / HTTP/1.0\r\n\r\n")
+            refused("bad-message", send=protocol.encode({"t": "nope"}))
+            refused("bad-version", v=99)
+            refused("bad-stream", stream="../x")
+            refused("bad-stream", stream=".x")
+            refused("bad-fd", fds=[])
+            refused("bad-fd", fds=[reg_fd])
+            accepted_then("s1", b"JUNK" + protocol.pack_frame_header(len(evil), 40, 2)[4:] + evil, "bad-frame")
+            accepted_then("s2", protocol.pack_frame_header(2**31, 1, 2) + evil, "bad-frame")
+            accepted_then("s3", protocol.pack_frame_header(len(evil), 40, 2) + evil[: len(evil) // 3], "producer-died", close_pipe=True)
+            running = [tag for tag, p in good.items() if p.poll() is None]
+            assert running == list(good), "a good producer ended during the storm"
+        finally:
+            os.close(reg_fd)
+        results = {tag: finish_producer(p, timeout=90, input=b"") for tag, p in good.items()}
+        after = error_counts(d)
+        want = {"bad-message": 2, "bad-version": 1, "bad-stream": 2, "bad-fd": 2, "bad-frame": 2, "producer-died": 1}
+        got = {code: after[code] - before[code] for code in ERROR_CODES}
+        assert got == {code: want.get(code, 0) for code in ERROR_CODES}
+        expected = {tag: make_records(tag, res["count"]) for tag, res in results.items()}
+        assert_file(d.log("app"), {**expected, **kept})
+        for res in results.values():
+            assert res["count"] > 500 and res["dropped_records"] == 0 and res["failed_batches"] == 0, res

@@ -182,3 +182,30 @@ class TestFullArena:
         c.flush(timeout=10)
         c.close()
         assert_file(d.log("app"), {"n": accepted})
+
+
+class TestThreads:
+    def test_threads_sharing_a_client_keep_their_order(self, daemon, logsink):
+        """4 threads writing through one Client: every record lands once, each thread's in its order."""
+        import threading
+
+        d = daemon("io_uring")
+        n = 20_000
+        errors = []
+        with logsink.Client("app", socket=d.sock, segment_size=16384, segments=4) as c:
+            def work(tag):
+                try:
+                    for r in make_records(tag, n):
+                        c.write(r)
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(t.is_alive() for t in threads), "a writer thread hung"
+            c.flush(timeout=20)
+        assert not errors, errors
+        assert_file(d.log("app"), {f"t{i}": make_records(f"t{i}", n) for i in range(4)})

@@ -84,3 +84,39 @@ class TestSegmentReuse:
             # each batch fits one 4 KiB segment, so the batches are at least bytes/4096: far above 4
             assert st["batches"] >= st["bytes"] // 4096, st
             assert st["batches"] > 100 * st["segments"], f"segments were not reused: {st}"
+
+
+class TestRestart:
+    def test_restarted_daemon_appends_to_existing_file(self, daemon):
+        """A second daemon on the same directory appends after what the first one wrote."""
+        import logsink
+
+        first = daemon("io_uring")
+        a = make_records("r0", 5000)
+        with logsink.Client("app", socket=first.sock) as c:
+            for r in a:
+                c.write(r)
+            c.flush(timeout=20)
+        assert first.terminate() == 0, first.stderr()
+        second = daemon("readwrite", log_dir=first.dir)
+        b = make_records("r1", 5000)
+        with logsink.Client("app", socket=second.sock) as c:
+            for r in b:
+                c.write(r)
+            c.flush(timeout=20)
+        assert second.log("app").read_bytes() == b"".join(a + b)
+
+    def test_torn_tail_is_cut_before_appending(self, daemon, tmp_path):
+        """A file left ending in a partial line (a crash) is cut back to its last newline before new records land."""
+        import logsink
+
+        logs = tmp_path / "prelogs"
+        logs.mkdir()
+        (logs / "app.log").write_bytes(b"old:1:complete\nold:2:comp")
+        d = daemon("splice", log_dir=logs)
+        recs = make_records("new", 100)
+        with logsink.Client("app", socket=d.sock) as c:
+            for r in recs:
+                c.write(r)
+            c.flush(timeout=20)
+        assert d.log("app").read_bytes() == b"old:1:complete\n" + b"".join(recs)

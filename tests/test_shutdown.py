@@ -13,13 +13,17 @@ from lsk_helpers import ENGINES, assert_file, make_records, read_line, record, w
 
 
 class TestSigtermDrain:
-    @pytest.mark.parametrize("engine", ENGINES)
-    def test_sigterm_mid_run_loses_no_accepted_record(self, daemon, producers, engine):
+    @pytest.mark.parametrize(
+        "engine,transport",
+        [(e, "vmsplice") for e in ENGINES] + [("splice", "copy")],
+        ids=[*ENGINES, "splice-copy"],
+    )
+    def test_sigterm_mid_run_loses_no_accepted_record(self, daemon, producers, engine, transport):
         """Producers writing flat out while the daemon gets SIGTERM: exit 0, and every accepted record is in the file, in order."""
         d = daemon(engine, "--shutdown-grace", "5")
         busy = {
             tag: producers({"socket": d.sock, "stream": "app", "tag": tag, "mode": "until-error",
-                            "ready_after": 2000, "max_seconds": 60})
+                            "ready_after": 2000, "max_seconds": 60, "client": {"transport": transport}})
             for tag in ("w0", "w1")
         }
         idle = producers({"socket": d.sock, "stream": "app", "tag": "f0", "mode": "flush-then-wait", "count": 5000},
@@ -29,7 +33,7 @@ class TestSigtermDrain:
         assert read_line(idle, 30, "'flushed'") == "flushed"
         # let the busy producers get well into their run so the pipes and arenas are full when SIGTERM hits
         start = d.log("app").stat().st_size
-        wait_for(lambda: d.log("app").stat().st_size > start + (4 << 20), 30, "4 MiB more in the file")
+        wait_for(lambda: d.log("app").stat().st_size > start + (8 << 20), 30, "8 MiB more in the file")
         d.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         rc = d.proc.wait(30)

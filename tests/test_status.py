@@ -153,3 +153,24 @@ class TestStatusText:
         )
         assert res.returncode != 0
         assert res.stderr.strip(), "no error message on stderr"
+
+
+class TestServe:
+    def test_listening_event_names_socket_dir_and_engine(self, daemon):
+        """Once it accepts connections the daemon has logged a JSON "listening" event with socket, dir and engine."""
+        d = daemon("readwrite")
+        events = [e for e in d.stderr_events() if e.get("event") == "listening"]
+        assert len(events) == 1, d.stderr()
+        ev = events[0]
+        assert ev["socket"] == d.sock
+        assert os.path.samefile(ev["dir"], d.dir)
+        assert ev["engine"] == "readwrite"
+
+    def test_auto_engine_picks_a_real_engine(self, daemon):
+        """--engine auto runs one of the three engines and says why if it stepped down."""
+        d = daemon("auto")
+        st = status(d.sock)
+        assert st["engine"] in ENGINES
+        assert isinstance(st["fallback_reason"], str)
+        if st["engine"] != "io_uring":
+            assert st["fallback_reason"], "auto did not pick io_uring but gives no reason"
