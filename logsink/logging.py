@@ -1,0 +1,102 @@
+"""stdlib ``logging`` integration: ``LogsinkHandler`` renders records as JSON lines and appends them to a Client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from logsink.client import Client
+
+__all__ = ["JsonFormatter", "LogsinkHandler"]
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: timestamp (ISO 8601, UTC), level, logger, message, exception text.
+
+    ``extra_fields`` names LogRecord attributes to add as well (e.g. ``("process", "threadName")``).
+    """
+
+    def __init__(self, extra_fields: tuple[str, ...] = ()):
+        super().__init__()
+        self.extra_fields = tuple(extra_fields)
+        self._sec = -1
+        self._sec_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        # strftime per second, not per record: it costs more than the rest of the formatting.
+        sec = int(created)
+        if sec != self._sec:
+            self._sec, self._sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._sec_text}.{int((created - sec) * 1000):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": self._timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        for name in self.extra_fields:
+            doc[name] = getattr(record, name, None)
+        return _encode(doc)
+
+
+class LogsinkHandler(logging.Handler):
+    """A logging handler that appends each formatted record to logsink stream ``stream``.
+
+    It formats outside any lock and holds none of its own while appending (the Client is
+    thread-safe), so a slow formatter in one thread never stalls logging in another.
+    ``logging.config.dictConfig`` can create it: ``{"()": "logsink.logging.LogsinkHandler", "stream": "app"}``
+    or ``"class": "logsink.logging.LogsinkHandler"``.
+    """
+
+    def __init__(self, stream: str = "app", formatter: logging.Formatter | None = None, level: int | str = logging.NOTSET, **client_options: Any):
+        super().__init__(level)
+        self.setFormatter(formatter or JsonFormatter())
+        self.client = Client(stream, **client_options)
+
+    def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:  # type: ignore[override]
+        # Handler.handle would hold self.lock around emit(); the Client serialises appends itself.
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = self.format(record).encode("utf-8", "backslashreplace")
+            if b"\n" in data:  # a multi-line message stays one record (a custom formatter's output)
+                data = data.replace(b"\n", b"\\n")
+            self.client.write(data + b"\n")
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        """Return once every record emitted so far is in the stream's file."""
+        try:
+            self.client.flush()
+        except (ConnectionError, TimeoutError, OSError):
+            pass  # Handler.flush must not raise; the records' fate shows in client.stats()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except (ConnectionError, TimeoutError, OSError):
+            pass
+        finally:
+            super().close()
