@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ DEFAULT_BYTES = 1 << 30
 DEFAULT_RECORD_SIZE = 200
 # What a buffering logger hands over per write: 64 KiB is 327 whole 200-byte records.
 DEFAULT_CHUNK_SIZE = 64 << 10
-# design.md "Measuring on these machines": medians of at least 3 interleaved runs.
+# Medians of at least 3 interleaved runs: single runs on these VMs vary by tens of percent.
 DEFAULT_RUNS = 3
 DEFAULT_PRODUCERS = 1
 
@@ -61,6 +61,8 @@ QUEUE_POLL_INTERVAL = 0.5
 WARM_WRITE_SIZE = 1 << 20
 GB = 1e9  # results are in decimal GB, as disk and network rates usually are
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # unit of utime/stime in /proc/<pid>/stat
+# Below this many ticks of daemon CPU per run, one tick more or less moves s/GB by over 5%.
+MIN_CPU_TICKS = 20
 
 
 class BenchError(RuntimeError):
@@ -124,6 +126,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_list(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated list of names out of `allowed`."""
+
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         bad = [n for n in names if n not in allowed]
@@ -166,9 +170,8 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         raise BenchError(f"--chunk-size {args.chunk_size} is smaller than one record ({args.record_size} bytes)")
     if args.producers < 1 or args.runs < 1:
         raise BenchError("--producers and --runs must be at least 1")
-    chunk_bytes = args.chunk_size // args.record_size * args.record_size
-    chunks = max(1, round(args.bytes / args.producers / chunk_bytes))
-    return Workload(args.record_size, args.chunk_size, args.producers, chunks, args.segment_size, args.segments)
+    one_chunk = Workload(args.record_size, args.chunk_size, args.producers, 1, args.segment_size, args.segments)
+    return replace(one_chunk, chunks_per_producer=max(1, round(args.bytes / args.producers / one_chunk.chunk_bytes)))
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -341,7 +344,11 @@ class Daemon:
             os.unlink(sock)
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_listening()
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
@@ -443,8 +450,8 @@ class Sample:
 
 def warm_page_cache(path: Path, size: int) -> None:
     """Write and delete `size` bytes: the VM gives freed memory back to the host, and writing into
-    such memory again runs several times slower (design.md "Measuring on these machines")."""
-    block = b"\0" * WARM_WRITE_SIZE
+    such memory again ran at a quarter of the speed (about 1 GB/s instead of 4.3 GB/s)."""
+    block = memoryview(bytes(WARM_WRITE_SIZE))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         left = size
@@ -468,19 +475,16 @@ def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no:
     """Start the daemon (unless direct), the producers, warm pages, release the barrier, stop, check."""
     out_dir = work / "out"
     clear_dir(out_dir)
-    daemon = None
-    producers = None
+    daemon = producers = None
     try:
         if variant.engine is not None:
-            log = work / f"daemon-{variant.engine}-{variant.transport}-{run_no}.log"
-            daemon = Daemon(variant.engine, out_dir, sock, log)
+            daemon = Daemon(variant.engine, out_dir, sock, work / f"daemon-{variant.engine}-{variant.transport}-{run_no}.log")
         producers = ProducerGroup(variant, sock, str(out_dir), workload)
         producers.wait_ready()
         warm_page_cache(work / "warm.scratch", workload.total_bytes)
         cpu0 = daemon.cpu_seconds() if daemon else 0.0
         results = producers.run()
-        cpu1 = daemon.cpu_seconds() if daemon else 0.0
-        sample = _sample_from(results, cpu1 - cpu0 if daemon else None)
+        sample = _sample_from(results, daemon.cpu_seconds() - cpu0 if daemon else None)
         if daemon:
             status = daemon.status() or {}
             sample.status_totals = status.get("totals", {})
@@ -492,18 +496,23 @@ def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no:
     finally:
         if producers:
             producers.close()
-        warning = daemon.stop() if daemon else ""
-    if warning:
-        sample.warnings.append(warning)
-    if daemon and sample.engine and sample.engine != variant.engine:
-        sample.warnings.append(f"asked for engine {variant.engine}, the daemon ran {sample.engine}")
-    if variant.transport and any(t != variant.transport for t in sample.client_transports):
-        sample.warnings.append(f"asked for transport {variant.transport}, the client used {sample.client_transports}")
+        stop_warning = daemon.stop() if daemon else ""
     written = output_size(out_dir)
     clear_dir(out_dir)
     if written != workload.total_bytes:
         raise BenchError(f"the output holds {written} bytes after flush(), expected {workload.total_bytes}")
+    sample.warnings = [w for w in (stop_warning, *_mismatches(variant, sample)) if w]
     return sample
+
+
+def _mismatches(variant: Variant, sample: Sample) -> list[str]:
+    """Ways the run did not measure what the variant's name says (an engine or transport fallback)."""
+    out = []
+    if variant.engine and sample.engine and sample.engine != variant.engine:
+        out.append(f"asked for engine {variant.engine}, the daemon ran {sample.engine}")
+    if variant.transport and any(t != variant.transport for t in sample.client_transports):
+        out.append(f"asked for transport {variant.transport}, the client used {sample.client_transports}")
+    return out
 
 
 def _sample_from(results: list[ProducerResult], daemon_cpu_s: float | None) -> Sample:
@@ -656,14 +665,31 @@ def describe(workload: Workload, runs: int) -> str:
             f"medians of {runs} interleaved run(s)")
 
 
+def filesystem_of(path: Path) -> str:
+    """The type and device of the filesystem holding `path` (from /proc/mounts), e.g. 'ext4 on /dev/vda'."""
+    best, found = "", "unknown filesystem"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
+                    best, found = mnt, f"{fstype} on {dev}"
+    except OSError:
+        pass
+    return found
+
+
 def print_report(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int, work: Path) -> None:
     print(f"logsink bench: {describe(workload, runs)}")
-    print(f"Linux {platform.release()}, {os.cpu_count()} CPUs, outputs in {work} (page cache)")
+    print(f"Linux {platform.release()}, {os.cpu_count()} CPUs, outputs in {work} ({filesystem_of(work)}, page cache)")
     print()
     for line in format_table(results):
         print(line)
     print()
     print("* direct write: the writer's own CPU s/GB (there is no daemon); prod ns/rec is producer CPU per record.")
+    if any(r.variant != DIRECT and s.cpu_s * CLOCK_TICKS < MIN_CPU_TICKS for r in results for s in r.samples):
+        print(f"  daemon s/GB is counted in clock ticks ({1 / CLOCK_TICKS * 1000:.0f} ms) and some runs took fewer than "
+              f"{MIN_CPU_TICKS}: use a larger --bytes to compare it.")
     for res in results:
         notes = sorted({w for s in res.samples for w in s.warnings}) + res.failures
         for note in notes:
@@ -673,12 +699,12 @@ def print_report(results: list[VariantResult], checks: list[Check], workload: Wo
         print(check.text)
 
 
-def results_json(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int) -> dict[str, Any]:
+def results_json(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int, work: Path) -> dict[str, Any]:
     baseline, direct = _find(results, Variant(*BASELINE)), _find(results, DIRECT)
     return {
         "workload": {**asdict(workload), "chunk_bytes": workload.chunk_bytes, "total_bytes": workload.total_bytes,
                      "total_records": workload.total_records, "runs": runs},
-        "system": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "system": {"kernel": platform.release(), "cpus": os.cpu_count(), "filesystem": filesystem_of(work)},
         "variants": [
             {"name": r.variant.name, "engine": r.variant.engine, "transport": r.variant.transport,
              "median": row_values(r, baseline, direct) if r.samples else None,
@@ -725,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(sock_dir, ignore_errors=True)
     checks = target_checks(results)
     if args.json:
-        print(json.dumps(results_json(results, checks, workload, args.runs), indent=2))
+        print(json.dumps(results_json(results, checks, workload, args.runs, work.parent), indent=2))
     else:
         print_report(results, checks, workload, args.runs, work.parent)
     return 1 if any(r.failures for r in results) else 0

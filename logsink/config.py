@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENGINES = ("auto", "io_uring", "splice", "readwrite")
@@ -38,6 +38,10 @@ class Config:
     # Largest batch a producer may send (its segment size); mirrors protocol.MAX_BATCH_PAYLOAD.
     max_batch: int = 64 << 20
     file_mode: int = 0o644
+    # TCP ingest: off unless configured; an address without a host binds loopback.
+    listen: list = field(default_factory=list)
+    # Shared secret TCP producers must present in HELLO (clients read LOGSINK_TOKEN); "" = none.
+    auth_token: str = ""
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -71,5 +75,14 @@ def load(path: str | None, overrides: dict) -> Config:
         raise ConfigError(f"engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
     if not isinstance(cfg.shutdown_grace, (int, float)) or cfg.shutdown_grace < 0:
         raise ConfigError(f"shutdown_grace must be a number of seconds >= 0, got {cfg.shutdown_grace!r}")
+    if isinstance(cfg.listen, str):
+        cfg.listen = [cfg.listen]
+    for addr in cfg.listen:
+        from logsink.daemon import parse_tcp_address
+
+        try:
+            parse_tcp_address(addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     cfg.dir = str(Path(cfg.dir).expanduser())
     return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import hmac
 import os
 import signal
 import socket
@@ -52,6 +53,7 @@ ERROR_CODES = (
     protocol.E_TOO_MANY,
     "pipe-error",
     "internal",
+    protocol.E_AUTH,
 )
 
 
@@ -83,7 +85,7 @@ class Producer:
 class Conn:
     """One control connection: framing in, buffered writes out. At most one producer per connection."""
 
-    def __init__(self, daemon: "Daemon", sock: socket.socket):
+    def __init__(self, daemon: "Daemon", sock: socket.socket, peer: str | None = None):
         self.daemon = daemon
         self.sock = sock
         self.decoder = protocol.ControlDecoder()
@@ -91,10 +93,22 @@ class Conn:
         self.out = bytearray()
         self.producer: Producer | None = None
         self.closed = False
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.reading = True
+        self.tcp = peer is not None
+        self.peer = peer or "local"
+        if self.tcp:  # no credentials over TCP: the token (if configured) is the identity
+            self.pid, self.uid, self.gid = 0, -1, -1
+        else:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            self.pid, self.uid, self.gid = struct.unpack("3i", creds)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self.on_readable)
+
+    def stop_reading(self) -> None:
+        """The engine owns the inbound side from now on (TCP producers after WELCOME)."""
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
 
     def on_readable(self) -> None:
         fds = array.array("i")
@@ -147,7 +161,7 @@ class Conn:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
+        self.stop_reading()
         self.loop.remove_writer(self.sock.fileno())
         for fd in self.fds:
             os.close(fd)
@@ -217,13 +231,17 @@ class Daemon:
             log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
         srv = self.open_listener()
         self.listener = srv
+        self.tcp_listeners = [self.open_tcp_listener(addr) for addr in self.cfg.listen]
         stop = asyncio.Event()
         loop.add_reader(srv.fileno(), self._accept)
+        for tl in self.tcp_listeners:
+            loop.add_reader(tl.fileno(), self._accept_tcp, tl)
         loop.add_reader(lib.ls_engine_notify_fd(self.engine), self._on_engine_events)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reopen_files)
-        log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid())
+        log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid(),
+                 tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
         await stop.wait()
         await self.shutdown()
         return 0
@@ -233,6 +251,9 @@ class Daemon:
         self.shutting_down = True
         loop.remove_reader(self.listener.fileno())
         self.listener.close()
+        for tl in self.tcp_listeners:
+            loop.remove_reader(tl.fileno())
+            tl.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -269,6 +290,32 @@ class Daemon:
             self._all_gone = None
 
     # -- connections ------------------------------------------------------------------------------
+    def open_tcp_listener(self, address: str) -> socket.socket:
+        host, port = parse_tcp_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            srv.bind((host, port))
+        except OSError as exc:
+            srv.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        srv.listen(512)
+        srv.setblocking(False)
+        return srv
+
+    def _accept_tcp(self, srv: socket.socket) -> None:
+        try:
+            sock, addr = srv.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("accept_failed", error=str(exc))
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conns.add(Conn(self, sock, peer=f"{addr[0]}:{addr[1]}"))
+
     def _accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
@@ -283,7 +330,7 @@ class Daemon:
     def reject(self, conn: Conn, code: str, reason: str) -> None:
         """Count, log and answer a protocol violation, then close the offending connection only."""
         self.errors[code] = self.errors.get(code, 0) + 1
-        log.warning("producer_rejected", code=code, reason=reason, pid=conn.pid, uid=conn.uid)
+        log.warning("producer_rejected", code=code, reason=reason, pid=conn.pid, uid=conn.uid, peer=conn.peer)
         conn.send(protocol.error(code, reason))
         self._drop_conn(conn, drain=False)
 
@@ -321,13 +368,22 @@ class Daemon:
                 raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "HELLO sent twice on one connection")
             if self.shutting_down:
                 raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is shutting down and takes no new producers")
-            if len(fds) != 1:
-                raise protocol.ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}")
+            if conn.tcp:
+                self._check_tcp_hello(conn, msg)
+            else:
+                if msg["transport"] not in protocol.LOCAL_TRANSPORTS:
+                    raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, f"transport {msg['transport']!r} is for TCP; on the local socket use one of {protocol.LOCAL_TRANSPORTS}")
+                if len(fds) != 1:
+                    raise protocol.ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}")
             if not self.free_ids:
                 raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_producers} producer slots are in use")
             stream = self._stream(msg["stream"])
             pid = self.free_ids.pop()
-            ret = lib.ls_engine_add_producer(self.engine, pid, stream.id, fds[0])
+            if conn.tcp:
+                fds = [os.dup(conn.sock.fileno())]  # the engine reads (and closes) this one; we write on ours
+                ret = lib.ls_engine_add_socket_producer(self.engine, pid, stream.id, fds[0])
+            else:
+                ret = lib.ls_engine_add_producer(self.engine, pid, stream.id, fds[0])
             if ret < 0:
                 self.free_ids.append(pid)
                 if -ret == errno.ENOTTY:
@@ -357,8 +413,23 @@ class Daemon:
         self.producers[pid] = p
         stream.producers += 1
         conn.producer = p
+        if conn.tcp:
+            conn.stop_reading()
         conn.send(protocol.welcome(pid, self.engine_name, max_batch=self.cfg.max_batch))
-        log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport)
+        log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
+
+    def _check_tcp_hello(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if msg["transport"] not in protocol.TCP_TRANSPORTS:
+            raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, f"transport {msg['transport']!r} is local-only; over TCP use one of {protocol.TCP_TRANSPORTS}")
+        token = self.cfg.auth_token
+        if token:
+            given = msg.get("token")
+            # compare_digest: the time taken does not tell how much of a guess was right.
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+                raise protocol.ProtocolError(protocol.E_AUTH, "missing or wrong token (set LOGSINK_TOKEN to the daemon's auth_token)")
+        if conn.decoder.buffered:
+            raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "data sent before WELCOME: wait for WELCOME, then send frames")
+        conn.pid = msg["pid"]
 
     # -- streams and files ------------------------------------------------------------------------
     def _open_output(self, path: str) -> tuple[int, int, tuple[int, int]]:
@@ -511,6 +582,18 @@ class Daemon:
             "socket": self.socket_path, "totals": self.counters_total(), "errors": dict(self.errors),
             "streams": streams, "producers": producers,
         }
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (``[v6]:PORT`` for IPv6; no host = loopback) -> (host, port)."""
+    if not address.startswith("tcp://"):
+        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
+    rest = address[len("tcp://"):]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT with a port in 1..65535")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
 
 
 def serve(cfg: Config) -> int:

@@ -49,7 +49,9 @@ ERROR = "error"          # daemon -> client, the connection is refused or being 
 SHUTDOWN = "shutdown"    # daemon -> client, hand over what you hold and close: the daemon is stopping
 STATUS = "status"        # client -> daemon asks, daemon -> client answers with the same type
 
-TRANSPORTS = ("vmsplice", "copy")
+LOCAL_TRANSPORTS = ("vmsplice", "copy")   # over the unix socket + data pipe
+TCP_TRANSPORTS = ("zerocopy", "copy")      # over TCP: frames follow HELLO on the same connection
+TRANSPORTS = ("vmsplice", "zerocopy", "copy")
 
 # Error codes carried in ERROR messages (and counted by the daemon under the same names).
 E_BAD_MESSAGE = "bad-message"      # undecodable frame or unknown/ill-typed message
@@ -61,6 +63,7 @@ E_PRODUCER_DIED = "producer-died"  # the pipe closed mid-batch: the partial batc
 E_WRITE_FAILED = "write-failed"    # the output file refused the batch (e.g. disk full)
 E_SHUTTING_DOWN = "shutting-down"  # the daemon no longer accepts producers
 E_TOO_MANY = "too-many-producers"  # the engine has no free producer slot
+E_AUTH = "auth"                    # TCP HELLO without the daemon's token
 
 
 class ProtocolError(ValueError):

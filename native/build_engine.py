@@ -43,6 +43,7 @@ const char *ls_engine_fallback_reason(struct ls_engine *e);
 int ls_engine_notify_fd(struct ls_engine *e);
 int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
+int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd);
 int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain);
 int ls_engine_poll_events(struct ls_engine *e, struct ls_event *out, int max);
 int ls_engine_stream_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);

@@ -34,7 +34,7 @@
 enum pstate { P_FREE = 0, P_HEADER, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD };
 
 /* io_uring user_data: op kind in the high 32 bits, producer id in the low. */
-enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL };
+enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE };
 #define UD(op, id) (((uint64_t)(op) << 32) | (uint32_t)(id))
 
 /* The readwrite engine's bounce buffer: big enough that a 256 KiB batch is one read + one pwrite. */
@@ -53,6 +53,11 @@ struct producer {
     int armed;           /* epoll: interest currently enabled */
     int started;         /* engine thread has taken it over */
     int cancel_sent;
+    /* Socket producers (TCP): splice needs a pipe on one side, so payload goes
+     * socket -> stage pipe (engine-owned) -> file. staged = bytes waiting in the stage pipe. */
+    int is_sock;
+    int stage_r, stage_w;
+    uint32_t staged;
     unsigned char *hdr;  /* HDR_STRIDE bytes in the header buffer */
     uint32_t hdr_have;
     struct ls_frame_header h;
@@ -161,6 +166,12 @@ static void finish(struct ls_engine *e, struct producer *p, uint32_t kind, int32
         epoll_ctl(e->ep, EPOLL_CTL_DEL, p->fd, NULL);
     close(p->fd);
     p->fd = -1;
+    if (p->is_sock) {
+        close(p->stage_r);
+        close(p->stage_w);
+        p->stage_r = p->stage_w = -1;
+        p->staged = 0;
+    }
     if (p->remove && kind == LS_EV_PRODUCER_EOF)
         kind = LS_EV_PRODUCER_REMOVED;
     emit(e, kind, p, err, p->h.seq, bytes, 0);
@@ -279,6 +290,8 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
     struct stream *s = &e->streams[p->stream_id];
     if (r > 0) {
         p->moved += (uint32_t)r;
+        if (p->is_sock && !copied)
+            p->staged -= (uint32_t)r;
         uint64_t *ctr = copied ? &s->c.bytes_copied : &s->c.bytes_spliced;
         *ctr += (uint64_t)r;
         if (copied) {
@@ -320,6 +333,8 @@ static void on_discard(struct ls_engine *e, struct producer *p, long r)
 {
     if (r > 0) {
         p->moved += (uint32_t)r;
+        if (p->is_sock && e->kind != LS_ENGINE_READWRITE)
+            p->staged -= (uint32_t)r;
         if (p->moved == p->h.payload_len) {
             emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
             p->state = P_HEADER;
@@ -350,11 +365,21 @@ static long do_move_sync(struct ls_engine *e, struct producer *p, int discard)
     size_t want = p->h.payload_len - p->moved;
     if (e->kind == LS_ENGINE_SPLICE) {
         ssize_t r;
+        if (p->is_sock && p->staged == 0) {
+            /* Stage from the socket first: never more than this batch still needs. */
+            r = splice(p->fd, NULL, p->stage_w, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+            if (r <= 0)
+                return r < 0 ? -errno : 0;
+            p->staged = (uint32_t)r;
+        }
+        int in = p->is_sock ? p->stage_r : p->fd;
+        if (p->is_sock)
+            want = p->staged;
         if (discard) {
-            r = splice(p->fd, NULL, e->devnull, NULL, want, SPLICE_F_NONBLOCK);
+            r = splice(in, NULL, e->devnull, NULL, want, SPLICE_F_NONBLOCK);
         } else {
             loff_t off = (loff_t)(p->batch_start + p->moved);
-            r = splice(p->fd, NULL, s->fd, &off, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+            r = splice(in, NULL, s->fd, &off, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
         }
         return r < 0 ? -errno : r;
     }
@@ -495,6 +520,26 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
         return;
     case P_PAYLOAD:
     case P_DISCARD: {
+        if (p->is_sock && p->staged) { /* stage pipe -> file (or /dev/null) */
+            struct io_uring_sqe *sqe = sqe_get(e);
+            sqe->opcode = IORING_OP_SPLICE;
+            sqe->splice_fd_in = p->stage_r;
+            sqe->splice_off_in = (uint64_t)-1;
+            sqe->len = p->staged;
+            sqe->splice_flags = SPLICE_F_MOVE;
+            sqe->flags = IOSQE_FIXED_FILE;
+            if (p->state == P_PAYLOAD) {
+                sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
+                sqe->off = p->batch_start + p->moved;
+                sqe->user_data = UD(U_SPLICE, p->id);
+            } else {
+                sqe->fd = (int32_t)fixed_devnull_slot(e);
+                sqe->off = (uint64_t)-1;
+                sqe->user_data = UD(U_DISCARD, p->id);
+            }
+            p->inflight++;
+            return;
+        }
         /* Splice only what is already in the pipe, so the op never blocks an io-wq worker on a
          * producer; an empty pipe mid-batch waits with a poll. */
         avail = pipe_avail(p->fd);
@@ -516,6 +561,18 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
         if ((uint32_t)avail < want)
             want = (uint32_t)avail;
         struct io_uring_sqe *sqe = sqe_get(e);
+        if (p->is_sock) { /* socket -> stage pipe */
+            sqe->opcode = IORING_OP_SPLICE;
+            sqe->splice_fd_in = (int32_t)p->id;
+            sqe->splice_off_in = (uint64_t)-1;
+            sqe->len = want;
+            sqe->splice_flags = SPLICE_F_FD_IN_FIXED | SPLICE_F_MOVE;
+            sqe->fd = p->stage_w;
+            sqe->off = (uint64_t)-1;
+            sqe->user_data = UD(U_STAGE, p->id);
+            p->inflight++;
+            return;
+        }
         sqe->opcode = IORING_OP_SPLICE;
         sqe->splice_fd_in = (int32_t)p->id;
         sqe->splice_off_in = (uint64_t)-1;
@@ -606,6 +663,19 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
             break;
         on_discard(e, p, res);
         break;
+    case U_STAGE:
+        if (res == -EINTR || res == -EAGAIN)
+            break;
+        if (res > 0) {
+            p->staged += (uint32_t)res;
+            break;
+        }
+        /* The socket ended (0) or failed (ECONNRESET...) mid-batch: the producer is gone. */
+        if (p->state == P_PAYLOAD)
+            on_payload(e, p, 0, 0);
+        else
+            on_discard(e, p, 0);
+        return;
     }
     if (p->state != P_FREE)
         drive(e, p);
@@ -969,6 +1039,49 @@ int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id,
     p->hdr = hdr;
     p->stream_id = stream_id;
     p->fd = pipe_fd;
+    p->state = P_HEADER;
+    wake(e);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd)
+{
+    if (id >= e->max_producers || stream_id >= e->max_streams)
+        return -EINVAL;
+    struct stat st;
+    if (fstat(sock_fd, &st) < 0)
+        return -errno;
+    if (!S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
+    int stage[2];
+    if (pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -errno;
+    (void)fcntl(stage[1], F_SETPIPE_SZ, 1 << 20); /* best effort: a bigger stage, fewer splices */
+    int fl = fcntl(sock_fd, F_GETFL);
+    if (e->kind != LS_ENGINE_IO_URING && (fl < 0 || fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
+        int err = -errno;
+        close(stage[0]);
+        close(stage[1]);
+        return err;
+    }
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    if (p->state != P_FREE || e->streams[stream_id].fd < 0) {
+        pthread_mutex_unlock(&e->mu);
+        close(stage[0]);
+        close(stage[1]);
+        return p->state != P_FREE ? -EBUSY : -ENOENT;
+    }
+    unsigned char *hdr = p->hdr;
+    memset(p, 0, sizeof *p);
+    p->id = id;
+    p->hdr = hdr;
+    p->stream_id = stream_id;
+    p->fd = sock_fd;
+    p->is_sock = 1;
+    p->stage_r = stage[0];
+    p->stage_w = stage[1];
     p->state = P_HEADER;
     wake(e);
     pthread_mutex_unlock(&e->mu);

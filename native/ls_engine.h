@@ -77,6 +77,11 @@ int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offs
 /* Producer `id` feeds stream `stream_id` through the pipe read end `pipe_fd`; the engine owns the
  * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED). */
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
+/* Producer `id` feeds stream `stream_id` from a connected stream socket (TCP): after the control
+ * plane read HELLO, the socket carries frames exactly as a pipe does. The payload moves socket ->
+ * engine-owned stage pipe -> file by splice. The engine owns sock_fd's read side and closes it when
+ * the producer ends; the caller keeps a dup() for writing RELEASE/ERROR. */
+int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd);
 /* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by
  * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). */
