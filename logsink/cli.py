@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     sp.add_argument("--engine", choices=ENGINES, help="data engine; auto tries io_uring, then splice, then readwrite (default: auto)")
     sp.add_argument("--config", metavar="FILE", help="TOML config file")
+    sp.add_argument("--listen", action="append", metavar="tcp://HOST:PORT", help="also accept producers over TCP here (repeatable; off by default; no host = 127.0.0.1). Set auth_token in the config to require a token")
     sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
 
     st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         _configure_logging()
         try:
-            cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace})
+            cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen})
         except ConfigError as exc:
             print(f"logsink serve: {exc}", file=sys.stderr)
             return 2
