@@ -42,6 +42,7 @@ int ls_engine_kind(struct ls_engine *e);
 const char *ls_engine_fallback_reason(struct ls_engine *e);
 int ls_engine_notify_fd(struct ls_engine *e);
 int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
+int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused);
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd);
 int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain);

@@ -73,6 +73,8 @@ struct stream {
     uint64_t offset;
     struct producer *busy;
     struct producer *wait_head, *wait_tail;
+    int paused;           /* no new batch starts (a full spool with the "block" policy) */
+    int pending_resume;   /* unpaused: serve the waiters on the next wake */
     int pending;          /* a set_stream request waits to be applied */
     int pending_fd;
     uint64_t pending_off;
@@ -193,7 +195,7 @@ static void stream_release(struct ls_engine *e, struct stream *s)
         pthread_cond_broadcast(&e->cond);
     }
     struct producer *p = s->wait_head;
-    if (!p || s->fd < 0)
+    if (!p || s->fd < 0 || s->paused)
         return;
     s->wait_head = p->next_wait;
     if (!s->wait_head)
@@ -697,8 +699,10 @@ static void apply_requests(struct ls_engine *e)
 {
     for (uint32_t i = 0; i < e->max_streams; i++) {
         struct stream *s = &e->streams[i];
-        if (s->pending && !s->busy)
-            stream_release(e, s); /* applies the new fd, then serves waiters */
+        if ((s->pending || s->pending_resume) && !s->busy) {
+            s->pending_resume = 0;
+            stream_release(e, s); /* applies a new fd, then serves waiters */
+        }
     }
     for (uint32_t i = 0; i < e->max_producers; i++) {
         struct producer *p = &e->prod[i];
@@ -1007,6 +1011,19 @@ int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offs
     wake(e);
     while (s->pending && !e->stop)
         pthread_cond_wait(&e->cond, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused)
+{
+    if (id >= e->max_streams)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    e->streams[id].paused = paused ? 1 : 0;
+    if (!paused)
+        e->streams[id].pending_resume = 1;
+    wake(e);
     pthread_mutex_unlock(&e->mu);
     return 0;
 }

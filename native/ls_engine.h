@@ -74,6 +74,10 @@ int ls_engine_notify_fd(struct ls_engine *e);
  * the fd (rotation) takes effect between batches; the call waits for the in-flight batch. */
 int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
 
+/* paused=1: batches already started finish, no new one starts (producers wait, pipes fill, and
+ * their clients block or drop by their own policy). paused=0 resumes. For a full spool. */
+int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused);
+
 /* Producer `id` feeds stream `stream_id` through the pipe read end `pipe_fd`; the engine owns the
  * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED). */
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
