@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     st.add_argument("--json", action="store_true", help="print one JSON object")
 
+    pp = sub.add_parser("pipe", help="relay records from stdin into a stream (splice when stdin is a pipe)",
+                        description="Read log lines from stdin and hand them to the daemon as stream STREAM. When stdin is a pipe "
+                        "the bytes move with splice(2), cut into batches only at newlines; a last line without a newline is "
+                        "terminated, not lost. Example: journalctl -f | logsink pipe journal")
+    pp.add_argument("stream", metavar="STREAM")
+    pp.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
+
     bp = sub.add_parser("bench", help="measure engines and transports side by side (see benchmarks/README.md)", add_help=False)
     bp.add_argument("args", nargs=argparse.REMAINDER)
     return ap
@@ -120,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             structlog.get_logger("logsink").error("startup_failed", error=str(exc))
             print(f"logsink serve: {exc}", file=sys.stderr)
             return 1
+    if args.command == "pipe":
+        from logsink import pipe
+
+        try:
+            return pipe.run(args.stream, args.socket)
+        except (ConnectionError, OSError, ValueError) as exc:
+            print(f"logsink pipe: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     if args.command == "status":
         try:
             st = _query_status(args.socket or default_socket_path())

@@ -292,6 +292,25 @@ class Client:
         self._pos = 0
         self._nrec = 0
 
+    def splice_from(self, fd: int, nbytes: int, records: int) -> None:
+        """Move ``nbytes`` (whole records, ``records`` of them) from the pipe ``fd`` to the daemon
+        with splice(2): no copy through user space. Used by ``logsink pipe``."""
+        with self._lock:
+            self._usable_or_raise()
+            self._handover_current()  # what write() took before goes first
+            seq = self._seq + 1
+            tmo = -1 if self.timeout is None else int(self.timeout * 1000)
+            ret = lib.ls_splice_batch(self._pipe_w, fd, nbytes, records, seq, tmo)
+            if ret < 0:
+                self._close_pipe()
+                self._broken = f"splicing a batch to the daemon failed: {os.strerror(-ret)}"
+                self._cond.notify_all()
+                raise ConnectionError(self._broken)
+            self._seq = seq
+            self._stats["batches"] += 1
+            self._stats["records"] += records
+            self._stats["bytes"] += nbytes
+
     # -- public API -------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Append one or more whole records (each ending in ``\\n``). Blocks or drops per ``on_full``."""

@@ -59,6 +59,9 @@ int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size);
 int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq,
                 int transport, int timeout_ms);
 size_t ls_copy_records(void *dst, const void *src, size_t n);
+int ls_peek_records(int in_fd, int scan_r, int scan_w, char *buf, size_t max, size_t *avail, size_t *batch,
+                    uint32_t *records);
+int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms);
 
 const char *ls_native_version(void);
 """

@@ -143,3 +143,84 @@ size_t ls_copy_records(void *dst, const void *src, size_t n)
     memcpy(dst, src, n);
     return count_newlines(dst, n); /* dst is in cache now */
 }
+
+int ls_peek_records(int in_fd, int scan_r, int scan_w, char *buf, size_t max, size_t *avail, size_t *batch,
+                    uint32_t *records)
+{
+    /* No EINTR retry: the caller (Python) must get to run its signal handlers (Ctrl-C). */
+    ssize_t n = tee(in_fd, scan_w, max, 0);
+    if (n < 0)
+        return -errno;
+    *avail = (size_t)n;
+    *batch = 0;
+    *records = 0;
+    if (n == 0)
+        return 0;
+    size_t got = 0;
+    while (got < (size_t)n) {
+        ssize_t r = read(scan_r, buf + got, (size_t)n - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -EIO;
+        got += (size_t)r;
+    }
+    const char *last = memrchr(buf, '\n', got);
+    if (last) {
+        *batch = (size_t)(last - buf) + 1;
+        *records = (uint32_t)count_newlines((const unsigned char *)buf, *batch);
+    }
+    return 0;
+}
+
+static int wait_writable(int fd, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    int pr = poll(&pfd, 1, timeout_ms);
+    if (pr < 0)
+        return errno == EINTR ? 0 : -errno;
+    if (pr == 0)
+        return -ETIMEDOUT;
+    if ((pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
+        return -EPIPE;
+    return 0;
+}
+
+int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms)
+{
+    unsigned char hdr[LS_FRAME_HEADER_SIZE];
+    ls_frame_fill(hdr, payload_len, records, seq);
+    size_t done = 0;
+    while (done < sizeof hdr) {
+        ssize_t r = write(pipe_w, hdr + done, sizeof hdr - done);
+        if (r > 0) {
+            done += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno != EAGAIN)
+            return -errno;
+        int w = wait_writable(pipe_w, timeout_ms);
+        if (w < 0)
+            return w;
+    }
+    size_t left = payload_len;
+    while (left) {
+        ssize_t r = splice(in_fd, NULL, pipe_w, NULL, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (r > 0) {
+            left -= (size_t)r;
+            continue;
+        }
+        if (r == 0)
+            return -EIO; /* the input ended although its bytes were seen by ls_peek_records */
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
+            return -errno;
+        int w = wait_writable(pipe_w, timeout_ms);
+        if (w < 0)
+            return w;
+    }
+    return 0;
+}

@@ -37,4 +37,17 @@ int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, u
  * (the frame header's record count). One pass in C: counting in Python cost more than the copy. */
 size_t ls_copy_records(void *dst, const void *src, size_t n);
 
+/* `logsink pipe`: look at what waits in the pipe `in_fd` without consuming it. tee() up to `max`
+ * bytes into the scratch pipe and read them back into `buf` (a copy made only to find record
+ * boundaries; the payload itself moves by ls_splice_batch). Blocks until data or EOF.
+ * *avail = bytes seen (0 = EOF), *batch = length through the last '\n' (0 if none yet),
+ * *records = '\n' count in the batch. Returns 0 or -errno. */
+int ls_peek_records(int in_fd, int scan_r, int scan_w, char *buf, size_t max, size_t *avail, size_t *batch,
+                    uint32_t *records);
+
+/* Hand one batch from a pipe: write the 32-byte frame header into the data pipe, then splice(2)
+ * `payload_len` bytes from `in_fd` (a pipe) into it, waiting for space (up to timeout_ms per wait;
+ * < 0 forever). Returns 0, -EPIPE, -ETIMEDOUT (the data pipe is then out of sync), or -errno. */
+int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms);
+
 #endif
