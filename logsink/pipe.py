@@ -16,6 +16,9 @@ from logsink.client import Client
 READ_CHUNK = 1 << 20
 # A line split across writes: how long to wait before looking at stdin again.
 PARTIAL_LINE_POLL = 0.002
+# ...and after this long without progress, copy the partial line out so the writer is not stuck.
+STALL = 0.05
+PAGE = 4096
 _F_GETPIPE_SZ = 1032
 
 
@@ -57,6 +60,7 @@ def _relay_pipe(client: Client, fd: int) -> None:
     buf = ffi.new("char[]", cap)
     avail, batch, records = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint32_t *")
     carry = b""  # a line longer than the input pipe: assembled by copying
+    last_avail, since = -1, 0.0
     try:
         while True:
             ret = lib.ls_peek_records(fd, scan_r, scan_w, buf, cap, avail, batch, records)
@@ -76,9 +80,14 @@ def _relay_pipe(client: Client, fd: int) -> None:
                 client.write(carry + os.read(fd, avail[0]) + b"\n")
                 carry = b""
                 continue
-            if avail[0] >= min(in_cap, cap):  # the pipe is full of one unfinished line
+            # The pipe is (nearly: a partly consumed page counts whole) full of one unfinished line,
+            # or the writer stalled mid-line: take the bytes by copy so the writer can go on.
+            if avail[0] >= min(in_cap, cap) - PAGE or avail[0] == last_avail and time.monotonic() - since > STALL:
                 carry += os.read(fd, avail[0])
+                last_avail = -1
                 continue
+            if avail[0] != last_avail:
+                last_avail, since = avail[0], time.monotonic()
             time.sleep(PARTIAL_LINE_POLL)  # the rest of the line is on its way
     finally:
         os.close(scan_r)
