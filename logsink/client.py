@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import socket as _socket
 import threading
 import time
+import weakref
 from typing import Any
 
 from logsink import protocol
@@ -29,6 +31,29 @@ CONNECT_TIMEOUT = 10.0
 PAGE = 4096
 
 _TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY}
+
+
+# Every open Client: closed (flushed) at interpreter exit, reconnected lazily in a forked child.
+_live: "weakref.WeakSet[Client]" = weakref.WeakSet()
+# At exit, a stopped daemon must not hang the interpreter: flush at most this long per client.
+EXIT_FLUSH_TIMEOUT = 5.0
+
+
+def _close_all_at_exit() -> None:
+    for client in list(_live):
+        try:
+            client.close(timeout=EXIT_FLUSH_TIMEOUT)
+        except Exception:
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live):
+        client._forked = True
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Client:
@@ -75,11 +100,17 @@ class Client:
         self.timeout = timeout
         self.flush_interval = flush_interval
         self._path = socket or default_socket_path()
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._tid = _TRANSPORT_IDS[transport]
         self._capacity = seg - protocol.FRAME_HEADER_SIZE  # payload bytes a segment holds
-        self._seg_seq = [0] * nseg       # seq a segment was handed over as; 0 = free
+        self._forked = False
+        self._reset_state()
+        self._start()
+        _live.add(self)
+
+    def _reset_state(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._seg_seq = [0] * self.segments  # seq a segment was handed over as; 0 = free
         self._cur = -1                   # last segment taken (the ring's position)
         self._active = False             # _cur is being filled (not yet handed over)
         self._pos = 0                    # payload bytes in the current segment
@@ -95,9 +126,25 @@ class Client:
         self._arena = ffi.NULL
         self._pipe_w = -1
         self._sock: _socket.socket | None = None
+
+    def _start(self) -> None:
         self._connect()
-        self._thread = threading.Thread(target=self._background, name=f"logsink-client-{stream}", daemon=True)
+        self._thread = threading.Thread(target=self._background, name=f"logsink-client-{self.stream}", daemon=True)
         self._thread.start()
+
+    def _reconnect_after_fork(self) -> None:
+        """In a forked child: drop the parent's connection (our copies of its fds; its arena is
+        not mapped here, MADV_DONTFORK) and connect anew. The parent's unsent records stay the
+        parent's: the child never writes into the parent's arena or pipe."""
+        for fd in (self._pipe_w, self._sock.detach() if self._sock is not None else -1):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._forked = False
+        self._reset_state()
+        self._start()
 
     # -- connection -------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -144,7 +191,6 @@ class Client:
         check(lib.ls_arena_map(self.segment_size * self.segments, arena), "mapping the segment arena")
         self._arena = arena[0]
         self._base = ffi.cast("char *", self._arena)
-        self._pid = os.getpid()
 
     def _recv_one(self, sock: _socket.socket) -> dict[str, Any]:
         pending: list[dict[str, Any]] = []
@@ -322,9 +368,9 @@ class Client:
         if n > self._capacity:
             self._write_large(data)
             return
+        if self._forked:
+            self._reconnect_after_fork()
         with self._lock:
-            if self._pid != os.getpid():
-                raise NotImplementedError("using a logsink.Client in a forked child (reconnect per process: create a new Client)")
             if self._broken or self._stopping or self._closed:
                 self._usable_or_raise()
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -362,6 +408,8 @@ class Client:
         OSError if the daemon reported batches it could not write (e.g. disk full).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._forked:
+            return  # nothing written in this process yet
         with self._lock:
             if self._closed:
                 return
@@ -381,13 +429,16 @@ class Client:
             seq, code, reason = failed[0]
             raise OSError(f"the logsink daemon could not write {len(failed)} batch(es) of stream {self.stream!r} (first: seq {seq}: {code}: {reason})")
 
-    def close(self) -> None:
-        """Flush, then end the connection. Idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (waiting up to ``timeout`` seconds), then end the connection. Idempotent."""
         if self._closed:
+            return
+        if self._forked:  # a child that never wrote: the connection is the parent's
+            self._closed = True
             return
         try:
             if not self._broken and not self._stopping:
-                self.flush()
+                self.flush(timeout)
         finally:
             with self._lock:
                 self._closed = True

@@ -23,15 +23,15 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, extra_fields: tuple[str, ...] = ()):
         super().__init__()
         self.extra_fields = tuple(extra_fields)
-        self._sec = -1
-        self._sec_text = ""
+        self._sec = (-1, "")  # (second, its text): one attribute, so threads never pair them wrongly
 
     def _timestamp(self, created: float) -> str:
         # strftime per second, not per record: it costs more than the rest of the formatting.
         sec = int(created)
-        if sec != self._sec:
-            self._sec, self._sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._sec_text}.{int((created - sec) * 1000):03d}Z"
+        cached = self._sec
+        if cached[0] != sec:
+            cached = self._sec = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+        return f"{cached[1]}.{int((created - sec) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -61,9 +61,18 @@ class LogsinkHandler(logging.Handler):
     or ``"class": "logsink.logging.LogsinkHandler"``.
     """
 
-    def __init__(self, stream: str = "app", formatter: logging.Formatter | None = None, level: int | str = logging.NOTSET, **client_options: Any):
+    def __init__(
+        self,
+        stream: str = "app",
+        formatter: logging.Formatter | None = None,
+        level: int | str = logging.NOTSET,
+        flush_timeout: float | None = 5.0,
+        **client_options: Any,
+    ):
         super().__init__(level)
         self.setFormatter(formatter or JsonFormatter())
+        # flush()/close() run at interpreter exit (logging.shutdown): never hang it on a stopped daemon.
+        self.flush_timeout = flush_timeout
         self.client = Client(stream, **client_options)
 
     def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:  # type: ignore[override]
@@ -89,13 +98,13 @@ class LogsinkHandler(logging.Handler):
     def flush(self) -> None:
         """Return once every record emitted so far is in the stream's file."""
         try:
-            self.client.flush()
+            self.client.flush(timeout=self.flush_timeout)
         except (ConnectionError, TimeoutError, OSError):
             pass  # Handler.flush must not raise; the records' fate shows in client.stats()
 
     def close(self) -> None:
         try:
-            self.client.close()
+            self.client.close(timeout=self.flush_timeout)
         except (ConnectionError, TimeoutError, OSError):
             pass
         finally:

@@ -35,7 +35,7 @@ class LogsinkLogger:
     def msg(self, message: str | bytes) -> None:
         data = message.encode() if isinstance(message, str) else message
         # One record per event: a renderer's embedded newlines would split it, so escape them.
-        if b"\n" in data[:-1]:
+        if data.find(b"\n", 0, len(data) - 1) >= 0:
             data = data.rstrip(b"\n").replace(b"\n", b"\\n")
         self._client.write(data if data.endswith(b"\n") else data + b"\n")
 

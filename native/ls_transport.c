@@ -23,6 +23,7 @@ int ls_arena_map(size_t size, void **out)
         void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED)
             return -errno;
+        (void)madvise(p, size, MADV_DONTFORK);
         *out = p;
         return 0;
     }
@@ -38,6 +39,9 @@ int ls_arena_map(size_t size, void **out)
     if (tail)
         munmap(aligned + len, tail);
     (void)madvise(aligned, len, MADV_HUGEPAGE); /* advice: THP may be off, which is fine */
+    /* A forked child must never see (or write into) pages a pipe may still reference: without
+     * this, fork's copy-on-write could leave the child holding the very page the pipe pins. */
+    (void)madvise(aligned, len, MADV_DONTFORK);
     *out = aligned;
     return 0;
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -209,3 +211,63 @@ class TestThreads:
             c.flush(timeout=20)
         assert not errors, errors
         assert_file(d.log("app"), {f"t{i}": make_records(f"t{i}", n) for i in range(4)})
+
+
+class TestForkAndExit:
+    def test_forked_child_gets_its_own_connection_and_both_land(self, daemon):
+        """After fork, parent and child both log through the same Client object: the child reconnects lazily and every record of both lands, each process's in order."""
+        d = daemon("io_uring")
+        script = f"""
+import os, logsink
+c = logsink.Client("fork", socket={d.sock!r})
+for i in range(1000):
+    c.write(b"before %d\\n" % i)
+pid = os.fork()
+who = b"child" if pid == 0 else b"parent"
+for i in range(20000):
+    c.write(b"%s %d\\n" % (who, i))
+if pid == 0:
+    c.close()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+c.close()
+"""
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+        assert res.returncode == 0, res.stderr.decode()
+        lines = d.log("fork").read_bytes().split(b"\n")
+        assert lines[-1] == b""
+        by = {}
+        for line in lines[:-1]:
+            who, i = line.split(b" ")
+            by.setdefault(who, []).append(int(i))
+        assert by == {b"before": list(range(1000)), b"parent": list(range(20000)), b"child": list(range(20000))}
+
+    def test_records_written_just_before_exit_are_delivered(self, daemon):
+        """A program that writes and exits without close() still delivers (the client flushes at exit)."""
+        d = daemon("io_uring")
+        script = f"import logsink\nc = logsink.Client('exit', socket={d.sock!r}, flush_interval=None)\nc.write(b'last words\\n')\n"
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stderr.decode()
+        assert d.log("exit").read_bytes() == b"last words\n"
+
+    def test_exit_does_not_hang_on_a_stopped_daemon(self, daemon):
+        """With the daemon stopped (SIGSTOP), a program that exits with unflushed records still exits, bounded by the exit flush timeout."""
+        d = daemon("io_uring")
+        script = (
+            f"import logsink, sys\nc = logsink.Client('stuck', socket={d.sock!r}, flush_interval=None)\n"
+            "print('connected', flush=True)\nsys.stdin.readline()\nc.write(b'x\\n')\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"connected"
+            d.sigstop()
+            t0 = time.monotonic()
+            _, err = proc.communicate(b"go\n", timeout=30)
+            elapsed = time.monotonic() - t0
+        finally:
+            d.sigcont()
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err.decode()
+        assert elapsed < 20, f"exit took {elapsed:.1f} s"
