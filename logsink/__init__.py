@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from logsink.client import Client  # noqa: E402
+from logsink.aio import AsyncClient  # noqa: E402
 
-__all__ = ["Client", "__version__"]
+__all__ = ["AsyncClient", "Client", "__version__"]

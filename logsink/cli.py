@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--engine", choices=ENGINES, help="data engine; auto tries io_uring, then splice, then readwrite (default: auto)")
     sp.add_argument("--config", metavar="FILE", help="TOML config file")
     sp.add_argument("--listen", action="append", metavar="tcp://HOST:PORT", help="also accept producers over TCP here (repeatable; off by default; no host = 127.0.0.1). Set auth_token in the config to require a token")
+    sp.add_argument("--forward", action="append", dest="forward_cli", metavar="STREAM=tcp://HOST:PORT[,file]",
+                    help="also send stream STREAM to a collector (repeatable). Without ',file' the stream is forward-only and "
+                    "spools under --state-dir while the collector is down. More options: ,policy=block|drop-oldest ,spool_max=256M")
+    sp.add_argument("--framing", choices=("newline", "octet-counted"), help="framing of --forward collectors (default: newline; "
+                    "octet-counted = RFC 6587, for rsyslog imtcp / syslog-ng network(transport(framed)))")
+    sp.add_argument("--state-dir", dest="state_dir", help="forward cursors and spools (default: DIR/.state)")
     sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
 
     st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon")
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         _configure_logging()
         try:
-            cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen})
+            cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen,
+                                     "forward_cli": args.forward_cli, "framing": args.framing, "state_dir": args.state_dir})
         except ConfigError as exc:
             print(f"logsink serve: {exc}", file=sys.stderr)
             return 2

@@ -42,6 +42,14 @@ class Config:
     listen: list = field(default_factory=list)
     # Shared secret TCP producers must present in HELLO (clients read LOGSINK_TOKEN); "" = none.
     auth_token: str = ""
+    # Forwarding to downstream collectors (logsink/forward.py): TOML [forward.STREAM] tables, and
+    # --forward STREAM=tcp://HOST:PORT[,file][,policy=..][,spool_max=..] flags; framing is the default framing.
+    forward: dict = field(default_factory=dict)
+    forward_cli: list = field(default_factory=list)
+    framing: str = "newline"
+    # Cursors and spools of forwarded streams; "" = <dir>/.state
+    state_dir: str = ""
+    forwards: dict = field(default_factory=dict)  # parsed by load(): stream -> [ForwardSpec]
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -84,5 +92,11 @@ def load(path: str | None, overrides: dict) -> Config:
             parse_tcp_address(addr)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    from logsink.forward import forward_from_config
+
+    try:
+        cfg.forwards = forward_from_config(cfg.forward, cfg.forward_cli, cfg.framing)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     cfg.dir = str(Path(cfg.dir).expanduser())
     return cfg

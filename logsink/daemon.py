@@ -24,6 +24,7 @@ import structlog
 from logsink import __version__, protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
 from logsink.config import Config
+from logsink.forward import ForwardManager
 
 log = structlog.get_logger("logsink.daemon")
 
@@ -203,6 +204,7 @@ class Daemon:
         self.engine = out[0]
         self.engine_name = ENGINE_NAMES[lib.ls_engine_kind(self.engine)]
         self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
+        self.forward = ForwardManager(self.cfg.forwards, self.cfg.state_dir or os.path.join(self.dir, ".state"), self.engine, self.cfg.file_mode)
 
     def open_listener(self) -> socket.socket:
         path = self.socket_path
@@ -237,6 +239,8 @@ class Daemon:
         for tl in self.tcp_listeners:
             loop.add_reader(tl.fileno(), self._accept_tcp, tl)
         loop.add_reader(lib.ls_engine_notify_fd(self.engine), self._on_engine_events)
+        for name in self.forward.stream_names():  # replay spools left by the last run without waiting for a producer
+            self._stream(name)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reopen_files)
@@ -249,6 +253,7 @@ class Daemon:
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         self.shutting_down = True
+        self.forward.stop_blocking()
         loop.remove_reader(self.listener.fileno())
         self.listener.close()
         for tl in self.tcp_listeners:
@@ -267,6 +272,7 @@ class Daemon:
             self._remove(p, drain=True)
         if not await self._wait_producers_gone(DRAIN_TIMEOUT):
             log.error("drain_timeout", producers=len(self.producers))
+        await self.forward.close()
         for conn in list(self.conns):
             conn.close()
         loop.remove_reader(lib.ls_engine_notify_fd(self.engine))
@@ -453,12 +459,14 @@ class Daemon:
         if len(self.streams) >= self.cfg.max_streams:
             raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_streams} stream slots are in use")
         path = os.path.join(self.dir, protocol.validate_stream_name(name) + ".log")
+        path = self.forward.output_path(name, path)
         fd, size, inode = self._open_output(path)
         sid = len(self.streams)
         check(lib.ls_engine_set_stream(self.engine, sid, fd, size), "registering the stream")
         s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode)
         self.streams[name] = s
         self.streams_by_id[sid] = s
+        self.forward.stream_opened(name, sid, fd, size)
         log.info("stream_opened", stream=name, file=path, offset=size)
         return s
 
@@ -477,6 +485,7 @@ class Daemon:
                 log.error("reopen_failed", stream=s.name, file=s.path, error=str(exc))
                 continue
             check(lib.ls_engine_set_stream(self.engine, s.id, fd, size), "switching the stream's file")
+            self.forward.stream_reopened(s.id, fd, size)
             os.close(s.fd)
             s.fd, s.inode = fd, inode
             log.info("stream_reopened", stream=s.name, file=s.path)
@@ -513,6 +522,7 @@ class Daemon:
             if p.conn:
                 p.conn.send(protocol.release(p.released, p.failed))
             p.failed = []
+        self.forward.poll()
 
     def _producer_ended(self, p: Producer, ev: Any) -> None:
         kind = ev.kind
@@ -581,6 +591,7 @@ class Daemon:
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 3), "dir": self.dir,
             "socket": self.socket_path, "totals": self.counters_total(), "errors": dict(self.errors),
             "streams": streams, "producers": producers,
+            "forwards": self.forward.status(),
         }
 
 

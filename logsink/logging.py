@@ -86,6 +86,20 @@ class LogsinkHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            fmt = self.formatter
+            if type(fmt) is JsonFormatter and not fmt.extra_fields and not record.stack_info:
+                # The default format, rendered in C straight into the arena (same bytes as format()).
+                if record.exc_info and not record.exc_text:
+                    record.exc_text = fmt.formatException(record.exc_info)
+                exc = record.exc_text
+                if self.client.write_log_json(
+                    fmt._timestamp(record.created).encode(),
+                    record.levelname.lower().encode(),
+                    record.name.encode("utf-8", "backslashreplace"),
+                    record.getMessage().encode("utf-8", "backslashreplace"),
+                    exc.encode("utf-8", "backslashreplace") if exc else None,
+                ):
+                    return
             data = self.format(record).encode("utf-8", "backslashreplace")
             if b"\n" in data:  # a multi-line message stays one record (a custom formatter's output)
                 data = data.replace(b"\n", b"\\n")

@@ -343,7 +343,7 @@ class TestLogsinkHandler:
         logger.info("delivered")
         handler.flush()
         assert d.terminate() == 0, d.stderr()
-        wait_for(lambda: handler.client._stopping or handler.client._broken, 10, "the client to see the daemon go")
+        wait_for(lambda: not handler.client.connected, 10, "the client to see the daemon go")
         logger.info("undeliverable")  # must not raise
         handler.flush()
         handler.close()

@@ -1,0 +1,83 @@
+/* logsink.h - liblogsink: write log records to a logsink daemon from C.
+ *
+ *     struct logsink *ls;
+ *     int r = logsink_open("app", NULL, NULL, &ls);   // stream "app", default socket and options
+ *     if (r < 0) { fprintf(stderr, "%s\n", logsink_last_error(NULL)); return 1; }
+ *     logsink_write(ls, "hello\n", 6);                // whole records only: ends in '\n'
+ *     r = logsink_close(ls);                           // flushes: the record is in app.log
+ *
+ * Every int function returns >= 0 on success or a negative errno; errno itself carries no meaning.
+ * logsink_last_error() says in words what went wrong. A handle may be shared by threads; it
+ * belongs to the process that opened it (in a forked child every call returns -ECHILD: open a
+ * new handle there). liblogsink never lets SIGPIPE kill the process.
+ *
+ * Errors: -EINVAL (bad argument), -EMSGSIZE (a record longer than a segment), -ETIMEDOUT,
+ * -ECONNRESET (the daemon ended this producer or went away), -ESHUTDOWN (the daemon is stopping),
+ * -EIO (flush: the daemon could not write some batches, e.g. disk full), -ECHILD (forked child),
+ * -ENOENT/-ECONNREFUSED (open: no daemon listening; or it refused the stream).
+ */
+#ifndef LOGSINK_H
+#define LOGSINK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LOGSINK_VERSION "0.1.0"
+
+#define LOGSINK_TRANSPORT_VMSPLICE 1 /* zero-copy: pages are lent to the daemon until it releases them */
+#define LOGSINK_TRANSPORT_COPY 2     /* write(): segments are free again right away */
+#define LOGSINK_ON_FULL_BLOCK 0      /* every segment in flight: wait (up to timeout_ms) */
+#define LOGSINK_ON_FULL_DROP 1       /* every segment in flight: drop the records and count them */
+
+struct logsink;
+
+/* Fill with logsink_opts_init(), then change what you need. */
+struct logsink_opts {
+    int transport;         /* LOGSINK_TRANSPORT_*; default VMSPLICE */
+    uint32_t segment_size; /* bytes per batch buffer, multiple of 4096; default 1 MiB */
+    uint32_t segments;     /* buffers in the ring; default 4 */
+    int on_full;           /* LOGSINK_ON_FULL_*; default BLOCK */
+    int timeout_ms;        /* longest wait for the daemon; -1 (default) = forever */
+    int flush_interval_ms; /* records wait at most this long in a half-full buffer; default 200; 0 = never */
+};
+
+struct logsink_stats {
+    uint64_t batches, records, bytes, dropped_records, failed_batches;
+    uint64_t released_through, handed_over_through, pinned_segments;
+    uint64_t segment_size, segments, pipe_size, waits_for_release;
+};
+
+/* Defaults into *opts. Returns 0. */
+int logsink_opts_init(struct logsink_opts *opts);
+
+/* Connect to the daemon for `stream` ([A-Za-z0-9._-], 1..64, no leading '.', no ".."). socket_path
+ * NULL: $LOGSINK_SOCKET, else $XDG_RUNTIME_DIR/logsink.sock, else /tmp/logsink-<uid>.sock. opts
+ * NULL: defaults. Returns 0 and *out, or -errno (logsink_last_error(NULL) says why). */
+int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out);
+
+/* Append one or more whole records (len > 0, data ends in '\n'). Returns 0 once they are buffered
+ * (or dropped, with on_full DROP). Larger-than-a-segment writes are split between records. */
+int logsink_write(struct logsink *ls, const void *data, size_t len);
+
+/* Return once everything written before is in the stream's file (timeout_ms < 0: no limit). */
+int logsink_flush(struct logsink *ls, int timeout_ms);
+
+/* Flush, disconnect and free ls (always freed). Returns 0 or the flush's error. */
+int logsink_close(struct logsink *ls);
+
+/* Counters of this handle. Returns 0 or -ECHILD. */
+int logsink_stats(struct logsink *ls, struct logsink_stats *out);
+
+/* The last error in words (ls NULL: the last failed logsink_open on this thread); "" if none.
+ * Valid until this thread's next logsink_last_error call. */
+const char *logsink_last_error(struct logsink *ls);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,656 @@
+"""Forwarding streams to downstream TCP collectors (rsyslog imtcp, syslog-ng network()) from the daemon's own files.
+
+Bytes go from the stream's file -- or, for a forward-only stream, its spool file under the state
+directory -- to the socket with sendfile in C (native/ls_forward.c); this module connects,
+reconnects with backoff, applies the spool bound, and persists cursors. Python never sees payload.
+
+The daemon drives it through :class:`ForwardManager` (a handful of calls; see each method).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from logsink import protocol
+from logsink._native import check, ffi, lib
+
+log = structlog.get_logger("logsink.forward")
+
+FRAMINGS = {"newline": lib.LS_FWD_NEWLINE, "octet-counted": lib.LS_FWD_OCTET}
+POLICIES = ("block", "drop-oldest")
+# Un-forwarded bytes a stream may hold before its policy applies: a few minutes of a busy service
+# at ~1 MB/s, small enough for any state disk.
+DEFAULT_SPOOL_MAX = 256 << 20
+# Smallest bound we accept: below a few batches the block policy would stall on every batch.
+MIN_SPOOL_MAX = 64 << 10
+# Reconnect backoff: first retry after 0.1 s, doubling to 30 s; reset by a connection that lasted.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
+CONNECT_TIMEOUT = 5.0
+# A connection that lasted this long resets the backoff.
+STABLE_CONNECTION = 1.0
+# A downstream that stops ACKing for this long is declared dead (TCP_USER_TIMEOUT), so its data
+# goes to the spool instead of sitting in a send queue forever.
+USER_TIMEOUT_MS = 30_000
+# Cursor files are rewritten at most this often (and on close).
+SAVE_INTERVAL = 0.1
+# close(): how long pending data gets to reach the downstream (and be ACKed) before we stop.
+CLOSE_TIMEOUT = 5.0
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ForwardConfigError(ValueError):
+    """A forward setting that cannot be used; the message names the setting and what to write instead."""
+
+
+# -- configuration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ForwardSpec:
+    """One downstream of one stream."""
+
+    stream: str
+    address: str
+    host: str
+    port: int
+    framing: str = "newline"
+    file: bool = False          # also keep <dir>/<stream>.log (else the stream lands in a spool)
+    spool_max: int = DEFAULT_SPOOL_MAX
+    policy: str = "block"
+
+    @property
+    def key(self) -> str:
+        """``<stream>.<host>_<port>``: names the cursor file."""
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", self.host)
+        return f"{self.stream}.{host}_{self.port}"
+
+
+def parse_size(value: Any, what: str) -> int:
+    """``268435456``, ``"256M"``, ``"64KiB"``, ``"1G"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ForwardConfigError(f"{what} must be a size like 268435456 or \"256M\", got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ForwardConfigError(f"{what} must be a size like 268435456 or \"256M\" (units K, M, G), got {value!r}")
+    if n < MIN_SPOOL_MAX:
+        raise ForwardConfigError(f"{what} is {n} bytes; use at least {MIN_SPOOL_MAX} (64K)")
+    return n
+
+
+def parse_address(address: Any, what: str) -> tuple[str, int]:
+    from logsink.daemon import parse_tcp_address
+
+    if not isinstance(address, str):
+        raise ForwardConfigError(f"{what} must be a string like \"tcp://collector:514\", got {address!r}")
+    try:
+        return parse_tcp_address(address)
+    except ValueError as exc:
+        raise ForwardConfigError(f"{what}: {exc}") from None
+
+
+def _spec(stream: str, opts: dict[str, Any], where: str, default_framing: str) -> ForwardSpec:
+    known = {"address", "framing", "file", "spool_max", "policy"}
+    for key in opts:
+        if key not in known:
+            raise ForwardConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    if "address" not in opts:
+        raise ForwardConfigError(f"{where}: address is missing (e.g. address = \"tcp://collector:514\")")
+    try:
+        protocol.validate_stream_name(stream)
+    except protocol.ProtocolError as exc:
+        raise ForwardConfigError(f"{where}: {exc.reason}") from None
+    host, port = parse_address(opts["address"], f"{where}: address")
+    framing = opts.get("framing", default_framing)
+    if framing not in FRAMINGS:
+        raise ForwardConfigError(f"{where}: framing {framing!r} is not one of {', '.join(FRAMINGS)}")
+    policy = opts.get("policy", "block")
+    if policy not in POLICIES:
+        raise ForwardConfigError(f"{where}: policy {policy!r} is not one of {', '.join(POLICIES)}")
+    keep = opts.get("file", False)
+    if not isinstance(keep, bool):
+        raise ForwardConfigError(f"{where}: file must be true or false, got {keep!r}")
+    spool_max = parse_size(opts.get("spool_max", DEFAULT_SPOOL_MAX), f"{where}: spool_max")
+    return ForwardSpec(stream, opts["address"], host, port, framing, keep, spool_max, policy)
+
+
+def _parse_cli(item: str, default_framing: str) -> ForwardSpec:
+    """``STREAM=tcp://HOST:PORT[,file][,framing=F][,policy=P][,spool_max=N]``."""
+    where = f"--forward {item!r}"
+    stream, sep, rest = item.partition("=")
+    if not sep or not stream or not rest:
+        raise ForwardConfigError(f"{where}: expected STREAM=tcp://HOST:PORT, e.g. --forward app=tcp://127.0.0.1:514")
+    address, *extras = rest.split(",")
+    opts: dict[str, Any] = {"address": address}
+    for extra in extras:
+        key, has_value, value = extra.partition("=")
+        key = key.strip().replace("-", "_")
+        if key == "file" and not has_value:
+            opts["file"] = True
+        elif key == "file":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ForwardConfigError(f"{where}: file={value!r} must be true or false")
+            opts["file"] = value.lower() in ("true", "1", "yes")
+        elif key in ("framing", "policy", "spool_max") and has_value:
+            opts[key] = value
+        else:
+            raise ForwardConfigError(f"{where}: unknown option {extra!r} (known: file, framing=..., policy=..., spool_max=...)")
+    return _spec(stream, opts, where, default_framing)
+
+
+def forward_from_config(table: Any, cli: list[str] | None = None, framing: str | None = None) -> dict[str, list[ForwardSpec]]:
+    """The forwards of a config, by stream.
+
+    ``table`` is the TOML ``forward`` table: ``[forward.app]`` (one downstream) or ``[[forward.app]]``
+    (several) with keys address, framing, file, spool_max, policy. ``cli`` holds ``--forward``
+    values; ``framing`` (``--framing``) is the framing of entries that do not name one.
+    """
+    default_framing = framing or "newline"
+    if default_framing not in FRAMINGS:
+        raise ForwardConfigError(f"framing {default_framing!r} is not one of {', '.join(FRAMINGS)}")
+    specs: list[ForwardSpec] = []
+    if table:
+        if not isinstance(table, dict):
+            raise ForwardConfigError("forward must be a table of streams, e.g. [forward.app] with address = \"tcp://host:514\"")
+        for stream, entry in table.items():
+            entries = entry if isinstance(entry, list) else [entry]
+            for i, opts in enumerate(entries):
+                where = f"[forward.{stream}]" + (f" #{i + 1}" if isinstance(entry, list) else "")
+                if not isinstance(opts, dict):
+                    raise ForwardConfigError(f"{where} must be a table with address = \"tcp://HOST:PORT\", got {opts!r}")
+                specs.append(_spec(stream, opts, where, default_framing))
+    for item in cli or []:
+        specs.append(_parse_cli(item, default_framing))
+    out: dict[str, list[ForwardSpec]] = {}
+    for s in specs:
+        if any(o.host == s.host and o.port == s.port for o in out.get(s.stream, [])):
+            raise ForwardConfigError(f"stream {s.stream!r} is forwarded to {s.address} twice")
+        out.setdefault(s.stream, []).append(s)
+    return out
+
+
+# -- one downstream -------------------------------------------------------------------------------
+class Forwarder:
+    """One (stream, downstream): a C forwarder (native/ls_forward.c) plus its connection and cursor file.
+
+    ``on_advance(end)`` after records up to ``end`` landed; the rest runs on the event loop: a
+    connector task with backoff, writability and EOF callbacks on the socket, a cursor save timer.
+    """
+
+    def __init__(self, spec: ForwardSpec, group: "_StreamGroup", cursor: int, cursor_path: str):
+        self.spec = spec
+        self.group = group
+        self.cursor_path = cursor_path
+        self.address = f"tcp://{spec.host}:{spec.port}"
+        out = ffi.new("struct ls_forward **")
+        check(lib.ls_forward_new(group.fd, cursor, FRAMINGS[spec.framing], out), f"starting the forwarder to {self.address}")
+        self.f = ffi.gc(out[0], lib.ls_forward_free)
+        self._counters = ffi.new("struct ls_forward_counters *")
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self.state = "down"
+        self.last_error = ""
+        self.wants_pause = False
+        self.closing = False
+        self._writer = False
+        self._up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._saved: tuple[int, int] | None = None
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._pending_switch: tuple[int, int, tuple[int, int]] | None = None  # new fd, its offset, its identity
+        self._switch_timer = False
+        self._connector = self.loop.create_task(self._connect_loop(), name=f"forward {spec.key}")
+
+    # -- progress ---------------------------------------------------------------------------------
+    def counters(self) -> Any:
+        lib.ls_forward_counters(self.f, self._counters)
+        return self._counters
+
+    def on_advance(self, end: int) -> None:
+        """Records up to ``end`` are complete in the file: send them (or spool them)."""
+        if self._pending_switch is not None:
+            return  # still finishing the rotated-away file; the new one's offsets wait
+        ret = lib.ls_forward_advance(self.f, end)
+        if ret == -errno.ERANGE:  # the file shrank under us: copytruncate, or an admin's `: > file`
+            lost = self.counters().end - self.counters().cursor
+            log.error("forward_source_truncated", stream=self.spec.stream, downstream=self.address, unsent_bytes_lost=lost)
+            check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
+            ret = lib.ls_forward_advance(self.f, end)
+        check(ret, "advancing the forwarder")
+        self._apply_policy()
+        self.pump()
+
+    def pump(self) -> None:
+        if self.sock is None:
+            return
+        r = lib.ls_forward_pump(self.f)
+        if r == -errno.EAGAIN:
+            if not self._writer:
+                self.loop.add_writer(self.sock.fileno(), self.pump)
+                self._writer = True
+        elif r >= 0 or r == -errno.ENODATA:
+            if self._writer:
+                self.loop.remove_writer(self.sock.fileno())
+                self._writer = False
+            if r == -errno.ENODATA:
+                log.error("forward_source_short", stream=self.spec.stream, downstream=self.address,
+                          reason="the file ended before the offsets the engine reported; waiting for the next batch")
+        elif r != -errno.ENOTCONN:
+            self._connection_lost(f"send failed: {os.strerror(-r)}", detached=True)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.wants_pause:
+            c = self.counters()
+            if c.end - c.cursor < self.spec.spool_max // 2:
+                self.wants_pause = False
+                self.group.update_pause()
+        self._maybe_switch()
+        self._schedule_save()
+
+    def _apply_policy(self) -> None:
+        c = self.counters()
+        lag = c.end - c.cursor
+        if lag <= self.spec.spool_max:
+            return
+        if self.spec.policy == "block":
+            if not self.wants_pause:
+                self.wants_pause = True
+                log.warning("forward_spool_full", stream=self.spec.stream, downstream=self.address, lag_bytes=lag,
+                            spool_max=self.spec.spool_max, policy="block", action="pausing the stream; producers block")
+                self.group.update_pause()
+        else:
+            before = (c.dropped_bytes, c.dropped_records)
+            lib.ls_forward_drop(self.f, c.end - self.spec.spool_max)
+            c = self.counters()
+            if c.dropped_bytes != before[0]:
+                log.warning("forward_spool_dropped", stream=self.spec.stream, downstream=self.address,
+                            bytes=c.dropped_bytes - before[0], records=c.dropped_records - before[1],
+                            total_dropped_records=c.dropped_records, spool_max=self.spec.spool_max)
+
+    # -- connection -------------------------------------------------------------------------------
+    async def _connect_loop(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self.closing:
+            try:
+                sock = await self._connect()
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if reason != self.last_error:
+                    log.warning("forward_connect_failed", stream=self.spec.stream, downstream=self.address, error=reason, retry_in=delay)
+                self.last_error = reason
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            self._attach(sock)
+            since = time.monotonic()
+            await self._lost.wait()
+            self._lost.clear()
+            # A collector that accepts and drops us at once must not make us spin: the backoff
+            # starts over only after a connection that lasted.
+            if time.monotonic() - since >= STABLE_CONNECTION:
+                delay = BACKOFF_FIRST
+            if not self.closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _connect(self) -> socket.socket:
+        infos = await self.loop.getaddrinfo(self.spec.host, self.spec.port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(self.loop.sock_connect(sock, addr), CONNECT_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # MSG_MORE does the batching
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+        return sock
+
+    def _attach(self, sock: socket.socket) -> None:
+        self.sock = sock
+        check(lib.ls_forward_set_socket(self.f, sock.fileno()), "attaching the downstream socket")
+        self.state = "up"
+        self.last_error = ""
+        c = self.counters()
+        log.info("forward_up", stream=self.spec.stream, downstream=self.address, framing=self.spec.framing,
+                 cursor=c.cursor, backlog_bytes=c.end - c.cursor)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._up.set()
+        self.pump()
+
+    def _on_readable(self) -> None:
+        """Collectors send nothing: readable means EOF or an error (the peer went away)."""
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._connection_lost(f"connection error: {exc.strerror or exc}")
+            return
+        if not data:
+            self._connection_lost("the downstream closed the connection")
+
+    def _connection_lost(self, why: str, detached: bool = False) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        self.loop.remove_reader(sock.fileno())
+        if self._writer:
+            self.loop.remove_writer(sock.fileno())
+            self._writer = False
+        if not detached:
+            lib.ls_forward_set_socket(self.f, -1)  # rewinds to what the peer ACKed; needs the fd open
+        # Abortive close: the kernel must not deliver, behind our back, bytes we rewound to resend.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        self.state = "down"
+        self.last_error = why
+        self._up.clear()
+        c = self.counters()
+        log.warning("forward_down", stream=self.spec.stream, downstream=self.address, reason=why,
+                    resume_at=c.cursor, rewound_bytes=c.rewound_bytes)
+        self._lost.set()
+        self._schedule_save()
+
+    # -- rotation -------------------------------------------------------------------------------
+    def switch_file(self, old_end: int, new_fd: int, new_offset: int, identity: tuple[int, int]) -> None:
+        """The stream moved to a new file (SIGHUP after logrotate): finish the old one, then switch."""
+        lib.ls_forward_advance(self.f, old_end)
+        self._pending_switch = (os.dup(new_fd), new_offset, identity)
+        self.pump()
+        self._maybe_switch()
+
+    def _switch_retry(self) -> None:
+        self._switch_timer = False
+        self._maybe_switch()
+
+    def _maybe_switch(self) -> None:
+        if self._pending_switch is None:
+            return
+        c = self.counters()
+        if c.cursor < c.end or (self.sock is not None and c.unacked_bytes):
+            if self.sock is not None and c.cursor == c.end and not self._switch_timer:
+                self._switch_timer = True  # waiting for the peer's ACKs: rewinds must still reach the old file
+                self.loop.call_later(0.05, self._switch_retry)
+            return
+        fd, offset, identity = self._pending_switch
+        self._pending_switch = None
+        check(lib.ls_forward_reset(self.f, fd, offset), "switching the forwarder to the new file")
+        os.close(fd)
+        self.group.identity = identity
+        self._saved = None
+        self._schedule_save()
+        self.on_advance(self.group.end())
+
+    # -- cursor file ----------------------------------------------------------------------------
+    def _schedule_save(self) -> None:
+        if self._save_handle is None and not self.closing:
+            self._save_handle = self.loop.call_later(SAVE_INTERVAL, self._save_tick)
+
+    def _save_tick(self) -> None:
+        self._save_handle = None
+        c = self.counters()
+        self.save(c.acked_cursor)
+        self.group.punch()
+        if c.acked_cursor < c.cursor:  # ACKs may still come in while we are idle: look again
+            self._schedule_save()
+
+    def save(self, offset: int) -> None:
+        state = (offset, hash(self.group.identity))
+        if state == self._saved:
+            return
+        tmp = self.cursor_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"offset": offset, "dev": self.group.identity[0], "ino": self.group.identity[1],
+                       "file": self.group.path, "downstream": self.address}, fh)
+        os.replace(tmp, self.cursor_path)
+        self._saved = state
+
+    # -- status and close -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        c = self.counters()
+        out = {
+            "stream": self.spec.stream, "address": self.address, "framing": self.spec.framing, "state": self.state,
+            "file": self.group.path, "spool": self.group.spool, "policy": self.spec.policy, "spool_max": self.spec.spool_max,
+            "cursor": c.cursor, "end": c.end, "lag_bytes": c.end - c.cursor, "acked_cursor": c.acked_cursor,
+            "paused": self.wants_pause, "last_error": self.last_error,
+        }
+        for key in ("unacked_bytes", "bytes_sent", "payload_sent", "records_sent", "bytes_sendfile", "bytes_copied",
+                    "framing_bytes", "connects", "disconnects", "rewound_bytes", "dropped_bytes", "dropped_records"):
+            out[key] = getattr(c, key)
+        out["reconnects"] = max(c.connects - 1, 0)
+        if self.spec.framing == "newline":
+            out["records_sent"] = None  # newline framing never looks at records
+        return out
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Send what is pending (up to ``timeout`` seconds, until the peer ACKed it), save the cursor, disconnect.
+
+        A downstream that is down is not waited for: the file or spool keeps the rest for the next run."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock is not None:
+                self.pump()
+                c = self.counters()
+                if c.cursor == c.end and c.unacked_bytes == 0 and self._pending_switch is None:
+                    break
+            else:
+                break  # down: what is pending stays in the file/spool for the next run
+            await asyncio.sleep(0.02)
+        self.closing = True
+        self._connector.cancel()
+        try:
+            await self._connector
+        except (asyncio.CancelledError, Exception):
+            pass
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        exact = lib.ls_forward_sync_acked(self.f)
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            self.loop.remove_reader(sock.fileno())
+            if self._writer:
+                self.loop.remove_writer(sock.fileno())
+            clean = self.counters().unacked_bytes == 0
+            lib.ls_forward_set_socket(self.f, -1)
+            if not clean:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+        c = self.counters()
+        self.save(c.acked_cursor if exact < 0 else min(exact, c.cursor))
+        if self._pending_switch is not None:
+            os.close(self._pending_switch[0])
+        log.info("forward_closed", stream=self.spec.stream, downstream=self.address, cursor=c.cursor, end=c.end,
+                 unsent_bytes=c.end - c.cursor)
+
+
+# -- one stream's forwarders ----------------------------------------------------------------------
+class _StreamGroup:
+    """The forwarders of one stream, sharing its file: pausing, and punching the spool behind them all."""
+
+    def __init__(self, mgr: "ForwardManager", name: str, sid: int, fd: int, path: str, spool: bool):
+        self.mgr = mgr
+        self.name = name
+        self.sid = sid
+        self.fd = os.dup(fd)  # ours: punching needs write access, and rotation closes the daemon's
+        self.path = path
+        self.spool = spool
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino)
+        self.forwarders: list[Forwarder] = []
+        self.paused = False
+        self.punched = 0
+        self.last_end = -1
+        self._c = ffi.new("struct ls_counters *")
+
+    def end(self) -> int:
+        lib.ls_engine_stream_counters(self.mgr.engine, self.sid, self._c)
+        return self._c.offset
+
+    def update_pause(self) -> None:
+        want = any(f.wants_pause for f in self.forwarders) and not self.mgr.no_blocking
+        if want != self.paused:
+            self.paused = want
+            check(lib.ls_engine_pause_stream(self.mgr.engine, self.sid, 1 if want else 0), "pausing the stream")
+            log.info("stream_paused" if want else "stream_resumed", stream=self.name, reason="forward spool bound")
+
+    def punch(self) -> None:
+        """Spools only: give back the disk blocks every downstream has been sent (and ACKed)."""
+        if not self.spool or self.mgr.punch_unsupported:
+            return
+        upto = min(f.counters().acked_cursor for f in self.forwarders)
+        r = lib.ls_spool_punch(self.fd, self.punched, upto)
+        if r == -errno.EOPNOTSUPP:
+            self.mgr.punch_unsupported = True
+            log.warning("spool_punch_unsupported", file=self.path, reason="the file system cannot punch holes; the spool only shrinks on restart")
+        elif r >= 0:
+            self.punched = r
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ForwardManager:
+    """Everything forwarding needs from the daemon, in six calls (see docs in each)."""
+
+    def __init__(self, forwards: dict[str, list[ForwardSpec]], state_dir: str, engine: Any, file_mode: int = 0o644):
+        self.specs = forwards
+        self.state_dir = os.path.abspath(state_dir)
+        self.engine = engine
+        self.file_mode = file_mode
+        self.groups: dict[int, _StreamGroup] = {}
+        self.no_blocking = False
+        self.punch_unsupported = False
+        if forwards:
+            os.makedirs(os.path.join(self.state_dir, "spool"), exist_ok=True)
+
+    def stream_names(self) -> list[str]:
+        """Streams to open at start-up, so a spool left by the last run is replayed without waiting for a producer."""
+        return list(self.specs)
+
+    def output_path(self, name: str, default: str) -> str:
+        """The file the daemon writes stream ``name`` to: ``default`` (<dir>/<name>.log), or the spool."""
+        specs = self.specs.get(name)
+        if not specs or any(s.file for s in specs):
+            return default
+        path = os.path.join(self.state_dir, "spool", f"{name}.spool")
+        self._compact_spool(path, specs)
+        return path
+
+    def _compact_spool(self, path: str, specs: list[ForwardSpec]) -> None:
+        """Before the daemon opens it: a spool every downstream has fully received starts over at 0."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        for s in specs:
+            saved = self._read_cursor(s)
+            if saved is None or saved[0] != st.st_size or saved[1] != (st.st_dev, st.st_ino):
+                return
+        os.truncate(path, 0)
+        for s in specs:
+            self._write_cursor_file(s, 0, (st.st_dev, st.st_ino), path)
+
+    def stream_opened(self, name: str, sid: int, fd: int, size: int) -> None:
+        """The daemon registered stream ``name`` as engine stream ``sid`` writing ``fd`` from ``size``."""
+        specs = self.specs.get(name)
+        if not specs:
+            return
+        spool = not any(s.file for s in specs)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        group = _StreamGroup(self, name, sid, fd, path, spool)
+        for spec in specs:
+            cursor = self._start_cursor(spec, group, size)
+            fw = Forwarder(spec, group, cursor, self._cursor_path(spec))
+            group.forwarders.append(fw)
+            if cursor < size:
+                log.info("forward_backlog", stream=name, downstream=fw.address, bytes=size - cursor, file=path)
+            fw.on_advance(size)
+        group.last_end = size
+        self.groups[sid] = group
+
+    def _start_cursor(self, spec: ForwardSpec, group: _StreamGroup, size: int) -> int:
+        saved = self._read_cursor(spec)
+        if saved is not None and saved[1] == group.identity and saved[0] <= size:
+            return saved[0]
+        if saved is not None and saved[1] != group.identity:
+            return 0  # a new file (rotated while we were down): all of it is new
+        return 0 if group.spool else size  # first run: a spool is all backlog; an old .log is history
+
+    def _cursor_path(self, spec: ForwardSpec) -> str:
+        return os.path.join(self.state_dir, spec.key + ".cursor")
+
+    def _read_cursor(self, spec: ForwardSpec) -> tuple[int, tuple[int, int]] | None:
+        try:
+            with open(self._cursor_path(spec)) as fh:
+                d = json.load(fh)
+            return int(d["offset"]), (int(d["dev"]), int(d["ino"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("forward_cursor_unreadable", file=self._cursor_path(spec), error=str(exc), action="starting from the file's start")
+            return None
+
+    def _write_cursor_file(self, spec: ForwardSpec, offset: int, identity: tuple[int, int], path: str) -> None:
+        tmp = self._cursor_path(spec) + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"offset": offset, "dev": identity[0], "ino": identity[1], "file": path}, fh)
+        os.replace(tmp, self._cursor_path(spec))
+
+    def poll(self) -> None:
+        """After engine events were handled: tell each forwarded stream how far its file has whole batches."""
+        for g in self.groups.values():
+            end = g.end()
+            if end != g.last_end:
+                g.last_end = end
+                for fw in g.forwarders:
+                    fw.on_advance(end)
+
+    def stream_reopened(self, sid: int, fd: int, size: int) -> None:
+        """SIGHUP moved stream ``sid`` to a new ``fd`` (at ``size``); the old file is complete."""
+        g = self.groups.get(sid)
+        if g is None:
+            return
+        old_end = os.fstat(g.fd).st_size
+        st = os.fstat(fd)
+        os.close(g.fd)
+        g.fd = os.dup(fd)
+        g.path = os.readlink(f"/proc/self/fd/{fd}")
+        g.punched = 0
+        g.last_end = size
+        for fw in g.forwarders:
+            fw.switch_file(old_end, fd, size, (st.st_dev, st.st_ino))
+
+    def stop_blocking(self) -> None:
+        """Shutdown: let paused streams take their pending batches (they land in the spool, not lost)."""
+        self.no_blocking = True
+        for g in self.groups.values():
+            g.update_pause()
+
+    def status(self) -> list[dict[str, Any]]:
+        return [fw.status() for g in self.groups.values() for fw in g.forwarders]
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """After the engine drained: flush every downstream (bounded by ``timeout``), save cursors."""
+        self.poll()
+        await asyncio.gather(*(fw.close(timeout) for g in self.groups.values() for fw in g.forwarders))
+        for g in self.groups.values():
+            g.punch()
+            g.close()
+        self.groups.clear()

@@ -1,0 +1,103 @@
+/* ls_forward.h - forward a stream's file (or spool) to a downstream TCP socket, from the page cache.
+ *
+ * One forwarder per (stream, downstream). It reads only a file the daemon owns -- the stream's
+ * output or its spool, both append-only -- never a producer's pipe, so no producer page is ever
+ * referenced by a socket (see docs/architecture.md, "Release only after the file has the bytes").
+ *
+ *   [0 ............ acked_cursor ....... cursor ............ end) ....... file grows
+ *    peer has it     handed to the kernel, not yet ACKed   complete records not yet sent
+ *
+ * Framing:
+ *   LS_FWD_NEWLINE  records as they are: sendfile(sock, file, [cursor, end)).
+ *   LS_FWD_OCTET    RFC 6587 octet counting, "LEN SP RECORD" per record (the record keeps its '\n').
+ *                   Lengths need the record boundaries, so the forwarder preads the bytes into its
+ *                   own 256 KiB buffer and scans them for '\n' (counted in bytes_copied). Records of
+ *                   at least LS_FWD_SENDFILE_MIN bytes go out with sendfile after their prefix; smaller
+ *                   ones leave from the scan buffer in one sendmsg per window (one copy beats two
+ *                   syscalls per record).
+ *
+ * Connection loss: the caller owns the socket. When a send fails, or the caller detaches the
+ * socket (ls_forward_set_socket(f, -1)), the forwarder asks the kernel how much of what it handed
+ * over the peer has not ACKed (SIOCOUTQ) and rewinds the cursor to the start of the first record
+ * the peer did not ACK in full. A record is never split across connections: the next connection
+ * starts with a whole record (prefix included). The caller then closes the socket with an abortive
+ * close (SO_LINGER 0), so the kernel does not deliver, behind our back, bytes we will send again.
+ * What the peer's kernel ACKed but the peer application never read (it was SIGKILLed) is beyond
+ * what plain TCP can tell a sender; RELP exists for that.
+ *
+ * Threading: not thread-safe; the daemon drives every forwarder from its control thread.
+ * Contract: every function returns >= 0 on success or -errno; errno is never the channel.
+ */
+#ifndef LS_FORWARD_H
+#define LS_FORWARD_H
+
+#include <stdint.h>
+
+#define LS_FWD_NEWLINE 0
+#define LS_FWD_OCTET 1
+
+/* Records at least this long go out with sendfile (zero-copy from the page cache) after their
+ * prefix; smaller ones are sent from the scan buffer. Two syscalls cost about as much as copying
+ * 16 KiB at the ~10 GB/s these machines copy at (docs/design.md measurements). */
+#define LS_FWD_SENDFILE_MIN (16u << 10)
+
+struct ls_forward_counters {
+    uint64_t cursor;         /* next file byte to hand to the kernel (a record boundary between sends) */
+    uint64_t end;            /* bytes of complete records in the file (last ls_forward_advance) */
+    uint64_t acked_cursor;   /* a record boundary the peer has ACKed everything before (at most one
+                                send window behind the exact point; exact after ls_forward_sync_acked) */
+    uint64_t unacked_bytes;  /* wire bytes in the socket's send queue not yet ACKed (SIOCOUTQ) */
+    uint64_t bytes_sent;     /* wire bytes handed to the kernel, octet-counting prefixes included */
+    uint64_t payload_sent;   /* file bytes of whole records handed to the kernel */
+    uint64_t records_sent;   /* records handed to the kernel (octet-counted only; newline framing never
+                                looks at records) */
+    uint64_t bytes_sendfile; /* payload bytes moved by sendfile from the page cache (no copy) */
+    uint64_t bytes_copied;   /* payload bytes read into the forwarder's buffer (scanned for '\n') */
+    uint64_t framing_bytes;  /* octet-counting prefix bytes sent */
+    uint64_t connects;       /* sockets attached */
+    uint64_t disconnects;    /* sockets detached or failed */
+    uint64_t rewound_bytes;  /* payload handed to a connection that died before the peer ACKed it: sent again */
+    uint64_t dropped_bytes;  /* skipped by ls_forward_drop (the drop-oldest spool policy) */
+    uint64_t dropped_records;
+};
+
+struct ls_forward;
+
+/* A forwarder reading `file_fd` (the forwarder dup()s it; O_RDONLY is enough) from `cursor` (a
+ * record boundary) with `framing` (LS_FWD_*). No socket yet, end = cursor. */
+int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward **out);
+/* Attach a connected, nonblocking stream socket (the caller keeps owning it), or -1 to detach.
+ * Detaching (or replacing) a socket first rewinds to what its peer ACKed (see above), so call it
+ * BEFORE closing the old socket. */
+int ls_forward_set_socket(struct ls_forward *f, int sock_fd);
+/* Bytes up to `end` are complete records in the file. -ERANGE if `end` < the last end (the file
+ * was truncated under us: ls_forward_reset). */
+int ls_forward_advance(struct ls_forward *f, uint64_t end);
+/* Hand the socket as much of [cursor, end) as it takes now, never blocking. Returns the wire bytes
+ * handed over (>= 0) once cursor == end; -EAGAIN when the socket is full and data remains (wait
+ * for writability, call again); -ENOTCONN without a socket; -ENODATA if the file ended before
+ * `end` (truncated under us); any other -errno: the connection failed, the forwarder rewound
+ * and detached the socket (close it, reconnect). */
+int64_t ls_forward_pump(struct ls_forward *f);
+/* Drop-oldest: move the cursor to the first record boundary >= min_cursor (at most `end`),
+ * counting the records skipped. While a send window is in flight the drop is applied when it
+ * completes. Returns the bytes dropped now (>= 0). */
+int64_t ls_forward_drop(struct ls_forward *f, uint64_t min_cursor);
+/* Make acked_cursor exact: the start of the first record the peer has not ACKed in full (one
+ * SIOCOUTQ and a scan of at most one send window). For persisting the cursor on a clean stop. */
+int64_t ls_forward_sync_acked(struct ls_forward *f);
+/* Read from another file (rotation) or start over in the same one (it was truncated), at
+ * `cursor`. Forgets the in-flight window. file_fd is dup()ed; -1 keeps the current file. */
+int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor);
+int ls_forward_counters(struct ls_forward *f, struct ls_forward_counters *out);
+/* Free the forwarder and its dup of the file (not the socket). */
+void ls_forward_free(struct ls_forward *f);
+
+/* Release disk blocks of [0, upto) of a spool file whose bytes were forwarded, keeping its size
+ * and offsets (fallocate PUNCH_HOLE|KEEP_SIZE). `upto` is rounded down to a 1 MiB boundary: whole
+ * pages only (a partial page would be zeroed in place while a retransmission may still read it)
+ * and few calls. Returns the new punched-through offset (>= 0) or -errno (-EOPNOTSUPP: the file
+ * system cannot punch holes). */
+int64_t ls_spool_punch(int fd, uint64_t from, uint64_t upto);
+
+#endif

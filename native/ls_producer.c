@@ -1,0 +1,1205 @@
+/* ls_producer.c - a logsink producer in C (see ls_producer.h); a port of logsink/client.py.
+ *
+ * Locking: one mutex (p->lock) guards every field below "state"; p->cond is broadcast whenever
+ * `released`, `broken` or `stopping` change. Handovers run with the lock held (as in client.py),
+ * so batches enter the pipe in seq order.
+ */
+#define _GNU_SOURCE
+#include "ls_producer.h"
+#include "ls_frame.h"
+#include "ls_msgpack.h"
+#include "ls_render.h"
+#include "ls_transport.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+#define ERRLEN 512
+#define RECV_CHUNK 65536
+
+static __thread char tls_open_error[ERRLEN]; /* why this thread's last ls_producer_open failed */
+static __thread char tls_error_copy[ERRLEN]; /* what ls_producer_last_error(p) hands out */
+
+/* Fork detection without a getpid() syscall per write: a child handler bumps the generation and a
+ * producer opened under another generation belongs to an ancestor. */
+static unsigned long fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+    __atomic_add_fetch(&fork_generation, 1, __ATOMIC_RELAXED);
+}
+
+static void register_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+enum msg_kind { M_HELLO, M_WELCOME, M_RELEASE, M_ERROR, M_SHUTDOWN, M_STATUS };
+
+struct ls_producer {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    pthread_t thread;
+    int thread_started;
+    unsigned long fork_gen;
+    /* configuration (immutable after open) */
+    char stream[LS_MAX_STREAM_NAME + 1];
+    int transport, on_full, timeout_ms, flush_interval_ms;
+    uint32_t segment_size, segments, capacity; /* capacity: payload bytes per segment */
+    int pipe_size;
+    int64_t producer_id;   /* from WELCOME: the daemon's id for us (status shows it) */
+    char engine[32];       /* from WELCOME: the daemon's engine */
+    int sock, event_fd;
+    char *arena;
+    size_t arena_size;
+    /* state (under lock) */
+    int pipe_w;            /* -1 once closed */
+    uint64_t *seg_seq;     /* seq a segment was handed over as; 0 = free */
+    uint32_t cur;          /* the ring position: last segment taken */
+    int active;            /* cur is being filled (not yet handed over) */
+    uint32_t pos, nrec;    /* payload bytes and records in the current segment */
+    int64_t filled_at_ms;  /* when the current segment got its first record */
+    uint64_t seq;          /* last seq handed over */
+    uint64_t released;     /* daemon: every seq <= this is dealt with */
+    int broken;            /* 0, or the errno every later call returns (ECONNRESET) */
+    int stopping;          /* daemon said SHUTDOWN */
+    int closed;
+    uint64_t failed_pending; /* failed batches reported since the last flush */
+    char failed_first[ERRLEN];
+    struct ls_producer_stats st; /* counters only; the rest is filled in by ls_producer_stats */
+    char last_error[ERRLEN];
+    /* control socket input: owned by open, then by the background thread */
+    uint8_t *rx;
+    size_t rx_len, rx_cap;
+    struct ls_mp_doc doc;
+};
+
+/* -- small helpers ------------------------------------------------------------------------------ */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int forked(const struct ls_producer *p)
+{
+    return p->fork_gen != __atomic_load_n(&fork_generation, __ATOMIC_RELAXED);
+}
+
+static void set_error(struct ls_producer *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_error(struct ls_producer *p, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p ? p->last_error : tls_open_error, ERRLEN, fmt, ap);
+    va_end(ap);
+}
+
+static void signal_event(struct ls_producer *p)
+{
+    uint64_t one = 1;
+    /* Non-blocking; the counter cannot realistically reach its 2^64-2 limit. */
+    if (write(p->event_fd, &one, sizeof one) < 0) {
+    }
+}
+
+/* Wait on p->cond until deadline_ms (< 0: no deadline). Returns 0 or -ETIMEDOUT. */
+static int cond_wait_until(struct ls_producer *p, int64_t deadline_ms)
+{
+    if (deadline_ms < 0) {
+        pthread_cond_wait(&p->cond, &p->lock);
+        return 0;
+    }
+    if (now_ms() >= deadline_ms)
+        return -ETIMEDOUT;
+    struct timespec ts = {.tv_sec = deadline_ms / 1000, .tv_nsec = (deadline_ms % 1000) * 1000000};
+    int r = pthread_cond_timedwait(&p->cond, &p->lock, &ts); /* cond uses CLOCK_MONOTONIC */
+    return r == ETIMEDOUT ? -ETIMEDOUT : 0;
+}
+
+static int64_t deadline_after(int timeout_ms)
+{
+    return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+}
+
+/* Mark the producer unusable (the first reason wins) and wake everyone. Lock held. */
+static void fail_locked(struct ls_producer *p, int err, const char *why)
+{
+    if (!p->broken && !p->closed) {
+        p->broken = err;
+        snprintf(p->last_error, ERRLEN, "%s", why);
+    }
+    pthread_cond_broadcast(&p->cond);
+}
+
+/* The connection ended or broke under the background thread: say so, and wake event loops. */
+static void lost_locked(struct ls_producer *p, const char *why)
+{
+    fail_locked(p, ECONNRESET, p->stopping ? "the logsink daemon shut down" : why);
+    signal_event(p);
+}
+
+static void close_pipe_locked(struct ls_producer *p)
+{
+    if (p->pipe_w >= 0) {
+        close(p->pipe_w);
+        p->pipe_w = -1;
+    }
+}
+
+/* -- names and paths ---------------------------------------------------------------------------- */
+
+int ls_validate_stream_name(const char *s)
+{
+    if (!s)
+        return -EINVAL;
+    size_t n = strnlen(s, LS_MAX_STREAM_NAME + 1);
+    if (n == 0 || n > LS_MAX_STREAM_NAME || s[0] == '.' || strstr(s, ".."))
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+              c == '-'))
+            return -EINVAL;
+    }
+    return 0;
+}
+
+int ls_default_socket_path(char *buf, size_t size)
+{
+    const char *env = getenv("LOGSINK_SOCKET");
+    const char *runtime = getenv("XDG_RUNTIME_DIR");
+    struct stat st;
+    int n;
+    if (env && *env)
+        n = snprintf(buf, size, "%s", env);
+    else if (runtime && *runtime && stat(runtime, &st) == 0 && S_ISDIR(st.st_mode))
+        n = snprintf(buf, size, "%s%slogsink.sock", runtime, runtime[strlen(runtime) - 1] == '/' ? "" : "/");
+    else
+        n = snprintf(buf, size, "/tmp/logsink-%u.sock", (unsigned)getuid());
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : n;
+}
+
+int ls_producer_opts_init(struct ls_producer_opts *opts)
+{
+    opts->transport = LS_TRANSPORT_VMSPLICE;
+    opts->segment_size = LS_DEFAULT_SEGMENT_SIZE;
+    opts->segments = LS_DEFAULT_SEGMENTS;
+    opts->on_full = LS_ON_FULL_BLOCK;
+    opts->timeout_ms = -1;
+    opts->flush_interval_ms = LS_DEFAULT_FLUSH_INTERVAL_MS;
+    return 0;
+}
+
+/* -- control messages -------------------------------------------------------------------------- */
+
+static int is_int(const struct ls_mp_doc *d, int i)
+{
+    return i >= 0 && (d->nodes[i].type == LS_MP_INT || d->nodes[i].type == LS_MP_UINT);
+}
+
+static int is_str(const struct ls_mp_doc *d, int i)
+{
+    return i >= 0 && d->nodes[i].type == LS_MP_STR;
+}
+
+/* protocol.check_message for what a producer can receive: the map, a known "t", the required
+ * keys with their types. Returns the kind or -EPROTO with `why` filled in. */
+static int check_message(const struct ls_mp_doc *d, char *why, size_t whylen)
+{
+    static const struct {
+        const char *name;
+        int kind;
+        const char *ints[3];
+        const char *strs[3];
+    } schema[] = {
+        {"hello", M_HELLO, {"v", "pid"}, {"stream", "transport"}},
+        {"welcome", M_WELCOME, {"v", "producer"}, {"engine"}},
+        {"release", M_RELEASE, {"through"}, {NULL}},
+        {"error", M_ERROR, {NULL}, {"code", "reason"}},
+        {"shutdown", M_SHUTDOWN, {NULL}, {NULL}},
+        {"status", M_STATUS, {NULL}, {NULL}},
+    };
+    if (d->nodes[0].type != LS_MP_MAP) {
+        snprintf(why, whylen, "control message is not a map");
+        return -EPROTO;
+    }
+    int t = ls_mp_map_get(d, 0, "t");
+    for (size_t k = 0; k < sizeof schema / sizeof schema[0]; k++) {
+        if (!ls_mp_str_eq(d, (uint32_t)(t < 0 ? UINT32_MAX : (uint32_t)t), schema[k].name))
+            continue;
+        for (int j = 0; j < 3 && schema[k].ints[j]; j++)
+            if (!is_int(d, ls_mp_map_get(d, 0, schema[k].ints[j]))) {
+                snprintf(why, whylen, "%s message needs '%s' of type int", schema[k].name, schema[k].ints[j]);
+                return -EPROTO;
+            }
+        for (int j = 0; j < 3 && schema[k].strs[j]; j++)
+            if (!is_str(d, ls_mp_map_get(d, 0, schema[k].strs[j]))) {
+                snprintf(why, whylen, "%s message needs '%s' of type str", schema[k].name, schema[k].strs[j]);
+                return -EPROTO;
+            }
+        return schema[k].kind;
+    }
+    snprintf(why, whylen, "unknown control message type");
+    return -EPROTO;
+}
+
+/* A str node as a bounded C string (for messages). */
+static const char *str_of(const struct ls_mp_doc *d, int i, char *buf, size_t size)
+{
+    if (!is_str(d, i)) {
+        snprintf(buf, size, "?");
+        return buf;
+    }
+    int n = d->nodes[i].len > INT_MAX ? INT_MAX : (int)d->nodes[i].len;
+    snprintf(buf, size, "%.*s", n, d->nodes[i].v.s);
+    return buf;
+}
+
+/* Take the first complete frame off p->rx into p->doc. Returns 1 (decoded), 0 (need more bytes)
+ * or -EPROTO (garbage: the connection is unusable). */
+static int next_frame(struct ls_producer *p, char *why, size_t whylen)
+{
+    if (p->rx_len < 4)
+        return 0;
+    int64_t n = ls_mp_frame_body_len(p->rx);
+    if (n < 0) {
+        snprintf(why, whylen, "control frame length is outside 1..%u", LS_MAX_CONTROL_MESSAGE);
+        return -EPROTO;
+    }
+    if (p->rx_len < 4 + (size_t)n)
+        return 0;
+    int r = ls_mp_decode(p->rx + 4, (size_t)n, &p->doc);
+    /* The doc points into rx: callers use it before the next next_frame, which compacts. Shift
+     * lazily: remember how much to drop. */
+    if (r < 0) {
+        snprintf(why, whylen, "control frame is not valid msgpack");
+        return r == -ENOMEM ? r : -EPROTO;
+    }
+    return 1;
+}
+
+static void consume_frame(struct ls_producer *p)
+{
+    size_t n = 4 + (size_t)ls_mp_frame_body_len(p->rx);
+    memmove(p->rx, p->rx + n, p->rx_len - n);
+    p->rx_len -= n;
+}
+
+/* Receive what the socket has into rx. Returns bytes read (> 0), 0 on EOF, -errno. */
+static int recv_some(struct ls_producer *p)
+{
+    if (p->rx_cap - p->rx_len < RECV_CHUNK) {
+        /* Bounded: rx never holds more than one incomplete frame (<= 4 + LS_MAX_CONTROL_MESSAGE)
+         * plus one chunk, as complete frames are consumed right away. */
+        size_t cap = p->rx_cap ? p->rx_cap * 2 : 2 * RECV_CHUNK;
+        while (cap - p->rx_len < RECV_CHUNK)
+            cap *= 2;
+        uint8_t *rx = realloc(p->rx, cap);
+        if (!rx)
+            return -ENOMEM;
+        p->rx = rx;
+        p->rx_cap = cap;
+    }
+    ssize_t r = recv(p->sock, p->rx + p->rx_len, RECV_CHUNK, MSG_DONTWAIT);
+    if (r < 0)
+        return -errno;
+    p->rx_len += (size_t)r;
+    return (int)r;
+}
+
+/* -- segments (lock held) ---------------------------------------------------------------------- */
+
+/* ls_handover (or, with splice_in >= 0, ls_splice_batch from that pipe) without letting SIGPIPE
+ * kill the process (see ls_producer.h). */
+static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *seg, uint32_t len, uint32_t records,
+                                   uint64_t seq)
+{
+    sigset_t pipe_set, old, pending;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    int was_blocked = sigismember(&old, SIGPIPE);
+    int was_pending = 0;
+    if (!was_blocked && sigpending(&pending) == 0)
+        was_pending = sigismember(&pending, SIGPIPE); /* someone else's: leave it alone */
+    int ret = splice_in >= 0 ? ls_splice_batch(p->pipe_w, splice_in, len, records, seq, p->timeout_ms)
+                             : ls_handover(p->pipe_w, seg, len, records, seq, p->transport, p->timeout_ms);
+    if (ret == -EPIPE && !was_blocked && !was_pending) {
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)
+            ;
+    }
+    if (!was_blocked)
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return ret;
+}
+
+static int handover_nosigpipe(struct ls_producer *p, void *seg, uint32_t len, uint32_t records, uint64_t seq)
+{
+    return handover_nosigpipe_from(p, -1, seg, len, records, seq);
+}
+
+static int usable_locked(struct ls_producer *p)
+{
+    if (p->stopping) {
+        set_error(p, "the logsink daemon is shutting down; stream '%s' takes no more records", p->stream);
+        return -ESHUTDOWN;
+    }
+    if (p->broken)
+        return -p->broken; /* last_error already says why */
+    return 0;
+}
+
+static int handover_current_locked(struct ls_producer *p)
+{
+    if (!p->active || !p->pos)
+        return 0;
+    if (p->pipe_w < 0) {
+        if (p->broken)
+            return -p->broken;
+        set_error(p, "the data pipe is closed");
+        return p->stopping ? -ESHUTDOWN : -ECONNRESET;
+    }
+    uint64_t seq = p->seq + 1;
+    char *base = p->arena + (size_t)p->cur * p->segment_size;
+    int ret = handover_nosigpipe(p, base, p->pos, p->nrec, seq);
+    if (ret < 0) {
+        /* A partial batch may be in the pipe: the stream is out of sync, so end it (the daemon
+         * discards the partial batch) and make every later call fail loudly. */
+        close_pipe_locked(p);
+        char why[ERRLEN];
+        if (ret == -ETIMEDOUT)
+            snprintf(why, sizeof why, "handing a batch to the daemon failed: the pipe stayed full for %d ms",
+                     p->timeout_ms);
+        else
+            snprintf(why, sizeof why, "handing a batch to the daemon failed: %s", strerror(-ret));
+        fail_locked(p, ECONNRESET, why);
+        return ret == -ETIMEDOUT ? ret : -ECONNRESET;
+    }
+    p->seq = seq;
+    /* vmsplice: the pipe references the pages until the daemon releases seq. copy: free now. */
+    p->seg_seq[p->cur] = p->transport == LS_TRANSPORT_VMSPLICE ? seq : 0;
+    p->st.batches++;
+    p->st.records += p->nrec;
+    p->st.bytes += p->pos;
+    p->active = 0;
+    p->pos = 0;
+    p->nrec = 0;
+    return 0;
+}
+
+#define TAKEN 1
+#define DROPPED 0
+
+/* Make the next segment in ring order current, or wait once for a release. Returns TAKEN (also
+ * after a wait: the caller re-checks its condition, as another thread may have taken a segment
+ * with room meanwhile), DROPPED, -EAGAIN (nonblock) or -ETIMEDOUT. */
+static int next_segment_locked(struct ls_producer *p, int64_t deadline, int nonblock)
+{
+    uint32_t nxt = (p->cur + 1) % p->segments;
+    if (p->seg_seq[nxt] <= p->released) {
+        p->cur = nxt;
+        p->seg_seq[nxt] = 0;
+        p->active = 1;
+        p->pos = 0;
+        p->nrec = 0;
+        return TAKEN;
+    }
+    if (p->on_full == LS_ON_FULL_DROP)
+        return DROPPED;
+    if (nonblock)
+        return -EAGAIN;
+    p->st.waits_for_release++;
+    if (cond_wait_until(p, deadline) < 0) {
+        set_error(p,
+                  "all %u segments of stream '%s' are still pinned after %d ms: the daemon has not released "
+                  "them (is it overloaded or stopped?)",
+                  p->segments, p->stream, p->timeout_ms);
+        return -ETIMEDOUT;
+    }
+    return TAKEN;
+}
+
+static uint64_t count_newlines(const char *s, size_t n)
+{
+    uint64_t c = 0;
+    const char *end = s + n;
+    while ((s = memchr(s, '\n', (size_t)(end - s))) != NULL) {
+        c++;
+        s++;
+    }
+    return c;
+}
+
+/* Make room for len <= capacity bytes in the current segment: TAKEN with *dst where they go,
+ * DROPPED (on_full=drop, every segment pinned), or -errno. */
+static int reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **dst)
+{
+    int r;
+    int64_t deadline = -2; /* computed on first wait */
+    while (!p->active || p->pos + len > p->capacity) {
+        if ((r = usable_locked(p)) < 0)
+            return r;
+        if ((r = handover_current_locked(p)) < 0)
+            return r;
+        if (deadline == -2)
+            deadline = deadline_after(p->timeout_ms);
+        r = next_segment_locked(p, deadline, nonblock);
+        if (r == DROPPED || r < 0)
+            return r;
+    }
+    if (!p->pos)
+        p->filled_at_ms = now_ms();
+    *dst = p->arena + (size_t)p->cur * p->segment_size + LS_FRAME_HEADER_SIZE + p->pos;
+    return TAKEN;
+}
+
+/* Append len <= capacity bytes of whole records. Returns 0 (taken or dropped) or -errno. */
+static int write_chunk_locked(struct ls_producer *p, const char *data, size_t len, int nonblock)
+{
+    char *dst;
+    int r = reserve_locked(p, len, nonblock, &dst);
+    if (r == DROPPED) {
+        p->st.dropped_records += count_newlines(data, len);
+        return 0;
+    }
+    if (r < 0)
+        return r;
+    p->nrec += (uint32_t)ls_copy_records(dst, data, len);
+    p->pos += (uint32_t)len;
+    return 0;
+}
+
+/* Where the chunk starting at data[start] ends for a split write: one past its last '\n' within
+ * capacity bytes. Returns the end offset, or 0 if one record is longer than the capacity. */
+static size_t chunk_end(const char *data, size_t start, size_t len, size_t cap)
+{
+    if (len - start <= cap)
+        return len;
+    const char *cut = memrchr(data + start, '\n', cap);
+    return cut ? (size_t)(cut - data) + 1 : 0;
+}
+
+static int do_write(struct ls_producer *p, const void *buf, size_t len, int nonblock)
+{
+    const char *data = buf;
+    if (!p)
+        return -EINVAL;
+    if (forked(p))
+        return -ECHILD;
+    if (len == 0 || !data || data[len - 1] != '\n' || (nonblock && len > INT_MAX)) {
+        pthread_mutex_lock(&p->lock);
+        set_error(p, "write takes whole records: the data must be non-empty and end with '\\n' (a partial record "
+                     "would tear a line)");
+        pthread_mutex_unlock(&p->lock);
+        return -EINVAL;
+    }
+    if (len > p->capacity) {
+        /* Check every record fits before taking any, so -EMSGSIZE means nothing was written. */
+        for (size_t s = 0, e; s < len; s = e)
+            if ((e = chunk_end(data, s, len, p->capacity)) == 0) {
+                pthread_mutex_lock(&p->lock);
+                set_error(p, "a record longer than the segment payload (%u bytes) cannot be sent: raise segment_size",
+                          p->capacity);
+                pthread_mutex_unlock(&p->lock);
+                return -EMSGSIZE;
+            }
+    }
+    int r = 0;
+    size_t done = 0;
+    /* Each chunk takes the lock on its own, as client.py does: records stay whole and in order,
+     * but another thread's records may land between two chunks of one large write. */
+    while (done < len) {
+        size_t end = chunk_end(data, done, len, p->capacity);
+        pthread_mutex_lock(&p->lock);
+        r = usable_locked(p);
+        if (r == 0)
+            r = write_chunk_locked(p, data + done, end - done, nonblock);
+        pthread_mutex_unlock(&p->lock);
+        if (r < 0)
+            break;
+        done = end;
+    }
+    if (nonblock)
+        return r == -EAGAIN && done > 0 ? (int)done : r < 0 ? r : (int)len;
+    return r;
+}
+
+int ls_producer_write(struct ls_producer *p, const void *data, size_t len)
+{
+    return do_write(p, data, len, 0);
+}
+
+int ls_producer_write_log_json(struct ls_producer *p, const char *ts, size_t ts_len, const char *level,
+                               size_t level_len, const char *logger, size_t logger_len, const char *msg,
+                               size_t msg_len, const char *exc, size_t exc_len)
+{
+    if (!p)
+        return -EINVAL;
+    if (forked(p))
+        return -ECHILD;
+    /* Reserve the worst case (every byte escaped as \u00XX) so rendering never runs out. */
+    size_t worst = 6 * (ts_len + level_len + logger_len + msg_len + (exc ? exc_len : 0)) + 96;
+    if (worst > p->capacity)
+        return -EMSGSIZE;
+    pthread_mutex_lock(&p->lock);
+    char *dst;
+    int r = usable_locked(p);
+    if (r == 0)
+        r = reserve_locked(p, worst, 0, &dst);
+    if (r == DROPPED) {
+        p->st.dropped_records++;
+        r = 0;
+    } else if (r == TAKEN) {
+        size_t n = ls_render_log_json(dst, worst, ts, ts_len, level, level_len, logger, logger_len, msg, msg_len, exc,
+                                      exc_len);
+        p->pos += (uint32_t)n;
+        p->nrec++;
+        r = 0;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint32_t records)
+{
+    if (!p || nbytes == 0 || records == 0)
+        return -EINVAL;
+    if (forked(p))
+        return -ECHILD;
+    pthread_mutex_lock(&p->lock);
+    int r = usable_locked(p);
+    if (r == 0)
+        r = handover_current_locked(p); /* what write() took before goes first */
+    if (r == 0 && p->pipe_w < 0) {
+        set_error(p, "the data pipe is closed");
+        r = -ECONNRESET;
+    }
+    if (r == 0) {
+        uint64_t seq = p->seq + 1;
+        r = handover_nosigpipe_from(p, fd, NULL, nbytes, records, seq);
+        if (r < 0) {
+            close_pipe_locked(p);
+            char why[ERRLEN];
+            snprintf(why, sizeof why, "splicing a batch to the daemon failed: %s", strerror(-r));
+            fail_locked(p, ECONNRESET, why);
+            r = r == -ETIMEDOUT ? r : -ECONNRESET;
+        } else {
+            p->seq = seq; /* no segment: nothing to pin, the kernel copied into the pipe */
+            p->st.batches++;
+            p->st.records += records;
+            p->st.bytes += nbytes;
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+int ls_producer_try_write(struct ls_producer *p, const void *data, size_t len)
+{
+    return do_write(p, data, len, 1);
+}
+
+/* -- flush ------------------------------------------------------------------------------------- */
+
+static int flush_start_locked(struct ls_producer *p, uint64_t *target)
+{
+    if (p->broken)
+        return -p->broken;
+    int r = handover_current_locked(p);
+    if (r < 0)
+        return r;
+    *target = p->seq;
+    return 0;
+}
+
+static int flush_check_locked(struct ls_producer *p, uint64_t target)
+{
+    if (p->released < target)
+        return p->broken ? -p->broken : -EAGAIN;
+    if (p->failed_pending) {
+        set_error(p, "the logsink daemon could not write %llu batch(es) of stream '%s' (first: %s)",
+                  (unsigned long long)p->failed_pending, p->stream, p->failed_first);
+        p->failed_pending = 0;
+        return -EIO;
+    }
+    return 0;
+}
+
+int ls_producer_flush_start(struct ls_producer *p, uint64_t *target)
+{
+    if (forked(p))
+        return -ECHILD;
+    pthread_mutex_lock(&p->lock);
+    int r = flush_start_locked(p, target);
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+int ls_producer_flush_check(struct ls_producer *p, uint64_t target)
+{
+    if (forked(p))
+        return -ECHILD;
+    pthread_mutex_lock(&p->lock);
+    int r = flush_check_locked(p, target);
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+int ls_producer_flush(struct ls_producer *p, int timeout_ms)
+{
+    if (forked(p))
+        return -ECHILD;
+    int64_t deadline = deadline_after(timeout_ms);
+    uint64_t target = 0;
+    pthread_mutex_lock(&p->lock);
+    int r = flush_start_locked(p, &target);
+    while (r == 0 && (r = flush_check_locked(p, target)) == -EAGAIN) {
+        if (cond_wait_until(p, deadline) < 0) {
+            set_error(p, "flush of stream '%s' not confirmed within %d ms", p->stream, timeout_ms);
+            r = -ETIMEDOUT;
+        } else
+            r = 0;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+uint64_t ls_producer_released(struct ls_producer *p)
+{
+    if (forked(p))
+        return 0;
+    pthread_mutex_lock(&p->lock);
+    uint64_t r = p->released;
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+int ls_producer_event_fd(struct ls_producer *p)
+{
+    return forked(p) ? -ECHILD : p->event_fd;
+}
+
+/* -- background thread ------------------------------------------------------------------------- */
+
+/* Act on one control message (p->doc). Lock held. Returns 0 or -EPROTO (why filled in). */
+static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
+{
+    const struct ls_mp_doc *d = &p->doc;
+    int kind = check_message(d, why, whylen);
+    if (kind < 0)
+        return kind;
+    if (kind == M_RELEASE) {
+        const struct ls_mp_node *t = &d->nodes[ls_mp_map_get(d, 0, "through")];
+        uint64_t through = t->type == LS_MP_UINT ? t->v.u : t->v.i < 0 ? 0 : (uint64_t)t->v.i;
+        int f = ls_mp_map_get(d, 0, "failed");
+        uint32_t nfailed = 0;
+        if (f >= 0 && d->nodes[f].type != LS_MP_NIL) {
+            /* [[seq, code, reason], ...]: batches that were NOT written. */
+            if (d->nodes[f].type != LS_MP_ARRAY) {
+                snprintf(why, whylen, "release message has 'failed' that is not a list");
+                return -EPROTO;
+            }
+            nfailed = d->nodes[f].len;
+            uint32_t e = (uint32_t)f + 1;
+            for (uint32_t i = 0; i < nfailed; i++, e = d->nodes[e].next) {
+                if (d->nodes[e].type != LS_MP_ARRAY || d->nodes[e].len < 3 || !is_int(d, (int)e + 1) ||
+                    !is_str(d, (int)d->nodes[e + 1].next) || !is_str(d, (int)d->nodes[d->nodes[e + 1].next].next)) {
+                    snprintf(why, whylen, "release message has a 'failed' entry that is not [seq, code, reason]");
+                    return -EPROTO;
+                }
+                if (i == 0 && p->failed_pending == 0) {
+                    char code[64], reason[256];
+                    uint32_t c = d->nodes[e + 1].next, r = d->nodes[c].next;
+                    const struct ls_mp_node *s = &d->nodes[e + 1];
+                    snprintf(p->failed_first, ERRLEN, "seq %llu: %s: %s",
+                             s->type == LS_MP_UINT ? (unsigned long long)s->v.u : (unsigned long long)s->v.i,
+                             str_of(d, (int)c, code, sizeof code), str_of(d, (int)r, reason, sizeof reason));
+                }
+            }
+        }
+        if (through > p->released)
+            p->released = through;
+        p->failed_pending += nfailed;
+        p->st.failed_batches += nfailed;
+        pthread_cond_broadcast(&p->cond);
+        signal_event(p);
+    } else if (kind == M_SHUTDOWN) {
+        /* Hand over what we hold and end the pipe: the daemon drains it before it exits. */
+        p->stopping = 1;
+        if (p->pos && !p->broken)
+            (void)handover_current_locked(p); /* a failure marks us broken */
+        close_pipe_locked(p);
+        pthread_cond_broadcast(&p->cond);
+        signal_event(p);
+    } else if (kind == M_ERROR) {
+        char code[64], reason[400], msg[ERRLEN];
+        snprintf(msg, sizeof msg, "the logsink daemon closed this producer: %s: %s",
+                 str_of(d, ls_mp_map_get(d, 0, "code"), code, sizeof code),
+                 str_of(d, ls_mp_map_get(d, 0, "reason"), reason, sizeof reason));
+        if (!p->broken && !p->closed) {
+            p->broken = ECONNRESET;
+            snprintf(p->last_error, ERRLEN, "%s", msg);
+        }
+        pthread_cond_broadcast(&p->cond);
+        signal_event(p);
+    }
+    /* welcome, status, hello: valid messages a producer has no use for here; ignored. */
+    return 0;
+}
+
+/* Decode and act on every complete frame in rx. Lock held. Returns 0 or -EPROTO/-ENOMEM. */
+static int drain_frames_locked(struct ls_producer *p)
+{
+    char why[256];
+    int r;
+    while ((r = next_frame(p, why, sizeof why)) == 1) {
+        r = on_message_locked(p, why, sizeof why);
+        consume_frame(p);
+        if (r < 0)
+            break;
+    }
+    if (r < 0) {
+        char msg[ERRLEN];
+        snprintf(msg, sizeof msg, "the daemon sent a bad control message: %s", r == -ENOMEM ? "out of memory" : why);
+        lost_locked(p, msg);
+        return r;
+    }
+    return 0;
+}
+
+static void *background(void *arg)
+{
+    struct ls_producer *p = arg;
+    int interval = p->flush_interval_ms;
+    pthread_mutex_lock(&p->lock);
+    (void)drain_frames_locked(p); /* anything that arrived with WELCOME */
+    for (;;) {
+        if (p->closed || p->broken)
+            break;
+        int wait = -1;
+        if (interval > 0) {
+            wait = interval;
+            if (p->active && p->pos) {
+                int64_t left = p->filled_at_ms + interval - now_ms();
+                if (left <= 0) {
+                    (void)handover_current_locked(p); /* a failure marks us broken */
+                    continue;
+                }
+                wait = (int)left;
+            }
+        }
+        pthread_mutex_unlock(&p->lock);
+        struct pollfd pfd = {.fd = p->sock, .events = POLLIN};
+        int pr = poll(&pfd, 1, wait);
+        int got = 0;
+        if (pr > 0)
+            got = recv_some(p); /* only this thread touches rx after open */
+        pthread_mutex_lock(&p->lock);
+        if (p->closed)
+            break;
+        if (pr < 0 && errno != EINTR) {
+            lost_locked(p, "polling the control socket failed");
+        } else if (pr > 0) {
+            if (got == 0) {
+                lost_locked(p, "the logsink daemon closed the connection");
+            } else if (got < 0 && got != -EAGAIN && got != -EINTR) {
+                char msg[ERRLEN];
+                snprintf(msg, sizeof msg, "control socket error: %s", strerror(-got));
+                lost_locked(p, msg);
+            } else if (got > 0)
+                (void)drain_frames_locked(p);
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* -- open / close ------------------------------------------------------------------------------ */
+
+static void destroy(struct ls_producer *p, int in_child)
+{
+    if (p->sock >= 0)
+        close(p->sock);
+    if (p->pipe_w >= 0)
+        close(p->pipe_w);
+    if (p->event_fd >= 0)
+        close(p->event_fd);
+    if (p->arena)
+        ls_arena_unmap(p->arena, p->arena_size);
+    if (!in_child) {
+        /* In a child the mutex may have been copied locked by a thread that does not exist there. */
+        pthread_cond_destroy(&p->cond);
+        pthread_mutex_destroy(&p->lock);
+    }
+    free(p->seg_seq);
+    free(p->rx);
+    ls_mp_doc_free(&p->doc);
+    free(p);
+}
+
+static int send_hello(struct ls_producer *p, int rfd)
+{
+    uint8_t buf[512];
+    struct ls_mp_enc e;
+    ls_mp_frame_begin(&e, buf, sizeof buf);
+    ls_mp_put_map(&e, 7);
+    ls_mp_put_cstr(&e, "t");
+    ls_mp_put_cstr(&e, "hello");
+    ls_mp_put_cstr(&e, "v");
+    ls_mp_put_int(&e, 1);
+    ls_mp_put_cstr(&e, "stream");
+    ls_mp_put_cstr(&e, p->stream);
+    ls_mp_put_cstr(&e, "pid");
+    ls_mp_put_int(&e, getpid());
+    ls_mp_put_cstr(&e, "transport");
+    ls_mp_put_cstr(&e, p->transport == LS_TRANSPORT_VMSPLICE ? "vmsplice" : "copy");
+    ls_mp_put_cstr(&e, "segment_size");
+    ls_mp_put_uint(&e, p->segment_size);
+    ls_mp_put_cstr(&e, "pipe_size");
+    ls_mp_put_int(&e, p->pipe_size);
+    int64_t n = ls_mp_frame_finish(&e);
+    if (n < 0)
+        return (int)n;
+
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {.iov_base = buf, .iov_len = (size_t)n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &rfd, sizeof rfd);
+    size_t done = 0;
+    while (done < (size_t)n) {
+        ssize_t r = done ? send(p->sock, buf + done, (size_t)n - done, MSG_NOSIGNAL)
+                         : sendmsg(p->sock, &msg, MSG_NOSIGNAL); /* the fd rides on the first byte */
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno == EAGAIN ? -ETIMEDOUT : -errno; /* SO_SNDTIMEO expired */
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* Wait for the answer to HELLO. Returns 0 (WELCOME), -ECONNREFUSED (ERROR), -ETIMEDOUT, -EPROTO,
+ * -ECONNRESET (closed); tls_open_error says which. */
+static int await_welcome(struct ls_producer *p, const char *path)
+{
+    int64_t deadline = now_ms() + LS_CONNECT_TIMEOUT_MS;
+    char why[256];
+    for (;;) {
+        int r = next_frame(p, why, sizeof why);
+        if (r == 1) {
+            int kind = check_message(&p->doc, why, sizeof why);
+            if (kind == M_WELCOME) {
+                const struct ls_mp_node *id = &p->doc.nodes[ls_mp_map_get(&p->doc, 0, "producer")];
+                p->producer_id = id->type == LS_MP_UINT ? (int64_t)id->v.u : id->v.i;
+                str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "engine"), p->engine, sizeof p->engine);
+                consume_frame(p);
+                return 0;
+            }
+            if (kind == M_ERROR) {
+                char code[64], reason[400];
+                set_error(NULL, "logsink daemon at %s refused stream '%s': %s: %s", path, p->stream,
+                          str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "code"), code, sizeof code),
+                          str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "reason"), reason, sizeof reason));
+                return -ECONNREFUSED;
+            }
+            if (kind >= 0)
+                snprintf(why, sizeof why, "unexpected message instead of WELCOME");
+            r = -EPROTO;
+        }
+        if (r < 0) {
+            set_error(NULL, "logsink daemon at %s did not answer HELLO properly: %s", path, why);
+            return r;
+        }
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
+            set_error(NULL, "logsink daemon at %s did not answer HELLO within %d ms", path, LS_CONNECT_TIMEOUT_MS);
+            return -ETIMEDOUT;
+        }
+        struct pollfd pfd = {.fd = p->sock, .events = POLLIN};
+        int pr = poll(&pfd, 1, (int)left);
+        if (pr < 0 && errno != EINTR)
+            return -errno;
+        if (pr <= 0)
+            continue;
+        r = recv_some(p);
+        if (r == 0 || r == -ECONNRESET) {
+            set_error(NULL, "logsink daemon at %s closed the connection during HELLO", path);
+            return -ECONNRESET;
+        }
+        if (r < 0 && r != -EAGAIN && r != -EINTR) {
+            set_error(NULL, "logsink daemon at %s: receiving WELCOME failed: %s", path, strerror(-r));
+            return r;
+        }
+    }
+}
+
+static int check_opts(const struct ls_producer_opts *o)
+{
+    if (o->transport != 0 && o->transport != LS_TRANSPORT_VMSPLICE && o->transport != LS_TRANSPORT_COPY) {
+        set_error(NULL, "transport %d is not LS_TRANSPORT_VMSPLICE or LS_TRANSPORT_COPY", o->transport);
+        return -EINVAL;
+    }
+    if (o->segment_size < PAGE || o->segment_size % PAGE || o->segment_size > LS_MAX_BATCH_PAYLOAD) {
+        set_error(NULL, "segment_size %u must be a multiple of %u between %u and %u", o->segment_size, PAGE, PAGE,
+                  LS_MAX_BATCH_PAYLOAD);
+        return -EINVAL;
+    }
+    if (o->segments < 1 || (uint64_t)o->segments * o->segment_size > ((uint64_t)1 << 40)) {
+        set_error(NULL, "segments must be >= 1 (and the arena below 1 TiB), got %u", o->segments);
+        return -EINVAL;
+    }
+    if (o->on_full != LS_ON_FULL_BLOCK && o->on_full != LS_ON_FULL_DROP) {
+        set_error(NULL, "on_full %d is not LS_ON_FULL_BLOCK or LS_ON_FULL_DROP", o->on_full);
+        return -EINVAL;
+    }
+    if (o->flush_interval_ms < 0) {
+        set_error(NULL, "flush_interval_ms must be >= 0 (0 = no timed flush), got %d", o->flush_interval_ms);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int ls_producer_open(const char *stream, const char *socket_path, const struct ls_producer_opts *opts,
+                     struct ls_producer **out)
+{
+    struct ls_producer_opts o;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    int r;
+    tls_open_error[0] = '\0';
+    if (!out)
+        return -EINVAL;
+    *out = NULL;
+    if (ls_validate_stream_name(stream) < 0) {
+        set_error(NULL,
+                  "stream name '%.80s' is invalid: use 1 to %d characters of [A-Za-z0-9._-], not starting with '.' "
+                  "and without '..'",
+                  stream ? stream : "(null)", LS_MAX_STREAM_NAME);
+        return -EINVAL;
+    }
+    if (opts)
+        o = *opts;
+    else
+        ls_producer_opts_init(&o);
+    if ((r = check_opts(&o)) < 0)
+        return r;
+    if (socket_path) {
+        if (strlen(socket_path) >= sizeof path) {
+            set_error(NULL, "socket path %.200s is longer than %zu bytes (the AF_UNIX limit)", socket_path,
+                      sizeof path - 1);
+            return -ENAMETOOLONG;
+        }
+        strcpy(path, socket_path);
+    } else if (ls_default_socket_path(path, sizeof path) < 0) {
+        set_error(NULL, "the default socket path is longer than %zu bytes (the AF_UNIX limit)", sizeof path - 1);
+        return -ENAMETOOLONG;
+    }
+    pthread_once(&atfork_once, register_atfork);
+
+    struct ls_producer *p = calloc(1, sizeof *p);
+    if (!p)
+        return -ENOMEM;
+    p->sock = p->pipe_w = p->event_fd = -1;
+    p->fork_gen = __atomic_load_n(&fork_generation, __ATOMIC_RELAXED);
+    snprintf(p->stream, sizeof p->stream, "%s", stream);
+    p->transport = o.transport ? o.transport : LS_TRANSPORT_VMSPLICE;
+    p->on_full = o.on_full;
+    p->timeout_ms = o.timeout_ms < 0 ? -1 : o.timeout_ms;
+    p->flush_interval_ms = o.flush_interval_ms;
+    p->segment_size = o.segment_size;
+    p->segments = o.segments;
+    p->capacity = o.segment_size - LS_FRAME_HEADER_SIZE;
+    p->cur = o.segments - 1; /* the first segment taken is 0 */
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&p->lock, NULL);
+
+    p->seg_seq = calloc(o.segments, sizeof *p->seg_seq);
+    if (!p->seg_seq) {
+        destroy(p, 0);
+        return -ENOMEM;
+    }
+    p->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (p->sock < 0) {
+        r = -errno;
+        set_error(NULL, "socket(AF_UNIX) failed: %s", strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    /* AF_UNIX connect and sendmsg honour SO_SNDTIMEO: a daemon with a full backlog cannot hang us. */
+    struct timeval tv = {.tv_sec = LS_CONNECT_TIMEOUT_MS / 1000, .tv_usec = LS_CONNECT_TIMEOUT_MS % 1000 * 1000};
+    (void)setsockopt(p->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strcpy(addr.sun_path, path);
+    while ((r = connect(p->sock, (struct sockaddr *)&addr, sizeof addr)) < 0 && errno == EINTR)
+        ;
+    if (r < 0) {
+        r = errno == EAGAIN ? -ETIMEDOUT : -errno;
+        set_error(NULL,
+                  "cannot reach the logsink daemon at %s: %s; start it with `logsink serve` or point LOGSINK_SOCKET "
+                  "at its socket",
+                  path, strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    int rfd;
+    if ((r = ls_pipe_create(LS_DEFAULT_PIPE_SIZE, &rfd, &p->pipe_w, &p->pipe_size)) < 0) {
+        set_error(NULL, "creating the data pipe failed: %s", strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    r = send_hello(p, rfd);
+    close(rfd); /* the daemon holds the read end now */
+    if (r < 0) {
+        set_error(NULL, "logsink daemon at %s dropped the connection during HELLO: %s", path, strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    if ((r = await_welcome(p, path)) < 0) {
+        destroy(p, 0);
+        return r;
+    }
+    p->arena_size = (size_t)o.segments * o.segment_size;
+    void *arena;
+    if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
+        set_error(NULL, "mapping the segment arena (%zu bytes) failed: %s", p->arena_size, strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    p->arena = arena;
+    p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->event_fd < 0 || fcntl(p->sock, F_SETFL, fcntl(p->sock, F_GETFL) | O_NONBLOCK) < 0) {
+        r = -errno;
+        set_error(NULL, "setting up the producer failed: %s", strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    /* The background thread runs with every signal blocked: signals go to the application's
+     * threads, and a SIGPIPE from a handover it makes stays pending there, harmless. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    r = -pthread_create(&p->thread, NULL, background, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r < 0) {
+        set_error(NULL, "starting the producer thread failed: %s", strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    p->thread_started = 1;
+    *out = p;
+    return 0;
+}
+
+int ls_producer_close(struct ls_producer *p)
+{
+    return ls_producer_close_within(p, -1);
+}
+
+int ls_producer_close_within(struct ls_producer *p, int timeout_ms)
+{
+    if (!p)
+        return 0;
+    if (forked(p)) {
+        destroy(p, 1);
+        return -ECHILD;
+    }
+    pthread_mutex_lock(&p->lock);
+    /* Closing: the shorter bound wins, for the final flush and any handover it makes. */
+    if (timeout_ms >= 0 && (p->timeout_ms < 0 || timeout_ms < p->timeout_ms))
+        p->timeout_ms = timeout_ms;
+    int do_flush = !p->broken && !p->stopping;
+    pthread_mutex_unlock(&p->lock);
+    int ret = do_flush ? ls_producer_flush(p, p->timeout_ms) : 0;
+    pthread_mutex_lock(&p->lock);
+    p->closed = 1;
+    close_pipe_locked(p);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    shutdown(p->sock, SHUT_RDWR); /* wakes the background thread's poll */
+    if (p->thread_started)
+        pthread_join(p->thread, NULL);
+    destroy(p, 0);
+    return ret;
+}
+
+int ls_producer_stats(struct ls_producer *p, struct ls_producer_stats *out)
+{
+    if (forked(p))
+        return -ECHILD;
+    pthread_mutex_lock(&p->lock);
+    *out = p->st;
+    out->released_through = p->released;
+    out->handed_over_through = p->seq;
+    out->pinned_segments = 0;
+    for (uint32_t i = 0; i < p->segments; i++)
+        out->pinned_segments += p->seg_seq[i] > p->released;
+    out->segment_size = p->segment_size;
+    out->segments = p->segments;
+    out->pipe_size = (uint64_t)p->pipe_size;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+const char *ls_producer_last_error(struct ls_producer *p)
+{
+    if (!p)
+        return tls_open_error;
+    if (forked(p))
+        return "this producer belongs to the parent process: open a new one in the forked child";
+    pthread_mutex_lock(&p->lock);
+    memcpy(tls_error_copy, p->last_error, ERRLEN);
+    pthread_mutex_unlock(&p->lock);
+    return tls_error_copy;
+}
+
+int64_t ls_producer_info(struct ls_producer *p, char *engine, size_t engine_len)
+{
+    if (!p)
+        return -EINVAL;
+    if (engine && engine_len)
+        snprintf(engine, engine_len, "%s", p->engine);
+    return p->producer_id;
+}
+
+int ls_producer_usable(struct ls_producer *p)
+{
+    if (!p)
+        return -EINVAL;
+    if (forked(p))
+        return -ECHILD;
+    pthread_mutex_lock(&p->lock);
+    int r = p->stopping ? -ESHUTDOWN : p->broken ? -p->broken : 0;
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}

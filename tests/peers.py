@@ -1,0 +1,152 @@
+"""Real syslog collectors for the forwarding tests: rsyslog (imtcp) and syslog-ng (network()), each on a
+free loopback port with a private config, pid file and state under the test's directory.
+
+rsyslog and syslog-ng-core conflict as Debian packages: .ci/run installs rsyslog with apt and unpacks
+syslog-ng-core (``apt-get download`` + ``dpkg -x``) into ``/opt/peers/syslog-ng``, run with
+LD_LIBRARY_PATH and ``--module-path`` pointing into that prefix. ``LOGSINK_SYSLOG_NG_PREFIX`` and
+``LOGSINK_RSYSLOGD`` override where they are looked for. Missing peers fail the test (never skip).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SYSLOG_NG_PREFIX = Path(os.environ.get("LOGSINK_SYSLOG_NG_PREFIX", "/opt/peers/syslog-ng"))
+INSTALL_HINT = "run .ci/run (it installs rsyslog and unpacks syslog-ng-core into /opt/peers/syslog-ng)"
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before listening on {port}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+class Peer:
+    """A collector process writing each received message, one per line, to ``self.out``."""
+
+    name = "peer"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.out = root / "received.log"
+        self.log = root / "peer.stderr"
+        self.pidfile = root / "peer.pid"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def start(self) -> "Peer":
+        cmd, env = self.command()
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env={**os.environ, **env}, cwd=self.root)
+        _wait_listening(self.port, self.proc, self.log, self.name)
+        return self
+
+    def lines(self) -> list[bytes]:
+        try:
+            data = self.out.read_bytes()
+        except FileNotFoundError:
+            return []
+        return data.splitlines(keepends=True)
+
+    def wait_lines(self, n: int, timeout: float) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.lines()
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.proc = None
+
+
+class Rsyslog(Peer):
+    """rsyslogd -n with imtcp (octet-counted or newline framing, detected per frame) -> omfile, %rawmsg%."""
+
+    name = "rsyslogd"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        exe = os.environ.get("LOGSINK_RSYSLOGD") or shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+        if not os.access(exe, os.X_OK):
+            pytest.fail(f"rsyslogd not found (looked for {exe}): {INSTALL_HINT}")
+        conf = self.root / "rsyslog.conf"
+        conf.write_text(
+            f'global(workDirectory="{self.root}" maxMessageSize="64k")\n'
+            'module(load="imtcp")\n'
+            'template(name="raw" type="string" string="%rawmsg%\\n")\n'
+            f'ruleset(name="fwd") {{ action(type="omfile" file="{self.out}" template="raw") }}\n'
+            f'input(type="imtcp" port="{self.port}" address="127.0.0.1" ruleset="fwd")\n'
+        )
+        return [exe, "-n", "-f", str(conf), "-i", str(self.pidfile)], {}
+
+
+class SyslogNg(Peer):
+    """syslog-ng -F from the private prefix: network() with flags(no-parse) -> file(), ``${MESSAGE}\\n``.
+
+    ``framing="newline"`` uses transport("tcp"); ``"octet-counted"`` uses transport("framed") (RFC 6587).
+    """
+
+    name = "syslog-ng"
+
+    def __init__(self, root: Path, framing: str):
+        super().__init__(root)
+        self.framing = framing
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        exe = SYSLOG_NG_PREFIX / "usr/sbin/syslog-ng"
+        libdir = SYSLOG_NG_PREFIX / "usr/lib/syslog-ng"
+        modules = next(iter(sorted(libdir.glob("3.*"))), None) if libdir.is_dir() else None
+        if not exe.exists() or modules is None:
+            pytest.fail(f"syslog-ng not found under {SYSLOG_NG_PREFIX}: {INSTALL_HINT}")
+        version = modules.name
+        transport = "framed" if self.framing == "octet-counted" else "tcp"
+        conf = self.root / "syslog-ng.conf"
+        conf.write_text(
+            f"@version: {version}\n"
+            "options { log-msg-size(65536); stats-freq(0); };\n"
+            f'source s_fwd {{ network(ip("127.0.0.1") port({self.port}) transport("{transport}") flags(no-parse)); }};\n'
+            f'destination d_out {{ file("{self.out}" template("${{MESSAGE}}\\n")); }};\n'
+            "log { source(s_fwd); destination(d_out); };\n"
+        )
+        cmd = [
+            str(exe), "-F", "-e", "--no-caps", "-f", str(conf), f"--module-path={modules}",
+            "-p", str(self.pidfile), "-R", str(self.root / "syslog-ng.persist"), "-c", str(self.root / "syslog-ng.ctl"),
+        ]
+        env = {"LD_LIBRARY_PATH": ":".join(filter(None, [str(libdir), os.environ.get("LD_LIBRARY_PATH", "")]))}
+        return cmd, env
