@@ -24,7 +24,7 @@ DEFAULT_SEGMENTS = 4
 DEFAULT_FLUSH_INTERVAL = 0.2
 PAGE = 4096
 
-_TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY}
+_TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY, "zerocopy": lib.LS_TRANSPORT_ZEROCOPY}
 
 # Every open Client: flushed and closed at interpreter exit, reconnected lazily in a forked child.
 _live: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -59,6 +59,7 @@ class Client:
         stream: str,
         *,
         socket: str | None = None,
+        address: str | None = None,
         transport: str = "auto",
         segment_size: int | None = None,
         segments: int | None = None,
@@ -70,10 +71,14 @@ class Client:
             protocol.validate_stream_name(stream)
         except protocol.ProtocolError as exc:
             raise ValueError(exc.reason) from None
+        if address is not None and not address.startswith("tcp://"):
+            raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
         if transport == "auto":
-            transport = "vmsplice"
-        if transport not in _TRANSPORT_IDS:
-            raise ValueError(f"transport {transport!r} is not one of 'auto', 'vmsplice', 'copy'")
+            transport = "zerocopy" if address else "vmsplice"
+        allowed = ("zerocopy", "copy") if address else ("vmsplice", "copy")
+        if transport not in allowed:
+            where = "over TCP" if address else "on the local socket (zerocopy is for address='tcp://...')"
+            raise ValueError(f"transport {transport!r} is not one of 'auto', {', '.join(map(repr, allowed))} {where}")
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full {on_full!r} is not 'block' or 'drop'")
         seg = DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
@@ -89,7 +94,8 @@ class Client:
         self.on_full = on_full
         self.timeout = timeout
         self.flush_interval = flush_interval
-        self._socket = socket
+        self.address = address
+        self._socket = address or socket
         self._opts = ffi.new("struct ls_producer_opts *")
         lib.ls_producer_opts_init(self._opts)
         self._opts.transport = _TRANSPORT_IDS[transport]
@@ -227,6 +233,7 @@ class Client:
             **{name: getattr(st, name) for name in (
                 "segment_size", "segments", "pipe_size", "released_through", "handed_over_through", "pinned_segments",
                 "batches", "records", "bytes", "dropped_records", "failed_batches", "waits_for_release",
+                "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
             )},
         }
 

@@ -544,7 +544,8 @@ class Daemon:
         if conn:
             conn.send(protocol.release(p.released, p.failed))
             conn.producer = None
-            if kind != lib.LS_EV_PRODUCER_EOF and kind != lib.LS_EV_PRODUCER_REMOVED:
+            # A TCP connection is its producer's data stream: when that ends, so does the connection.
+            if conn.tcp or kind != lib.LS_EV_PRODUCER_EOF and kind != lib.LS_EV_PRODUCER_REMOVED:
                 conn.close()
                 self.conns.discard(conn)
         p.stream.producers -= 1

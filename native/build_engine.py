@@ -35,6 +35,7 @@ struct ls_engine;
 #define LS_MAX_BATCH_PAYLOAD ...
 #define LS_TRANSPORT_VMSPLICE ...
 #define LS_TRANSPORT_COPY ...
+#define LS_TRANSPORT_ZEROCOPY ...
 
 int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32_t max_batch,
                   struct ls_engine **out);
@@ -71,7 +72,9 @@ struct ls_producer_opts { int transport; uint32_t segment_size; uint32_t segment
 struct ls_producer_stats { uint64_t batches; uint64_t records; uint64_t bytes; uint64_t dropped_records;
                            uint64_t failed_batches; uint64_t released_through; uint64_t handed_over_through;
                            uint64_t pinned_segments; uint64_t segment_size; uint64_t segments;
-                           uint64_t pipe_size; uint64_t waits_for_release; };
+                           uint64_t pipe_size; uint64_t waits_for_release;
+                           uint64_t zc_sends; uint64_t zc_completed; uint64_t zc_copied; uint64_t zc_enobufs;
+                           uint64_t copied_sends; uint64_t zc_switched_to_copy; };
 struct ls_producer;
 int ls_producer_opts_init(struct ls_producer_opts *opts);
 int ls_validate_stream_name(const char *stream);
@@ -130,7 +133,7 @@ ffi.set_source(
     "logsink._core",
     f'#include "ls_engine.h"\n#include "ls_frame.h"\n#include "ls_transport.h"\n#include "ls_producer.h"\n#include "ls_forward.h"\n#include "ls_render.h"\n'
     f'const char *ls_native_version(void) {{ return "{VERSION}"; }}\n',
-    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_msgpack.c", "ls_forward.c", "ls_render.c")],
+    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_msgpack.c", "ls_forward.c", "ls_render.c", "ls_zerocopy.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
     libraries=["pthread"],

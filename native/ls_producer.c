@@ -10,6 +10,7 @@
 #include "ls_msgpack.h"
 #include "ls_render.h"
 #include "ls_transport.h"
+#include "ls_zerocopy.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -21,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -84,6 +88,17 @@ struct ls_producer {
     char failed_first[ERRLEN];
     struct ls_producer_stats st; /* counters only; the rest is filled in by ls_producer_stats */
     char last_error[ERRLEN];
+    /* TCP producers: frames go on the control connection itself; with MSG_ZEROCOPY a segment
+     * stays pinned until the error queue's notifications cover every send that referenced it. */
+    int is_tcp;
+    int zc_on;             /* still passing MSG_ZEROCOPY (off after a run of COPIED completions) */
+    uint32_t zc_next;      /* notification id the next zerocopy send gets (the kernel counts from 0) */
+    uint32_t zc_done;      /* every id < zc_done has completed */
+    uint32_t *seg_zc;      /* a segment is free once zc_done >= this (0: no zerocopy send pending) */
+    uint32_t zc_copied_run; /* consecutive ids the kernel reported COPIED */
+    uint32_t zc_switch;     /* ...after this many, stop asking (0 = never); LOGSINK_ZC_COPIED_SWITCH */
+    struct { uint32_t lo, hi; } zc_pending[64]; /* completions that arrived ahead of a gap */
+    int zc_npending;
     /* control socket input: owned by open, then by the background thread */
     uint8_t *rx;
     size_t rx_len, rx_cap;
@@ -160,9 +175,119 @@ static void lost_locked(struct ls_producer *p, const char *why)
 static void close_pipe_locked(struct ls_producer *p)
 {
     if (p->pipe_w >= 0) {
+        if (p->is_tcp)
+            shutdown(p->sock, SHUT_WR); /* pipe_w is a dup of the socket: end the data direction */
         close(p->pipe_w);
         p->pipe_w = -1;
     }
+}
+
+/* -- MSG_ZEROCOPY completions (lock held) -------------------------------------------------------- */
+
+/* After this many consecutive ids come back COPIED (always, on loopback), stop asking for
+ * zerocopy on this connection: the kernel documentation's advice, and it saves the completion
+ * round trips. */
+#define ZC_COPIED_SWITCH 32u
+/* Sends smaller than this go copied: pinning pages and reaping a notification cost more than
+ * copying ~10 KiB (kernel docs: "zerocopy is generally only effective at writes over around 10 KB"). */
+#define ZC_MIN_SEND (10u << 10)
+
+static void zc_complete_locked(struct ls_producer *p, uint32_t lo, uint32_t hi, int copied)
+{
+    uint32_t n = hi - lo + 1;
+    p->st.zc_completed += n;
+    if (copied) {
+        p->st.zc_copied += n;
+        p->zc_copied_run += n;
+        if (p->zc_on && p->zc_switch && p->zc_copied_run >= p->zc_switch) {
+            p->zc_on = 0;
+            p->st.zc_switched_to_copy = 1;
+        }
+    } else {
+        p->zc_copied_run = 0;
+    }
+    if (lo != p->zc_done) { /* ahead of a gap: keep it until the gap fills */
+        if (p->zc_npending < (int)(sizeof p->zc_pending / sizeof p->zc_pending[0])) {
+            p->zc_pending[p->zc_npending].lo = lo;
+            p->zc_pending[p->zc_npending].hi = hi;
+            p->zc_npending++;
+        }
+        return;
+    }
+    p->zc_done = hi + 1;
+    for (int again = 1; again;) { /* merge what the gap held back */
+        again = 0;
+        for (int i = 0; i < p->zc_npending; i++)
+            if (p->zc_pending[i].lo == p->zc_done) {
+                p->zc_done = p->zc_pending[i].hi + 1;
+                p->zc_pending[i] = p->zc_pending[--p->zc_npending];
+                again = 1;
+            }
+    }
+    pthread_cond_broadcast(&p->cond);
+}
+
+/* Read the error queue; returns < 0 if the socket reported a real error. */
+static int zc_reap_locked(struct ls_producer *p)
+{
+    uint32_t lo[32], hi[32];
+    int copied[32], n;
+    do {
+        n = ls_zc_reap(p->sock, lo, hi, copied, 32);
+        for (int i = 0; i < n; i++)
+            zc_complete_locked(p, lo[i], hi[i], copied[i]);
+    } while (n == 32);
+    return n < 0 ? n : 0;
+}
+
+/* Send a whole segment (header + payload) on the TCP connection. With zerocopy the segment stays
+ * pinned until the completions cover the ids its sends consumed. */
+static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, uint32_t records, uint64_t seq,
+                               uint32_t segidx)
+{
+    ls_frame_fill(seg, len, records, seq);
+    size_t total = LS_FRAME_HEADER_SIZE + (size_t)len, done = 0;
+    int zc = p->transport == LS_TRANSPORT_ZEROCOPY && p->zc_on && total >= ZC_MIN_SEND;
+    int64_t deadline = deadline_after(p->timeout_ms);
+    uint32_t ids = 0;
+    while (done < total) {
+        int enobufs = 0;
+        ssize_t r = ls_zc_send(p->sock, seg + done, total - done, zc, &enobufs);
+        if (enobufs)
+            p->st.zc_enobufs++; /* that part went copied */
+        if (r > 0) {
+            if (zc && !enobufs)
+                ids++;
+            done += (size_t)r;
+            continue;
+        }
+        if (r != -EAGAIN)
+            return r == -EPIPE ? -EPIPE : (int)r;
+        int wait = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - now_ms();
+            if (left <= 0)
+                return -ETIMEDOUT;
+            wait = (int)left;
+        }
+        struct pollfd pfd = {.fd = p->sock, .events = POLLOUT};
+        int pr = poll(&pfd, 1, wait);
+        if (pr < 0 && errno != EINTR)
+            return -errno;
+        if (pr > 0 && (pfd.revents & POLLERR) && zc_reap_locked(p) < 0)
+            return -ECONNRESET; /* a real socket error, not a notification */
+        if (pr > 0 && (pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT))
+            return -EPIPE;
+    }
+    if (zc) {
+        p->st.zc_sends++;
+        p->zc_next += ids;
+        p->seg_zc[segidx] = ids ? p->zc_next : 0;
+    } else {
+        p->st.copied_sends++;
+        p->seg_zc[segidx] = 0;
+    }
+    return 0;
 }
 
 /* -- names and paths ---------------------------------------------------------------------------- */
@@ -381,7 +506,8 @@ static int handover_current_locked(struct ls_producer *p)
     }
     uint64_t seq = p->seq + 1;
     char *base = p->arena + (size_t)p->cur * p->segment_size;
-    int ret = handover_nosigpipe(p, base, p->pos, p->nrec, seq);
+    int ret = p->is_tcp ? handover_tcp_locked(p, base, p->pos, p->nrec, seq, p->cur)
+                        : handover_nosigpipe(p, base, p->pos, p->nrec, seq);
     if (ret < 0) {
         /* A partial batch may be in the pipe: the stream is out of sync, so end it (the daemon
          * discards the partial batch) and make every later call fail loudly. */
@@ -396,7 +522,8 @@ static int handover_current_locked(struct ls_producer *p)
         return ret == -ETIMEDOUT ? ret : -ECONNRESET;
     }
     p->seq = seq;
-    /* vmsplice: the pipe references the pages until the daemon releases seq. copy: free now. */
+    /* vmsplice: the pipe references the pages until the daemon releases seq. copy: free now.
+     * zerocopy: free once its completions arrive (seg_zc), whatever the daemon says. */
     p->seg_seq[p->cur] = p->transport == LS_TRANSPORT_VMSPLICE ? seq : 0;
     p->st.batches++;
     p->st.records += p->nrec;
@@ -416,7 +543,9 @@ static int handover_current_locked(struct ls_producer *p)
 static int next_segment_locked(struct ls_producer *p, int64_t deadline, int nonblock)
 {
     uint32_t nxt = (p->cur + 1) % p->segments;
-    if (p->seg_seq[nxt] <= p->released) {
+    if (p->is_tcp && p->seg_zc[nxt] > p->zc_done)
+        (void)zc_reap_locked(p); /* completions may be waiting: look before we wait */
+    if (p->seg_seq[nxt] <= p->released && (!p->is_tcp || p->seg_zc[nxt] <= p->zc_done)) {
         p->cur = nxt;
         p->seg_seq[nxt] = 0;
         p->active = 1;
@@ -586,6 +715,8 @@ int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint
         return -EINVAL;
     if (forked(p))
         return -ECHILD;
+    if (p->is_tcp)
+        return -EOPNOTSUPP; /* splice needs the local data pipe */
     pthread_mutex_lock(&p->lock);
     int r = usable_locked(p);
     if (r == 0)
@@ -812,11 +943,20 @@ static void *background(void *arg)
         struct pollfd pfd = {.fd = p->sock, .events = POLLIN};
         int pr = poll(&pfd, 1, wait);
         int got = 0;
-        if (pr > 0)
+        if (pr > 0 && (pfd.revents & (POLLIN | POLLHUP)))
             got = recv_some(p); /* only this thread touches rx after open */
+        else if (pr > 0)
+            got = -EAGAIN; /* only the error queue: zerocopy completions */
         pthread_mutex_lock(&p->lock);
         if (p->closed)
             break;
+        if (p->is_tcp && pr > 0 && (pfd.revents & POLLERR)) {
+            if (zc_reap_locked(p) < 0) {
+                lost_locked(p, "the TCP connection to the logsink daemon failed");
+                continue;
+            }
+            signal_event(p);
+        }
         if (pr < 0 && errno != EINTR) {
             lost_locked(p, "polling the control socket failed");
         } else if (pr > 0) {
@@ -852,17 +992,26 @@ static void destroy(struct ls_producer *p, int in_child)
         pthread_mutex_destroy(&p->lock);
     }
     free(p->seg_seq);
+    free(p->seg_zc);
     free(p->rx);
     ls_mp_doc_free(&p->doc);
     free(p);
 }
 
+static const char *transport_name(int t)
+{
+    return t == LS_TRANSPORT_VMSPLICE ? "vmsplice" : t == LS_TRANSPORT_ZEROCOPY ? "zerocopy" : "copy";
+}
+
 static int send_hello(struct ls_producer *p, int rfd)
 {
-    uint8_t buf[512];
+    uint8_t buf[1024];
     struct ls_mp_enc e;
+    const char *token = p->is_tcp ? getenv("LOGSINK_TOKEN") : NULL;
+    if (token && strlen(token) > 512)
+        token = NULL;
     ls_mp_frame_begin(&e, buf, sizeof buf);
-    ls_mp_put_map(&e, 7);
+    ls_mp_put_map(&e, token ? 8 : 7);
     ls_mp_put_cstr(&e, "t");
     ls_mp_put_cstr(&e, "hello");
     ls_mp_put_cstr(&e, "v");
@@ -872,14 +1021,29 @@ static int send_hello(struct ls_producer *p, int rfd)
     ls_mp_put_cstr(&e, "pid");
     ls_mp_put_int(&e, getpid());
     ls_mp_put_cstr(&e, "transport");
-    ls_mp_put_cstr(&e, p->transport == LS_TRANSPORT_VMSPLICE ? "vmsplice" : "copy");
+    ls_mp_put_cstr(&e, transport_name(p->transport));
     ls_mp_put_cstr(&e, "segment_size");
     ls_mp_put_uint(&e, p->segment_size);
     ls_mp_put_cstr(&e, "pipe_size");
     ls_mp_put_int(&e, p->pipe_size);
+    if (token) {
+        ls_mp_put_cstr(&e, "token");
+        ls_mp_put_cstr(&e, token);
+    }
     int64_t n = ls_mp_frame_finish(&e);
     if (n < 0)
         return (int)n;
+    if (rfd < 0) { /* TCP: no fd to pass */
+        for (size_t done = 0; done < (size_t)n;) {
+            ssize_t r = send(p->sock, buf + done, (size_t)n - done, MSG_NOSIGNAL);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0)
+                return errno == EAGAIN ? -ETIMEDOUT : -errno;
+            done += (size_t)r;
+        }
+        return 0;
+    }
 
     union {
         char buf[CMSG_SPACE(sizeof(int))];
@@ -961,10 +1125,76 @@ static int await_welcome(struct ls_producer *p, const char *path)
     }
 }
 
+/* Connect to tcp://HOST:PORT, enable SO_ZEROCOPY (zerocopy transport), send HELLO (no fd). */
+static int open_tcp(struct ls_producer *p, const char *address)
+{
+    char host[256], port[16];
+    const char *rest = address + 6, *colon = strrchr(rest, ':');
+    if (!colon || colon == rest || (size_t)(colon - rest) >= sizeof host || strlen(colon + 1) >= sizeof port ||
+        !colon[1]) {
+        set_error(NULL, "address %s must look like tcp://HOST:PORT", address);
+        return -EINVAL;
+    }
+    memcpy(host, rest, (size_t)(colon - rest));
+    host[colon - rest] = '\0';
+    if (host[0] == '[' && host[strlen(host) - 1] == ']') { /* [v6]:port */
+        memmove(host, host + 1, strlen(host));
+        host[strlen(host) - 1] = '\0';
+    }
+    strcpy(port, colon + 1);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int g = getaddrinfo(host, port, &hints, &res);
+    if (g != 0) {
+        set_error(NULL, "cannot resolve %s: %s", address, gai_strerror(g));
+        return -EHOSTUNREACH;
+    }
+    int r = -ECONNREFUSED;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (s < 0) {
+            r = -errno;
+            continue;
+        }
+        struct timeval tv = {.tv_sec = LS_CONNECT_TIMEOUT_MS / 1000, .tv_usec = LS_CONNECT_TIMEOUT_MS % 1000 * 1000};
+        (void)setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        if (connect(s, ai->ai_addr, ai->ai_addrlen) == 0) {
+            p->sock = s;
+            r = 0;
+            break;
+        }
+        r = errno == EINPROGRESS || errno == EAGAIN ? -ETIMEDOUT : -errno;
+        close(s);
+    }
+    freeaddrinfo(res);
+    if (r < 0) {
+        set_error(NULL, "cannot reach the logsink daemon at %s: %s", address, strerror(-r));
+        return r;
+    }
+    int one = 1;
+    (void)setsockopt(p->sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    const char *sw = getenv("LOGSINK_ZC_COPIED_SWITCH");
+    p->zc_switch = sw && *sw ? (uint32_t)strtoul(sw, NULL, 10) : ZC_COPIED_SWITCH;
+    if (p->transport == LS_TRANSPORT_ZEROCOPY) {
+        if (ls_zc_enable(p->sock) == 0)
+            p->zc_on = 1;
+        else
+            p->st.zc_switched_to_copy = 1; /* the kernel refuses: every send goes copied */
+    }
+    p->pipe_w = dup(p->sock); /* the "data pipe" of a TCP producer: closing it ends the data direction */
+    p->pipe_size = 0;
+    if (p->pipe_w < 0 || (r = send_hello(p, -1)) < 0) {
+        r = p->pipe_w < 0 ? -errno : r;
+        set_error(NULL, "logsink daemon at %s dropped the connection during HELLO: %s", address, strerror(-r));
+        return r;
+    }
+    return 0;
+}
+
 static int check_opts(const struct ls_producer_opts *o)
 {
-    if (o->transport != 0 && o->transport != LS_TRANSPORT_VMSPLICE && o->transport != LS_TRANSPORT_COPY) {
-        set_error(NULL, "transport %d is not LS_TRANSPORT_VMSPLICE or LS_TRANSPORT_COPY", o->transport);
+    if (o->transport != 0 && o->transport != LS_TRANSPORT_VMSPLICE && o->transport != LS_TRANSPORT_COPY &&
+        o->transport != LS_TRANSPORT_ZEROCOPY) {
+        set_error(NULL, "transport %d is not LS_TRANSPORT_VMSPLICE, _ZEROCOPY or _COPY", o->transport);
         return -EINVAL;
     }
     if (o->segment_size < PAGE || o->segment_size % PAGE || o->segment_size > LS_MAX_BATCH_PAYLOAD) {
@@ -1010,7 +1240,19 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         ls_producer_opts_init(&o);
     if ((r = check_opts(&o)) < 0)
         return r;
-    if (socket_path) {
+    int tcp = socket_path && strncmp(socket_path, "tcp://", 6) == 0;
+    if (tcp) {
+        if (strlen(socket_path) >= sizeof path) {
+            set_error(NULL, "address %.200s is too long", socket_path);
+            return -ENAMETOOLONG;
+        }
+        strcpy(path, socket_path);
+        if (o.transport == LS_TRANSPORT_VMSPLICE || o.transport == 0)
+            o.transport = LS_TRANSPORT_ZEROCOPY; /* vmsplice is local-only: the TCP equivalent */
+    } else if (o.transport == LS_TRANSPORT_ZEROCOPY) {
+        set_error(NULL, "transport zerocopy is for TCP addresses (tcp://HOST:PORT); AF_UNIX refuses SO_ZEROCOPY");
+        return -EINVAL;
+    } else if (socket_path) {
         if (strlen(socket_path) >= sizeof path) {
             set_error(NULL, "socket path %.200s is longer than %zu bytes (the AF_UNIX limit)", socket_path,
                       sizeof path - 1);
@@ -1045,9 +1287,18 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     pthread_mutex_init(&p->lock, NULL);
 
     p->seg_seq = calloc(o.segments, sizeof *p->seg_seq);
-    if (!p->seg_seq) {
+    p->seg_zc = calloc(o.segments, sizeof *p->seg_zc);
+    if (!p->seg_seq || !p->seg_zc) {
         destroy(p, 0);
         return -ENOMEM;
+    }
+    if (tcp) {
+        p->is_tcp = 1;
+        if ((r = open_tcp(p, path)) < 0) {
+            destroy(p, 0);
+            return r;
+        }
+        goto connected;
     }
     p->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (p->sock < 0) {
@@ -1085,6 +1336,7 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         destroy(p, 0);
         return r;
     }
+connected:
     if ((r = await_welcome(p, path)) < 0) {
         destroy(p, 0);
         return r;

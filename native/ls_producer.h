@@ -74,6 +74,13 @@ struct ls_producer_stats {
     uint64_t segments;
     uint64_t pipe_size;           /* the data pipe's real capacity */
     uint64_t waits_for_release;   /* times a writer found every segment pinned */
+    /* TCP producers (tcp://HOST:PORT): */
+    uint64_t zc_sends;            /* segments sent with MSG_ZEROCOPY */
+    uint64_t zc_completed;        /* notification ids completed (error queue) */
+    uint64_t zc_copied;           /* ... of which the kernel reported SO_EE_CODE_ZEROCOPY_COPIED */
+    uint64_t zc_enobufs;          /* sends that hit ENOBUFS (optmem) and went copied */
+    uint64_t copied_sends;        /* segments sent copied (copy transport, small, or after the switch) */
+    uint64_t zc_switched_to_copy; /* 1 once a run of COPIED completions turned zerocopy off */
 };
 
 struct ls_producer;

@@ -11,6 +11,7 @@
 
 #define LS_TRANSPORT_VMSPLICE 1
 #define LS_TRANSPORT_COPY 2
+#define LS_TRANSPORT_ZEROCOPY 3 /* TCP producers: send(MSG_ZEROCOPY), see ls_zerocopy.h */
 
 /* Map `size` bytes of anonymous memory for segments. Sizes of 2 MiB and up are 2 MiB-aligned and
  * advised MADV_HUGEPAGE: vmsplice then references a few huge pages instead of hundreds of 4 KiB

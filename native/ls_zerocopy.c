@@ -6,7 +6,6 @@
 #include <time.h> /* linux/errqueue.h needs struct timespec */
 #include <linux/errqueue.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -23,42 +22,22 @@ int ls_zc_enable(int sock)
     return setsockopt(sock, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) < 0 ? -errno : 0;
 }
 
-int ls_zc_send_all(int sock, const void *buf, size_t len, int zerocopy, int timeout_ms, uint32_t *ids_used,
-                   int *enobufs)
+ssize_t ls_zc_send(int sock, const void *buf, size_t len, int zerocopy, int *enobufs)
 {
-    const char *p = buf;
-    size_t done = 0;
-    *ids_used = 0;
-    *enobufs = 0;
-    while (done < len) {
+    for (;;) {
         int flags = MSG_NOSIGNAL | MSG_DONTWAIT | (zerocopy ? MSG_ZEROCOPY : 0);
-        ssize_t r = send(sock, p + done, len - done, flags);
-        if (r > 0) {
-            done += (size_t)r;
-            if (zerocopy)
-                (*ids_used)++;
+        ssize_t r = send(sock, buf, len, flags);
+        if (r >= 0)
+            return r;
+        if (errno == EINTR)
             continue;
-        }
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && errno == ENOBUFS && zerocopy) {
-            zerocopy = 0; /* optmem exhausted: the rest goes copied */
+        if (errno == ENOBUFS && zerocopy) {
+            zerocopy = 0; /* optmem exhausted: this part goes copied */
             *enobufs = 1;
             continue;
         }
-        if (r < 0 && errno != EAGAIN)
-            return -errno;
-        struct pollfd pfd = {.fd = sock, .events = POLLOUT};
-        int pr = poll(&pfd, 1, timeout_ms);
-        if (pr < 0 && errno != EINTR)
-            return -errno;
-        if (pr == 0)
-            return -ETIMEDOUT;
-        /* POLLERR alone may just be a zerocopy notification: send() tells us if the socket is dead. */
-        if ((pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT))
-            return -EPIPE;
+        return -errno;
     }
-    return 0;
 }
 
 int ls_zc_reap(int sock, uint32_t *lo, uint32_t *hi, int *copied, int max)

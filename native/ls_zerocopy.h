@@ -13,16 +13,16 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* setsockopt(SO_ZEROCOPY, 1). */
 int ls_zc_enable(int sock);
 
-/* Send all of buf (looping over partial sends, waiting for POLLOUT up to timeout_ms per wait,
- * < 0 = forever). zerocopy=1 adds MSG_ZEROCOPY; ENOBUFS falls back to plain sends for the rest
- * (*enobufs is set). *ids_used: notification ids the zerocopy sends consumed (the caller numbers
- * them from its own counter, which starts at 0 per socket). Returns 0, -ETIMEDOUT, -EPIPE, -errno. */
-int ls_zc_send_all(int sock, const void *buf, size_t len, int zerocopy, int timeout_ms, uint32_t *ids_used,
-                   int *enobufs);
+/* One non-blocking send of buf[0..len). zerocopy=1 adds MSG_ZEROCOPY; if the kernel answers
+ * ENOBUFS (optmem exhausted) the same bytes go again as a plain send and *enobufs is set.
+ * Returns the bytes sent (> 0: with zerocopy, the call consumed one notification id), -EAGAIN
+ * (socket buffer full: poll for POLLOUT), or -errno. Never raises SIGPIPE. */
+ssize_t ls_zc_send(int sock, const void *buf, size_t len, int zerocopy, int *enobufs);
 
 /* Read pending zerocopy notifications from the error queue without blocking: up to `max` ranges
  * into lo[i]..hi[i] (inclusive) with copied[i] = 1 if SO_EE_CODE_ZEROCOPY_COPIED. Returns the

@@ -41,7 +41,9 @@ struct ls_producer_opts { int transport; uint32_t segment_size; uint32_t segment
 struct ls_producer_stats { uint64_t batches; uint64_t records; uint64_t bytes; uint64_t dropped_records;
                            uint64_t failed_batches; uint64_t released_through; uint64_t handed_over_through;
                            uint64_t pinned_segments; uint64_t segment_size; uint64_t segments;
-                           uint64_t pipe_size; uint64_t waits_for_release; };
+                           uint64_t pipe_size; uint64_t waits_for_release;
+                           uint64_t zc_sends; uint64_t zc_completed; uint64_t zc_copied; uint64_t zc_enobufs;
+                           uint64_t copied_sends; uint64_t zc_switched_to_copy; };
 struct ls_producer;
 int ls_producer_opts_init(struct ls_producer_opts *opts);
 int ls_validate_stream_name(const char *stream);
@@ -107,7 +109,7 @@ def native(tmp_path_factory):
 
     cc = _compiler()
     out = tmp_path_factory.mktemp("native") / "libls_test.so"
-    srcs = [str(NATIVE / n) for n in ("ls_producer.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c")]
+    srcs = [str(NATIVE / n) for n in ("ls_producer.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")]
     res = subprocess.run([cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(out), *srcs, "-lpthread"],
                          capture_output=True, text=True, timeout=MAKE_TIMEOUT)
     assert res.returncode == 0, f"compiling the native producer failed:\n{res.stderr}"

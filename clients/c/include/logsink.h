@@ -49,6 +49,8 @@ struct logsink_stats {
     uint64_t batches, records, bytes, dropped_records, failed_batches;
     uint64_t released_through, handed_over_through, pinned_segments;
     uint64_t segment_size, segments, pipe_size, waits_for_release;
+    /* TCP producers (socket_path "tcp://HOST:PORT", LOGSINK_TOKEN for the daemon's auth_token) */
+    uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy;
 };
 
 /* Defaults into *opts. Returns 0. */
