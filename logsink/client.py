@@ -227,9 +227,10 @@ class Client:
         st = ffi.new("struct ls_producer_stats *")
         if self._closed or lib.ls_producer_stats(self._p, st) < 0:
             return {"stream": self.stream, "transport": self.transport, "closed": True}
+        tid = lib.ls_producer_transport(self._p)
         return {
             "stream": self.stream,
-            "transport": self.transport,
+            "transport": next((name for name, i in _TRANSPORT_IDS.items() if i == tid), self.transport),
             **{name: getattr(st, name) for name in (
                 "segment_size", "segments", "pipe_size", "released_through", "handed_over_through", "pinned_segments",
                 "batches", "records", "bytes", "dropped_records", "failed_batches", "waits_for_release",

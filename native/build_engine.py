@@ -95,6 +95,7 @@ uint64_t ls_producer_released(struct ls_producer *p);
 int ls_producer_event_fd(struct ls_producer *p);
 int ls_producer_close(struct ls_producer *p);
 int ls_producer_usable(struct ls_producer *p);
+int ls_producer_transport(struct ls_producer *p);
 int ls_producer_close_within(struct ls_producer *p, int timeout_ms);
 int ls_producer_stats(struct ls_producer *p, struct ls_producer_stats *out);
 const char *ls_producer_last_error(struct ls_producer *p);

@@ -508,6 +508,13 @@ static int handover_current_locked(struct ls_producer *p)
     char *base = p->arena + (size_t)p->cur * p->segment_size;
     int ret = p->is_tcp ? handover_tcp_locked(p, base, p->pos, p->nrec, seq, p->cur)
                         : handover_nosigpipe(p, base, p->pos, p->nrec, seq);
+    if ((ret == -ENOSYS || ret == -EPERM) && p->transport == LS_TRANSPORT_VMSPLICE) {
+        /* vmsplice is missing (gVisor: ENOSYS) or refused (seccomp: EPERM) before it moved a
+         * byte: step down the ladder to plain writes, for good, and say so in last_error. */
+        p->transport = LS_TRANSPORT_COPY;
+        snprintf(p->last_error, sizeof p->last_error, "vmsplice unavailable (%s): using copy", strerror(-ret));
+        ret = handover_nosigpipe(p, base, p->pos, p->nrec, seq);
+    }
     if (ret < 0) {
         /* A partial batch may be in the pipe: the stream is out of sync, so end it (the daemon
          * discards the partial batch) and make every later call fail loudly. */
@@ -1454,4 +1461,14 @@ int ls_producer_usable(struct ls_producer *p)
     int r = p->stopping ? -ESHUTDOWN : p->broken ? -p->broken : 0;
     pthread_mutex_unlock(&p->lock);
     return r;
+}
+
+int ls_producer_transport(struct ls_producer *p)
+{
+    if (!p)
+        return -EINVAL;
+    pthread_mutex_lock(&p->lock);
+    int t = p->transport;
+    pthread_mutex_unlock(&p->lock);
+    return t;
 }

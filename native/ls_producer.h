@@ -178,4 +178,7 @@ int64_t ls_producer_info(struct ls_producer *p, char *engine, size_t engine_len)
  * (broken: last_error says why) or -ECHILD otherwise. */
 int ls_producer_usable(struct ls_producer *p);
 
+/* The transport in use now: LS_TRANSPORT_* (vmsplice steps down to copy where the kernel refuses it). */
+int ls_producer_transport(struct ls_producer *p);
+
 #endif

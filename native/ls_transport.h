@@ -28,7 +28,8 @@ int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size);
  * (32 + payload_len bytes) into the pipe: by vmsplice (the pipe references the segment's pages
  * until the daemon consumes them: the caller keeps the segment pinned until RELEASE) or by
  * write (copy). Loops over partial moves; waits for pipe space with poll().
- * Returns 0; -EPIPE if the daemon closed the pipe; -ETIMEDOUT if the pipe stayed full for
+ * Returns 0; -ENOSYS/-EPERM if vmsplice is unavailable (nothing was moved: retry with copy);
+ * -EPIPE if the daemon closed the pipe; -ETIMEDOUT if the pipe stayed full for
  * `timeout_ms` (< 0: wait forever) - after a partial move the pipe is out of sync and must be
  * closed (the daemon discards the partial batch). */
 int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq, int transport,
