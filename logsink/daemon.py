@@ -53,7 +53,7 @@ ERROR_CODES = (
     protocol.E_SHUTTING_DOWN,
     protocol.E_TOO_MANY,
     "pipe-error",
-    "internal",
+    protocol.E_INTERNAL,
     protocol.E_AUTH,
 )
 
@@ -406,9 +406,9 @@ class Daemon:
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            self.errors["internal"] += 1
+            self.errors[protocol.E_INTERNAL] += 1
             log.error("hello_failed", stream=msg.get("stream"), error=str(exc))
-            conn.send(protocol.error("internal", str(exc)))
+            conn.send(protocol.error(protocol.E_INTERNAL, str(exc)))
             self._drop_conn(conn, drain=False)
             return
         seg = msg.get("segment_size")

@@ -25,7 +25,7 @@ PROTOCOL_VERSION = 1
 # A control message is small (HELLO, RELEASE, a STATUS reply with a few hundred producers);
 # 1 MiB leaves room for big status replies while a garbage length prefix cannot make us buffer GBs.
 MAX_CONTROL_MESSAGE = 1 << 20
-# A batch is one arena segment. 64 MiB is far above any sane segment (the default is 256 KiB)
+# A batch is one arena segment. 64 MiB is far above any sane segment (the default is 1 MiB)
 # and far below what would let one bad header make the daemon splice gigabytes into a file.
 MAX_BATCH_PAYLOAD = 64 << 20
 # Stream names become file names: keep them portable and unable to escape the output directory.
@@ -64,6 +64,7 @@ E_WRITE_FAILED = "write-failed"    # the output file refused the batch (e.g. dis
 E_SHUTTING_DOWN = "shutting-down"  # the daemon no longer accepts producers
 E_TOO_MANY = "too-many-producers"  # the engine has no free producer slot
 E_AUTH = "auth"                    # TCP HELLO without the daemon's token
+E_INTERNAL = "internal"            # the daemon could not set the producer up (its file, its disk)
 
 
 class ProtocolError(ValueError):
@@ -152,6 +153,15 @@ def check_message(msg: Any) -> dict[str, Any]:
         val = msg.get(key)
         if not isinstance(val, typ) or isinstance(val, bool) and typ is int:
             raise ProtocolError(E_BAD_MESSAGE, f"{kind} message needs {key!r} of type {typ.__name__}, got {val!r}")
+    if kind == RELEASE:
+        if msg["through"] < 0:
+            raise ProtocolError(E_BAD_MESSAGE, f"release 'through' must be >= 0, got {msg['through']}")
+        failed = msg.get("failed", [])
+        if not isinstance(failed, list) or not all(
+            isinstance(f, list) and len(f) == 3 and isinstance(f[0], int) and isinstance(f[1], str) and isinstance(f[2], str)
+            for f in failed
+        ):
+            raise ProtocolError(E_BAD_MESSAGE, "release 'failed' must be a list of [seq, code, reason]")
     if kind == HELLO:
         if msg["v"] != PROTOCOL_VERSION:
             raise ProtocolError(E_BAD_VERSION, f"protocol version {msg['v']} is not supported (this daemon speaks {PROTOCOL_VERSION})")
