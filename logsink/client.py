@@ -167,13 +167,12 @@ class Client:
             raise self._error(ret, "write")
         return None
 
-    def write_log_json(self, timestamp: bytes, level: bytes, logger: bytes, message: bytes, exception: bytes | None = None) -> bool:
-        """Render one log record as a JSON line (the format of logsink.logging.JsonFormatter)
-        straight into the arena. False if it may not fit one segment (render it yourself and use
-        write())."""
-        p = self._handle()
+    def write_log_json(self, created: float, level: bytes, logger: bytes, message: bytes, exception: bytes | None = None) -> bool:
+        """Render one log record as a JSON line (the format of logsink.logging.JsonFormatter, the
+        timestamp from ``created``) straight into the arena. False if it may not fit one segment
+        (render it yourself and use write())."""
         ret = lib.ls_producer_write_log_json(
-            p, timestamp, len(timestamp), level, len(level), logger, len(logger), message, len(message),
+            self._handle(), created, level, len(level), logger, len(logger), message, len(message),
             exception if exception is not None else ffi.NULL, len(exception) if exception is not None else 0,
         )
         if ret == 0:
@@ -182,7 +181,7 @@ class Client:
             return False
         if ret == -errno.ECHILD:
             self._reopen_after_fork()
-            return self.write_log_json(timestamp, level, logger, message, exception)
+            return self.write_log_json(created, level, logger, message, exception)
         raise self._error(ret, "write")
 
     def splice_from(self, fd: int, nbytes: int, records: int) -> None:

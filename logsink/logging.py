@@ -12,6 +12,9 @@ from logsink.client import Client
 __all__ = ["JsonFormatter", "LogsinkHandler"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+# Level names as the JSON shows them; logger names' bytes (a service has tens, not thousands).
+_LEVELS: dict[str, bytes] = {}
+NAME_CACHE = 4096
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,15 +77,18 @@ class LogsinkHandler(logging.Handler):
         # flush()/close() run at interpreter exit (logging.shutdown): never hang it on a stopped daemon.
         self.flush_timeout = flush_timeout
         self.client = Client(stream, **client_options)
+        self._names: dict[str, bytes] = {}  # logger name -> its UTF-8 bytes
 
     def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:  # type: ignore[override]
         # Handler.handle would hold self.lock around emit(); the Client serialises appends itself.
-        rv = self.filter(record)
-        if isinstance(rv, logging.LogRecord):
-            record = rv
-        if rv:
-            self.emit(record)
-        return rv
+        if self.filters:
+            rv = self.filter(record)
+            if not rv:
+                return rv
+            if isinstance(rv, logging.LogRecord):
+                record = rv
+        self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -92,10 +98,16 @@ class LogsinkHandler(logging.Handler):
                 if record.exc_info and not record.exc_text:
                     record.exc_text = fmt.formatException(record.exc_info)
                 exc = record.exc_text
+                level = _LEVELS.get(record.levelname)
+                if level is None:
+                    level = _LEVELS[record.levelname] = record.levelname.lower().encode()
+                name = self._names.get(record.name)
+                if name is None:
+                    name = record.name.encode("utf-8", "backslashreplace")
+                    if len(self._names) < NAME_CACHE:
+                        self._names[record.name] = name
                 if self.client.write_log_json(
-                    fmt._timestamp(record.created).encode(),
-                    record.levelname.lower().encode(),
-                    record.name.encode("utf-8", "backslashreplace"),
+                    record.created, level, name,
                     record.getMessage().encode("utf-8", "backslashreplace"),
                     exc.encode("utf-8", "backslashreplace") if exc else None,
                 ):

@@ -82,9 +82,9 @@ int ls_default_socket_path(char *buf, size_t size);
 int ls_producer_open(const char *stream, const char *socket_path, const struct ls_producer_opts *opts,
                      struct ls_producer **out);
 int ls_producer_write(struct ls_producer *p, const void *data, size_t len);
-int ls_producer_write_log_json(struct ls_producer *p, const char *ts, size_t ts_len, const char *level,
-                               size_t level_len, const char *logger, size_t logger_len, const char *msg,
-                               size_t msg_len, const char *exc, size_t exc_len);
+int ls_producer_write_log_json(struct ls_producer *p, double created, const char *level, size_t level_len,
+                               const char *logger, size_t logger_len, const char *msg, size_t msg_len,
+                               const char *exc, size_t exc_len);
 int64_t ls_producer_info(struct ls_producer *p, char *engine, size_t engine_len);
 int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint32_t records);
 int ls_producer_try_write(struct ls_producer *p, const void *data, size_t len);

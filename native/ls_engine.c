@@ -645,7 +645,7 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
     case U_POLL:
         if (res == -ECANCELED)
             break; /* drive() decides: removal, or poll again */
-        if (res >= 0 && (res & (POLLHUP | POLLERR)) && pipe_avail(p->fd) <= 0) {
+        if (res >= 0 && (res & (POLLHUP | POLLERR | (p->is_sock ? POLLIN : 0))) && pipe_avail(p->fd) <= 0) {
             if (p->state == P_HEADER)
                 on_header(e, p, 0);
             else if (p->state == P_PAYLOAD)
@@ -1028,6 +1028,37 @@ int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused)
     return 0;
 }
 
+/* Take slot `id` for a producer on `fd` (stage_r/stage_w: its stage pipe, or -1) and wake the
+ * engine thread, which starts it. Returns 0, -EBUSY (slot in use) or -ENOENT (no such stream). */
+static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int fd, int stage_r, int stage_w)
+{
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    if (p->state != P_FREE || e->streams[stream_id].fd < 0) {
+        pthread_mutex_unlock(&e->mu);
+        return p->state != P_FREE ? -EBUSY : -ENOENT;
+    }
+    unsigned char *hdr = p->hdr;
+    memset(p, 0, sizeof *p);
+    p->id = id;
+    p->hdr = hdr;
+    p->stream_id = stream_id;
+    p->fd = fd;
+    p->is_sock = stage_r >= 0;
+    p->stage_r = stage_r;
+    p->stage_w = stage_w;
+    p->state = P_HEADER;
+    wake(e);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+/* Producers are read without blocking by the epoll engines (io_uring polls by itself). */
+static int set_nonblock_for_epoll(struct ls_engine *e, int fd, int fl)
+{
+    return e->kind != LS_ENGINE_IO_URING && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ? -errno : 0;
+}
+
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd)
 {
     if (id >= e->max_producers || stream_id >= e->max_streams)
@@ -1042,24 +1073,8 @@ int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id,
         return -errno;
     if ((fl & O_ACCMODE) != O_RDONLY)
         return -EBADF; /* a pipe, but not its read end */
-    if (e->kind != LS_ENGINE_IO_URING && fcntl(pipe_fd, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
-    pthread_mutex_lock(&e->mu);
-    struct producer *p = &e->prod[id];
-    if (p->state != P_FREE || e->streams[stream_id].fd < 0) {
-        pthread_mutex_unlock(&e->mu);
-        return p->state != P_FREE ? -EBUSY : -ENOENT;
-    }
-    unsigned char *hdr = p->hdr;
-    memset(p, 0, sizeof *p);
-    p->id = id;
-    p->hdr = hdr;
-    p->stream_id = stream_id;
-    p->fd = pipe_fd;
-    p->state = P_HEADER;
-    wake(e);
-    pthread_mutex_unlock(&e->mu);
-    return 0;
+    int r = set_nonblock_for_epoll(e, pipe_fd, fl);
+    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1);
 }
 
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd)
@@ -1071,38 +1086,20 @@ int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t str
         return -errno;
     if (!S_ISSOCK(st.st_mode))
         return -ENOTSOCK;
+    int fl = fcntl(sock_fd, F_GETFL);
+    int r = fl < 0 ? -errno : set_nonblock_for_epoll(e, sock_fd, fl);
+    if (r < 0)
+        return r;
     int stage[2];
     if (pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0)
         return -errno;
     (void)fcntl(stage[1], F_SETPIPE_SZ, 1 << 20); /* best effort: a bigger stage, fewer splices */
-    int fl = fcntl(sock_fd, F_GETFL);
-    if (e->kind != LS_ENGINE_IO_URING && (fl < 0 || fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
-        int err = -errno;
+    r = claim_slot(e, id, stream_id, sock_fd, stage[0], stage[1]);
+    if (r < 0) {
         close(stage[0]);
         close(stage[1]);
-        return err;
     }
-    pthread_mutex_lock(&e->mu);
-    struct producer *p = &e->prod[id];
-    if (p->state != P_FREE || e->streams[stream_id].fd < 0) {
-        pthread_mutex_unlock(&e->mu);
-        close(stage[0]);
-        close(stage[1]);
-        return p->state != P_FREE ? -EBUSY : -ENOENT;
-    }
-    unsigned char *hdr = p->hdr;
-    memset(p, 0, sizeof *p);
-    p->id = id;
-    p->hdr = hdr;
-    p->stream_id = stream_id;
-    p->fd = sock_fd;
-    p->is_sock = 1;
-    p->stage_r = stage[0];
-    p->stage_w = stage[1];
-    p->state = P_HEADER;
-    wake(e);
-    pthread_mutex_unlock(&e->mu);
-    return 0;
+    return r;
 }
 
 int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain)

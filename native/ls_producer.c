@@ -88,6 +88,8 @@ struct ls_producer {
     char failed_first[ERRLEN];
     struct ls_producer_stats st; /* counters only; the rest is filled in by ls_producer_stats */
     char last_error[ERRLEN];
+    int64_t ts_sec;        /* write_log_json: the second ts_text renders */
+    char ts_text[24];
     /* TCP producers: frames go on the control connection itself; with MSG_ZEROCOPY a segment
      * stays pinned until the error queue's notifications cover every send that referenced it. */
     int is_tcp;
@@ -685,19 +687,38 @@ int ls_producer_write(struct ls_producer *p, const void *data, size_t len)
     return do_write(p, data, len, 0);
 }
 
-int ls_producer_write_log_json(struct ls_producer *p, const char *ts, size_t ts_len, const char *level,
-                               size_t level_len, const char *logger, size_t logger_len, const char *msg,
-                               size_t msg_len, const char *exc, size_t exc_len)
+/* "YYYY-mm-ddTHH:MM:SS.mmmZ" for a Unix time, as logsink.logging.JsonFormatter writes it (same
+ * double arithmetic: int(created), int((created - sec) * 1000)). The second's text is cached. */
+static size_t format_timestamp(struct ls_producer *p, double created, char *out)
+{
+    int64_t sec = (int64_t)created;
+    if (sec != p->ts_sec || !p->ts_text[0]) {
+        time_t t = (time_t)sec;
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(p->ts_text, sizeof p->ts_text, "%Y-%m-%dT%H:%M:%S", &tm);
+        p->ts_sec = sec;
+    }
+    int ms = (int)((created - (double)sec) * 1000);
+    return (size_t)snprintf(out, 40, "%s.%03dZ", p->ts_text, ms);
+}
+
+int ls_producer_write_log_json(struct ls_producer *p, double created, const char *level, size_t level_len,
+                               const char *logger, size_t logger_len, const char *msg, size_t msg_len, const char *exc,
+                               size_t exc_len)
 {
     if (!p)
         return -EINVAL;
     if (forked(p))
         return -ECHILD;
+    char ts[40];
+    size_t ts_len;
     /* Reserve the worst case (every byte escaped as \u00XX) so rendering never runs out. */
-    size_t worst = 6 * (ts_len + level_len + logger_len + msg_len + (exc ? exc_len : 0)) + 96;
+    size_t worst = 6 * (32 + level_len + logger_len + msg_len + (exc ? exc_len : 0)) + 96;
     if (worst > p->capacity)
         return -EMSGSIZE;
     pthread_mutex_lock(&p->lock);
+    ts_len = format_timestamp(p, created, ts);
     char *dst;
     int r = usable_locked(p);
     if (r == 0)

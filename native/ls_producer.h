@@ -114,12 +114,13 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
 int ls_producer_write(struct ls_producer *p, const void *data, size_t len);
 
 /* Render one log record as a JSON line (ls_render_log_json: the format of
- * logsink.logging.JsonFormatter) straight into the arena; exc may be NULL. Returns 0 (appended, or
+ * logsink.logging.JsonFormatter, the timestamp from `created`, Unix seconds) straight into the
+ * arena; exc may be NULL. Returns 0 (appended, or
  * dropped by on_full=drop) or -errno; -EMSGSIZE if its worst-case size does not fit a segment
  * (the caller renders it itself and uses ls_producer_write). */
-int ls_producer_write_log_json(struct ls_producer *p, const char *ts, size_t ts_len, const char *level,
-                               size_t level_len, const char *logger, size_t logger_len, const char *msg,
-                               size_t msg_len, const char *exc, size_t exc_len);
+int ls_producer_write_log_json(struct ls_producer *p, double created, const char *level, size_t level_len,
+                               const char *logger, size_t logger_len, const char *msg, size_t msg_len, const char *exc,
+                               size_t exc_len);
 /* Hand over `nbytes` of whole records (`records` of them) waiting in the pipe `fd` as one batch,
  * moved by splice(2): no copy through user space (`logsink pipe`). The current segment goes first.
  * Returns 0 or -errno (-ECONNRESET: the data pipe is now out of sync and closed). */

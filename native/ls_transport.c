@@ -86,6 +86,26 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Wait until fd (a pipe's write end) has room, up to deadline (now_ms() clock; < 0 = forever).
+ * Returns 0, -ETIMEDOUT, -EPIPE (the reader is gone) or -errno. */
+static int wait_writable(int fd, int64_t deadline)
+{
+    int wait = -1;
+    if (deadline >= 0) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0)
+            return -ETIMEDOUT;
+        wait = left > INT32_MAX ? INT32_MAX : (int)left;
+    }
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    int pr = poll(&pfd, 1, wait);
+    if (pr < 0)
+        return errno == EINTR ? 0 : -errno;
+    if (pr > 0 && (pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
+        return -EPIPE;
+    return 0;
+}
+
 int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq, int transport,
                 int timeout_ms)
 {
@@ -112,19 +132,9 @@ int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, u
         if (r < 0 && errno != EAGAIN)
             return -errno;
         /* Pipe full: wait for the daemon to drain it. */
-        int wait = -1;
-        if (deadline >= 0) {
-            int64_t left = deadline - now_ms();
-            if (left <= 0)
-                return -ETIMEDOUT;
-            wait = left > INT32_MAX ? INT32_MAX : (int)left;
-        }
-        struct pollfd pfd = {.fd = pipe_w, .events = POLLOUT};
-        int pr = poll(&pfd, 1, wait);
-        if (pr < 0 && errno != EINTR)
-            return -errno;
-        if (pr > 0 && (pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
-            return -EPIPE;
+        int w = wait_writable(pipe_w, deadline);
+        if (w < 0)
+            return w;
     }
     return 0;
 }
@@ -177,23 +187,11 @@ int ls_peek_records(int in_fd, int scan_r, int scan_w, char *buf, size_t max, si
     return 0;
 }
 
-static int wait_writable(int fd, int timeout_ms)
-{
-    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-    int pr = poll(&pfd, 1, timeout_ms);
-    if (pr < 0)
-        return errno == EINTR ? 0 : -errno;
-    if (pr == 0)
-        return -ETIMEDOUT;
-    if ((pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
-        return -EPIPE;
-    return 0;
-}
-
 int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms)
 {
     unsigned char hdr[LS_FRAME_HEADER_SIZE];
     ls_frame_fill(hdr, payload_len, records, seq);
+    int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
     size_t done = 0;
     while (done < sizeof hdr) {
         ssize_t r = write(pipe_w, hdr + done, sizeof hdr - done);
@@ -205,7 +203,7 @@ int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t record
             continue;
         if (r < 0 && errno != EAGAIN)
             return -errno;
-        int w = wait_writable(pipe_w, timeout_ms);
+        int w = wait_writable(pipe_w, deadline);
         if (w < 0)
             return w;
     }
@@ -222,7 +220,7 @@ int ls_splice_batch(int pipe_w, int in_fd, uint32_t payload_len, uint32_t record
             continue;
         if (errno != EAGAIN)
             return -errno;
-        int w = wait_writable(pipe_w, timeout_ms);
+        int w = wait_writable(pipe_w, deadline);
         if (w < 0)
             return w;
     }

@@ -283,6 +283,7 @@ class TestCForwarder:
         fw.connect(sink1.port)
         fw.advance(end)
         assert fw.lib.ls_forward_pump(fw.f) == -errno.EAGAIN
+        wait_for(lambda: sink1.socks, 10, "the sink to accept the connection")  # stop_gracefully needs it
         t = threading.Thread(target=sink1.stop_gracefully)
         t.start()
         r = fw.pump_until_sent()
