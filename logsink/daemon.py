@@ -128,7 +128,8 @@ class Conn:
             self.daemon.on_conn_lost(self, "closed" if not self.decoder.buffered else "closed mid-message")
             return
         try:
-            for msg in self.decoder.feed(data):
+            # A TCP connection switches to batches after HELLO: decode nothing past it here.
+            for msg in self.decoder.feed(data, limit=1 if self.tcp else None):
                 self.daemon.on_message(self, msg)
                 if self.closed:
                     return

@@ -183,13 +183,15 @@ class ControlDecoder:
         self._max = max_message
         self._error: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes, limit: int | None = None) -> list[dict[str, Any]]:
+        """Buffer ``data``; return the complete messages (at most ``limit``: the rest stays
+        buffered undecoded, e.g. a TCP producer's batch bytes that follow its HELLO too early)."""
         if self._error is not None:
             raise self._error
         self._buf += data
-        out = []
+        out: list[dict[str, Any]] = []
         try:
-            while len(self._buf) >= 4:
+            while len(self._buf) >= 4 and (limit is None or len(out) < limit):
                 (n,) = _LEN.unpack_from(self._buf)
                 if n == 0 or n > self._max:
                     raise ProtocolError(E_BAD_MESSAGE, f"control frame length {n} is outside 1..{self._max}")

@@ -322,9 +322,6 @@ class TestBadInputOnTcp:
         data = d.log("app").read_bytes()
         assert b"\0" not in data and b"torn:" not in data
 
-    @pytest.mark.xfail(strict=True, reason="ControlDecoder.feed decodes the frame header after HELLO as a control "
-                       "frame length and raises before the daemon sees HELLO, so the reason is 'control frame length "
-                       "... is outside 1..1048576' instead of naming WELCOME (daemon.py _check_tcp_hello never runs)")
     def test_data_before_welcome_reason_names_welcome(self, bad_input_setup):
         """A batch sent before WELCOME is refused with a reason that says to wait for WELCOME."""
         d, address, good = bad_input_setup
