@@ -35,17 +35,21 @@ def tcp_daemon(daemon, engine: str, *extra: str):
     return d, f"tcp://127.0.0.1:{port}"
 
 
-def records_filling_last_segment(tag: str, at_least: int, segment_size: int, last_min: int) -> int:
-    """A record count >= at_least whose last segment holds >= last_min payload bytes, when records
-    are written one by one into segments of segment_size (the producer starts a new segment when
-    the next record does not fit), so that even the final flush's batch is above ZC_MIN_SEND."""
+def segment_groups(tag: str, at_least: int, segment_size: int, last_min: int) -> list[bytes]:
+    """Records tag:0.. packed greedily into segment payloads (what the producer does with one record per
+    write, and exactly what it does with one group per write), at least at_least records, the last
+    group holding >= last_min bytes so that even the final flush's batch is above ZC_MIN_SEND."""
     cap = segment_size - FRAME_HEADER
+    groups: list[bytes] = []
+    cur: list[bytes] = []
     pos, n = 0, 0
     for rec in make_records(tag, at_least + 2000):
         if pos + len(rec) > cap:
+            groups.append(b"".join(cur))
             if n >= at_least and pos >= last_min:
-                return n
-            pos = 0
+                return groups
+            cur, pos = [], 0
+        cur.append(rec)
         pos += len(rec)
         n += 1
     raise AssertionError("no record count fills the last segment enough; widen the search")
@@ -162,16 +166,19 @@ class TestZerocopyTransport:
         d, address = tcp_daemon(daemon, engine)
         seg = 16384
         assert seg - FRAME_HEADER > ZC_MIN_SEND + 300  # a full segment is always above the zerocopy threshold
-        n = records_filling_last_segment("z", 150_000, seg, last_min=ZC_MIN_SEND + 1024)
-        recs = make_records("z", n)
+        # One write per segment payload: the producer outruns the completions, so segments wait for them.
+        groups = segment_groups("z", 200_000, seg, last_min=ZC_MIN_SEND + 1024)
         with logsink.Client("app", address=address, transport="zerocopy", segments=4, segment_size=seg,
                             flush_interval=None, timeout=30) as c:
-            for rec in recs:
-                c.write(rec)
+            for group in groups:
+                c.write(group)
             c.flush(timeout=30)
             st = c.stats()
+        recs = b"".join(groups).splitlines(keepends=True)
         assert_file(d.log("app"), {"z": recs})
-        assert st["batches"] > 100 * st["segments"], st  # every segment was reused many times
+        assert recs == make_records("z", len(recs))
+        assert st["batches"] == len(groups) > 100 * st["segments"], st  # every segment was reused many times
+        assert st["waits_for_release"] > 0, f"the writer never waited for a completion: no reuse was at stake: {st}"
         assert st["zc_switched_to_copy"] == 0 and st["copied_sends"] == 0, st
         assert st["zc_sends"] == st["batches"], f"some segments went copied: {st}"
         assert st["zc_completed"] == st["zc_sends"], f"completions do not match zerocopy sends: {st}"
