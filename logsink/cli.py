@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 from typing import Any
@@ -150,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionError, OSError, protocol.ProtocolError) as exc:
             print(f"logsink status: {exc}", file=sys.stderr)
             return 1
-        if args.json:
-            print(json.dumps(st, sort_keys=True))
-        else:
-            _print_status(st)
+        try:
+            if args.json:
+                print(json.dumps(st, sort_keys=True))
+            else:
+                _print_status(st)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `logsink status | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 2
