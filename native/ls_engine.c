@@ -346,6 +346,20 @@ static void on_discard(struct ls_engine *e, struct producer *p, long r)
     finish(e, p, r == 0 ? LS_EV_PRODUCER_DIED : LS_EV_PRODUCER_ERROR, (int32_t)r, p->moved);
 }
 
+/* Draining for shutdown, the pipe is empty mid-batch: the rest will not come. Cut what landed
+ * back off the file (PAYLOAD) and end the producer as died. */
+static void abandon_partial(struct ls_engine *e, struct producer *p)
+{
+    if (p->state == P_PAYLOAD) {
+        struct stream *s = &e->streams[p->stream_id];
+        truncate_back(s, p->batch_start);
+        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
+        stream_release(e, s);
+    } else {
+        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
+    }
+}
+
 /* Removal requested and nothing more is queued (or drain=0): end the producer now if we can. */
 static int removal_due(struct ls_engine *e, struct producer *p)
 {
@@ -438,14 +452,7 @@ static void drive_sync(struct ls_engine *e, struct producer *p)
                 continue;
             if (r == -EAGAIN) {
                 if (p->remove && p->drain) { /* shutdown drain: the rest of this batch never came */
-                    if (!discard) {
-                        struct stream *s = &e->streams[p->stream_id];
-                        truncate_back(s, p->batch_start);
-                        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
-                        stream_release(e, s);
-                    } else {
-                        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
-                    }
+                    abandon_partial(e, p);
                     return;
                 }
                 epoll_arm(e, p, 1);
@@ -487,11 +494,33 @@ static void submit_poll(struct ls_engine *e, struct producer *p)
     p->inflight++;
 }
 
+/* SPLICE len bytes from `in` (a fixed-file slot if in_fixed, else a plain fd) to where this batch
+ * goes: the stream's file at its offset (PAYLOAD) or /dev/null (DISCARD). */
+static void submit_splice_out(struct ls_engine *e, struct producer *p, int in, int in_fixed, uint32_t len)
+{
+    struct io_uring_sqe *sqe = sqe_get(e);
+    sqe->opcode = IORING_OP_SPLICE;
+    sqe->splice_fd_in = in;
+    sqe->splice_off_in = (uint64_t)-1;
+    sqe->len = len;
+    sqe->splice_flags = (in_fixed ? SPLICE_F_FD_IN_FIXED : 0) | SPLICE_F_MOVE;
+    sqe->flags = IOSQE_FIXED_FILE;
+    if (p->state == P_PAYLOAD) {
+        sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
+        sqe->off = p->batch_start + p->moved;
+        sqe->user_data = UD(U_SPLICE, p->id);
+    } else {
+        sqe->fd = (int32_t)fixed_devnull_slot(e);
+        sqe->off = (uint64_t)-1;
+        sqe->user_data = UD(U_DISCARD, p->id);
+    }
+    p->inflight++;
+}
+
 static void drive_uring(struct ls_engine *e, struct producer *p)
 {
     if (p->inflight || e->stop) /* stopping: issue nothing new, the thread waits out what runs */
         return;
-    struct stream *s = &e->streams[p->stream_id];
     int avail;
     switch (p->state) {
     case P_HEADER:
@@ -523,37 +552,15 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
     case P_PAYLOAD:
     case P_DISCARD: {
         if (p->is_sock && p->staged) { /* stage pipe -> file (or /dev/null) */
-            struct io_uring_sqe *sqe = sqe_get(e);
-            sqe->opcode = IORING_OP_SPLICE;
-            sqe->splice_fd_in = p->stage_r;
-            sqe->splice_off_in = (uint64_t)-1;
-            sqe->len = p->staged;
-            sqe->splice_flags = SPLICE_F_MOVE;
-            sqe->flags = IOSQE_FIXED_FILE;
-            if (p->state == P_PAYLOAD) {
-                sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
-                sqe->off = p->batch_start + p->moved;
-                sqe->user_data = UD(U_SPLICE, p->id);
-            } else {
-                sqe->fd = (int32_t)fixed_devnull_slot(e);
-                sqe->off = (uint64_t)-1;
-                sqe->user_data = UD(U_DISCARD, p->id);
-            }
-            p->inflight++;
+            submit_splice_out(e, p, p->stage_r, 0, p->staged);
             return;
         }
         /* Splice only what is already in the pipe, so the op never blocks an io-wq worker on a
          * producer; an empty pipe mid-batch waits with a poll. */
         avail = pipe_avail(p->fd);
         if (avail <= 0) {
-            if (p->remove && p->drain) {
-                if (p->state == P_PAYLOAD) {
-                    truncate_back(s, p->batch_start);
-                    finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
-                    stream_release(e, s);
-                } else {
-                    finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
-                }
+            if (p->remove && p->drain) { /* shutdown drain: the rest of this batch never came */
+                abandon_partial(e, p);
                 return;
             }
             submit_poll(e, p);
@@ -562,8 +569,8 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
         uint32_t want = p->h.payload_len - p->moved;
         if ((uint32_t)avail < want)
             want = (uint32_t)avail;
-        struct io_uring_sqe *sqe = sqe_get(e);
         if (p->is_sock) { /* socket -> stage pipe */
+            struct io_uring_sqe *sqe = sqe_get(e);
             sqe->opcode = IORING_OP_SPLICE;
             sqe->splice_fd_in = (int32_t)p->id;
             sqe->splice_off_in = (uint64_t)-1;
@@ -575,22 +582,7 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
             p->inflight++;
             return;
         }
-        sqe->opcode = IORING_OP_SPLICE;
-        sqe->splice_fd_in = (int32_t)p->id;
-        sqe->splice_off_in = (uint64_t)-1;
-        sqe->len = want;
-        sqe->splice_flags = SPLICE_F_FD_IN_FIXED | SPLICE_F_MOVE;
-        sqe->flags = IOSQE_FIXED_FILE;
-        if (p->state == P_PAYLOAD) {
-            sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
-            sqe->off = p->batch_start + p->moved;
-            sqe->user_data = UD(U_SPLICE, p->id);
-        } else {
-            sqe->fd = (int32_t)fixed_devnull_slot(e);
-            sqe->off = (uint64_t)-1;
-            sqe->user_data = UD(U_DISCARD, p->id);
-        }
-        p->inflight++;
+        submit_splice_out(e, p, (int)p->id, 1, want);
         return;
     }
     default:
