@@ -519,6 +519,8 @@ class Daemon:
             if n < EVENT_BATCH:
                 break
         for p in touched:
+            if self.producers.get(p.id) is not p and p.conn is None:
+                continue  # ended in this pass: its final RELEASE went out with the end event
             p.dirty = False
             if p.conn:
                 p.conn.send(protocol.release(p.released, p.failed))
@@ -544,6 +546,7 @@ class Daemon:
             log.error("producer_pipe_error", producer=p.id, pid=p.pid, error=os.strerror(-ev.err))
         if conn:
             conn.send(protocol.release(p.released, p.failed))
+            p.failed, p.dirty, p.conn = [], False, None  # said once: the touched loop must not repeat it
             conn.producer = None
             # A TCP connection is its producer's data stream: when that ends, so does the connection.
             if conn.tcp or kind != lib.LS_EV_PRODUCER_EOF and kind != lib.LS_EV_PRODUCER_REMOVED:

@@ -326,8 +326,13 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
     s->c.errors++;
     e->total.errors++;
     p->fail_err = (int32_t)r;
-    p->state = P_DISCARD;
     s->busy = NULL;
+    if (p->moved >= p->h.payload_len) { /* readwrite: the failed pwrite's read took the whole rest */
+        emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
+        p->state = P_HEADER;
+    } else {
+        p->state = P_DISCARD;
+    }
     stream_release(e, s);
 }
 
@@ -1179,9 +1184,15 @@ void ls_engine_free(struct ls_engine *e)
         if (s->busy)
             truncate_back(s, s->busy->batch_start);
     }
-    for (uint32_t i = 0; e->prod && i < e->max_producers; i++)
-        if (e->prod[i].state != P_FREE && e->prod[i].fd >= 0)
-            close(e->prod[i].fd);
+    for (uint32_t i = 0; e->prod && i < e->max_producers; i++) {
+        struct producer *p = &e->prod[i];
+        if (p->state != P_FREE && p->fd >= 0)
+            close(p->fd);
+        if (p->state != P_FREE && p->is_sock) {
+            close(p->stage_r);
+            close(p->stage_w);
+        }
+    }
     teardown(e);
     if (e->notify_fd >= 0)
         close(e->notify_fd);

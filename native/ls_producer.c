@@ -213,6 +213,9 @@ static void zc_complete_locked(struct ls_producer *p, uint32_t lo, uint32_t hi, 
             p->zc_pending[p->zc_npending].lo = lo;
             p->zc_pending[p->zc_npending].hi = hi;
             p->zc_npending++;
+        } else { /* cannot track it: fail loudly rather than pin segments forever */
+            fail_locked(p, ECONNRESET, "too many out-of-order zerocopy completions to track");
+            pthread_cond_broadcast(&p->cond);
         }
         return;
     }
@@ -1012,7 +1015,9 @@ static void destroy(struct ls_producer *p, int in_child)
         close(p->pipe_w);
     if (p->event_fd >= 0)
         close(p->event_fd);
-    if (p->arena)
+    /* In a forked child the arena is not mapped (MADV_DONTFORK): its range may hold the child's
+     * own memory by now, so never unmap it there. */
+    if (p->arena && !in_child)
         ls_arena_unmap(p->arena, p->arena_size);
     if (!in_child) {
         /* In a child the mutex may have been copied locked by a thread that does not exist there. */
