@@ -16,8 +16,9 @@ from logsink import __version__, protocol
 from logsink.config import ENGINES, ConfigError, default_socket_path, load
 
 SERVE_HELP = """\
-Run the logsink daemon. Producers connect to the control socket and hand over batches of
-log lines through pipes; stream NAME is written to DIR/NAME.log as plain text.
+Run the logsink daemon. Producers connect to the control socket (or over TCP, with --listen)
+and hand over batches of log lines; stream NAME is written to DIR/NAME.log as plain text and
+can also be forwarded to collectors (--forward, docs/forwarding.md).
 
 Settings come from the embedded defaults, then --config FILE (TOML, keys as the long flags
 with '_' for '-', e.g. dir = "/var/log/logsink", shutdown_grace = 5), then the flags.

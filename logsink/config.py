@@ -62,7 +62,8 @@ class ConfigError(ValueError):
 def load(path: str | None, overrides: dict) -> Config:
     """Defaults, then the TOML file at ``path`` (if given), then ``overrides`` (flags that were set)."""
     cfg = Config()
-    known = {f.name: f.type for f in fields(Config)}
+    # forward_cli (the --forward flags) and forwards (parsed from forward) are not file settings.
+    known = {f.name: f.type for f in fields(Config) if f.name not in ("forward_cli", "forwards")}
     if path:
         try:
             with open(path, "rb") as fh:
