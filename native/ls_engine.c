@@ -832,7 +832,11 @@ static void wake(struct ls_engine *e)
 
 static int setup_uring(struct ls_engine *e)
 {
-    int r = ls_ring_init(&e->ring, 256, 0);
+    /* COOP_TASKRUN: completions of io-wq work wait for our next io_uring_enter instead of
+     * interrupting the thread (5.19+; older kernels refuse the flag: retry without it). */
+    int r = ls_ring_init(&e->ring, 256, IORING_SETUP_COOP_TASKRUN);
+    if (r == -EINVAL)
+        r = ls_ring_init(&e->ring, 256, 0);
     if (r < 0) {
         snprintf(e->reason, sizeof e->reason, "io_uring_setup: %s", strerror(-r));
         return r;
