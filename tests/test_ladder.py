@@ -89,3 +89,54 @@ c.close()
         stats = json.loads(res.stdout.decode().strip().splitlines()[-1])
         assert stats["transport"] == "copy"
         assert d.log("novs").read_bytes() == b"".join(b"rec %d\n" % i for i in range(20000))
+
+
+SMALL_PIPE_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+/* As past pipe-user-pages-soft: every pipe stays at 2 pages and growing it is refused. */
+int fcntl(int fd, int cmd, ...)
+{
+    static int (*real)(int, int, ...);
+    if (!real)
+        real = (int (*)(int, int, ...))dlsym(RTLD_NEXT, "fcntl");
+    va_list ap;
+    va_start(ap, cmd);
+    long arg = va_arg(ap, long);
+    va_end(ap);
+    if (cmd == F_SETPIPE_SZ) {
+        real(fd, F_SETPIPE_SZ, 8192L);
+        errno = EPERM;
+        return -1;
+    }
+    return real(fd, cmd, arg);
+}
+"""
+
+
+class TestSmallPipes:
+    def test_producer_works_through_a_two_page_pipe(self, daemon, tmp_path):
+        """A uid past pipe-user-pages-soft gets 2-page pipes: 1 MiB segments still move through them, byte-exact."""
+        d = daemon("io_uring")
+        src = tmp_path / "smallpipe.c"
+        src.write_text(SMALL_PIPE_SHIM)
+        lib = tmp_path / "smallpipe.so"
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True, timeout=60)
+        script = f"""
+import json, logsink
+c = logsink.Client("small", socket={d.sock!r})
+for i in range(50000):
+    c.write(b"small %d %s\\n" % (i, b"z" * (i % 200)))
+c.flush()
+print(json.dumps(c.stats()))
+c.close()
+"""
+        res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": str(lib)},
+                             capture_output=True, timeout=120)
+        assert res.returncode == 0, res.stderr.decode()
+        stats = json.loads(res.stdout.decode().strip().splitlines()[-1])
+        assert stats["pipe_size"] == 8192 and stats["segment_size"] == 1 << 20
+        assert d.log("small").read_bytes() == b"".join(b"small %d %s\n" % (i, b"z" * (i % 200)) for i in range(50000))
