@@ -57,6 +57,18 @@ class TestDaemonLadder:
         assert b"io_uring" in res.stderr and b"Operation not permitted" in res.stderr
 
 
+def run_with_shim(tmp_path: Path, name: str, shim: str, script: str) -> dict:
+    """Build `shim` (C) into a preload library, run `script` under it, return the stats it prints last."""
+    src = tmp_path / f"{name}.c"
+    src.write_text(shim)
+    lib = tmp_path / f"{name}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": str(lib)},
+                         capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    return json.loads(res.stdout.decode().strip().splitlines()[-1])
+
+
 SHIM = r"""
 #include <errno.h>
 #include <sys/types.h>
@@ -70,10 +82,6 @@ class TestClientLadder:
     def test_client_steps_down_to_copy_where_vmsplice_is_missing(self, daemon, tmp_path):
         """Where vmsplice fails with ENOSYS (as under gVisor), the client switches to copy and loses nothing."""
         d = daemon("io_uring")
-        src = tmp_path / "novmsplice.c"
-        src.write_text(SHIM)
-        lib = tmp_path / "novmsplice.so"
-        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, timeout=60)
         script = f"""
 import json, logsink
 c = logsink.Client("novs", socket={d.sock!r}, segments=4, segment_size=4096)
@@ -83,10 +91,7 @@ c.flush()
 print(json.dumps(c.stats()))
 c.close()
 """
-        res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": str(lib)},
-                             capture_output=True, timeout=60)
-        assert res.returncode == 0, res.stderr.decode()
-        stats = json.loads(res.stdout.decode().strip().splitlines()[-1])
+        stats = run_with_shim(tmp_path, "novmsplice", SHIM, script)
         assert stats["transport"] == "copy"
         assert d.log("novs").read_bytes() == b"".join(b"rec %d\n" % i for i in range(20000))
 
@@ -121,10 +126,6 @@ class TestSmallPipes:
     def test_producer_works_through_a_two_page_pipe(self, daemon, tmp_path):
         """A uid past pipe-user-pages-soft gets 2-page pipes: 1 MiB segments still move through them, byte-exact."""
         d = daemon("io_uring")
-        src = tmp_path / "smallpipe.c"
-        src.write_text(SMALL_PIPE_SHIM)
-        lib = tmp_path / "smallpipe.so"
-        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True, timeout=60)
         script = f"""
 import json, logsink
 c = logsink.Client("small", socket={d.sock!r})
@@ -134,9 +135,6 @@ c.flush()
 print(json.dumps(c.stats()))
 c.close()
 """
-        res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": str(lib)},
-                             capture_output=True, timeout=120)
-        assert res.returncode == 0, res.stderr.decode()
-        stats = json.loads(res.stdout.decode().strip().splitlines()[-1])
+        stats = run_with_shim(tmp_path, "smallpipe", SMALL_PIPE_SHIM, script)
         assert stats["pipe_size"] == 8192 and stats["segment_size"] == 1 << 20
         assert d.log("small").read_bytes() == b"".join(b"small %d %s\n" % (i, b"z" * (i % 200)) for i in range(50000))
