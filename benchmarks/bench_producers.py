@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from logsink.bench import process_cpu_seconds, warm_page_cache
+
 VARIANTS = {
     "a": "structlog -> logsink",
     "b": "structlog -> BytesLogger file",
@@ -56,7 +58,6 @@ STREAM = "bench"
 END_MARKER = "bench-end-marker"
 START_TIMEOUT = 20.0
 RUN_TIMEOUT = 900.0
-SCRATCH_CHUNK = 1 << 20
 
 
 # -- the records ----------------------------------------------------------------------------------
@@ -73,27 +74,6 @@ STDLIB_FORMAT = "request handled method=GET path=/api/v1/items/%08d status=200 u
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def warm_pages(directory: Path, size: int) -> None:
-    """Write and delete a scratch file of the run's size: this VM hands freed memory back to the host,
-    and writing into such pages again ran at a quarter of the speed (docs: "Measuring on these machines")."""
-    path = directory / "scratch.warm"
-    chunk = b"\0" * SCRATCH_CHUNK
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        left = size
-        while left > 0:
-            left -= os.write(fd, chunk[: min(left, SCRATCH_CHUNK)])
-    finally:
-        os.close(fd)
-        os.unlink(path)
-
-
-def cpu_seconds_of(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` (io_uring workers included), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def self_cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -137,7 +117,7 @@ def child_structlog(variant: str, n: int, out: Path, args: argparse.Namespace) -
             cache_logger_on_first_use=True,
         )
     logger = structlog.get_logger()
-    warm_pages(out.parent, n * args.record_size)
+    warm_page_cache(out.parent / "scratch.warm", n * args.record_size)
     fields = structlog_fields
 
     cpu0, t0 = self_cpu_seconds(), time.perf_counter_ns()
@@ -174,7 +154,7 @@ def child_logging(variant: str, n: int, out: Path, args: argparse.Namespace) -> 
     logger.propagate = False
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
-    warm_pages(out.parent, n * args.record_size)
+    warm_page_cache(out.parent / "scratch.warm", n * args.record_size)
     fmt = STDLIB_FORMAT
 
     cpu0, t0 = self_cpu_seconds(), time.perf_counter_ns()
@@ -370,9 +350,9 @@ def run_one(variant: str, args: argparse.Namespace, root: Path, rsyslogd: str | 
         else:
             output = run_dir / "out.log"
             cmd += ["--out", str(output)]
-        sink_cpu0 = cpu_seconds_of(sink.pid) if sink else 0.0
+        sink_cpu0 = process_cpu_seconds(sink.pid) if sink else 0.0
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        sink_cpu1 = cpu_seconds_of(sink.pid) if sink else 0.0
+        sink_cpu1 = process_cpu_seconds(sink.pid) if sink else 0.0
         if res.returncode != 0:
             return {"variant": variant, "error": f"producer exited {res.returncode}: {res.stderr.strip()[-1500:]}"}
         sample = json.loads(res.stdout.strip().splitlines()[-1])

@@ -519,8 +519,6 @@ class Daemon:
             if n < EVENT_BATCH:
                 break
         for p in touched:
-            if self.producers.get(p.id) is not p and p.conn is None:
-                continue  # ended in this pass: its final RELEASE went out with the end event
             p.dirty = False
             if p.conn:
                 p.conn.send(protocol.release(p.released, p.failed))

@@ -580,17 +580,6 @@ static int next_segment_locked(struct ls_producer *p, int64_t deadline, int nonb
     return TAKEN;
 }
 
-static uint64_t count_newlines(const char *s, size_t n)
-{
-    uint64_t c = 0;
-    const char *end = s + n;
-    while ((s = memchr(s, '\n', (size_t)(end - s))) != NULL) {
-        c++;
-        s++;
-    }
-    return c;
-}
-
 /* Make room for len <= capacity bytes in the current segment: TAKEN with *dst where they go,
  * DROPPED (on_full=drop, every segment pinned), or -errno. */
 static int reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **dst)
@@ -620,7 +609,7 @@ static int write_chunk_locked(struct ls_producer *p, const char *data, size_t le
     char *dst;
     int r = reserve_locked(p, len, nonblock, &dst);
     if (r == DROPPED) {
-        p->st.dropped_records += count_newlines(data, len);
+        p->st.dropped_records += ls_count_records(data, len);
         return 0;
     }
     if (r < 0)

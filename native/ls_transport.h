@@ -38,6 +38,8 @@ int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, u
 /* Append records to a segment: copy n bytes from src to dst and return how many '\n' they hold
  * (the frame header's record count). One pass in C: counting in Python cost more than the copy. */
 size_t ls_copy_records(void *dst, const void *src, size_t n);
+/* How many records ('\n') the n bytes at buf hold (glibc's vectorised memchr). */
+size_t ls_count_records(const void *buf, size_t n);
 
 /* `logsink pipe`: look at what waits in the pipe `in_fd` without consuming it. tee() up to `max`
  * bytes into the scratch pipe and read them back into `buf` (a copy made only to find record
