@@ -50,3 +50,30 @@ class TestNativeRendering:
             handler.close()
         assert d.log("render").read_bytes() == b"".join(expected)
         assert len(expected) == len(TRICKY) + 1
+
+    def test_native_rendering_through_a_small_arena_reuses_segments_safely(self, daemon):
+        """20k records rendered into 4 segments of 4 KiB (each reused hundreds of times, only after release) land byte-exact."""
+        d = daemon("io_uring")
+        handler = LogsinkHandler("small", socket=d.sock, segments=4, segment_size=4096)
+        expected: list[bytes] = []
+        fmt = JsonFormatter()
+
+        class Reference(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                expected.append(fmt.format(record).encode() + b"\n")
+
+        logger = logging.getLogger("render.small")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.addHandler(Reference())
+        try:
+            for i in range(20_000):
+                logger.info("record %d %s", i, "p" * (i % 150))
+            handler.flush()
+            batches = handler.client.stats()["batches"]
+        finally:
+            logger.handlers.clear()
+            handler.close()
+        assert batches > 100 * 4
+        assert d.log("small").read_bytes() == b"".join(expected)

@@ -184,6 +184,27 @@ class TestZerocopyTransport:
         assert st["zc_completed"] == st["zc_sends"], f"completions do not match zerocopy sends: {st}"
 
 
+class TestPayloadStaysInTheEngine:
+    @pytest.mark.parametrize("engine", ["io_uring", "splice"])
+    def test_tcp_payload_is_spliced_and_only_headers_are_read(self, daemon, monkeypatch, engine):
+        """Over TCP the daemon splices every payload byte (socket -> stage pipe -> file) and reads only the 32-byte headers: nothing is copied through user space."""
+        import logsink
+
+        monkeypatch.delenv("LOGSINK_TOKEN", raising=False)
+        d, address = tcp_daemon(daemon, engine)
+        recs = make_records("s", 30_000)
+        with logsink.Client("app", address=address, segment_size=65536) as c:
+            for rec in recs:
+                c.write(rec)
+            c.flush(timeout=20)
+            batches = c.stats()["batches"]
+        size = sum(map(len, recs))
+        assert d.log("app").read_bytes() == b"".join(recs)
+        totals = d.status()["totals"]
+        assert totals["bytes_spliced"] == size and totals["bytes_copied"] == 0, totals
+        assert totals["header_bytes"] == 32 * batches, totals
+
+
 class TestCopyTransport:
     @pytest.mark.parametrize("engine", ENGINES)
     def test_copy_over_tcp_is_byte_exact_and_flush_means_in_the_file(self, daemon, monkeypatch, engine):
