@@ -115,9 +115,7 @@ class Client:
         path = self._socket.encode() if self._socket else ffi.NULL
         ret = lib.ls_producer_open(self.stream.encode(), path, self._opts, out)
         if ret < 0:
-            why = ffi.string(lib.ls_producer_last_error(ffi.NULL)).decode(errors="replace")
-            if ret in (-errno.ENOENT, -errno.ECONNREFUSED) and "refused stream" not in why:
-                why += "; start the daemon with `logsink serve` or point LOGSINK_SOCKET at its socket"
+            why = ffi.string(lib.ls_producer_last_error(ffi.NULL)).decode(errors="replace")  # says what to do
             raise ConnectionError(why or f"cannot connect to the logsink daemon: {os.strerror(-ret)}")
         self._p = out[0]
         engine = ffi.new("char[32]")
