@@ -40,6 +40,12 @@ FRAME_ERRORS = {
     lib.LS_EFRAME_VERSION: "unsupported frame version or header length",
     lib.LS_EFRAME_LENGTH: "payload length is 0 or larger than the daemon's max_batch",
     lib.LS_EFRAME_RECORDS: "record count is 0 or larger than the payload length",
+    lib.LS_EBATCH_TOO_BIG: "payload length is larger than the data pipe holds whole (header + payload must fit the "
+                           "pipe's F_GETPIPE_SZ; over TCP, WELCOME's max_batch): send smaller batches",
+    lib.LS_EBATCH_NO_NEWLINE: "the batch does not end in a newline: every batch must be whole records, each ending "
+                              "in \\n; the batch was cut back off the file",
+    lib.LS_EBATCH_VANISHED: "the batch's bytes left the data pipe before the daemon took them (another reader of "
+                            "the pipe?); what landed was cut back off the file",
 }
 
 ERROR_CODES = (
@@ -422,7 +428,10 @@ class Daemon:
         conn.producer = p
         if conn.tcp:
             conn.stop_reading()
-        conn.send(protocol.welcome(pid, self.engine_name, max_batch=self.cfg.max_batch))
+        # Batches are written only once whole in the pipe (or TCP stage): tell the producer the most it
+        # may send. A local client also sizes batches to its own pipe.
+        max_batch = lib.ls_engine_producer_max_batch(self.engine, pid)
+        conn.send(protocol.welcome(pid, self.engine_name, max_batch=max_batch if max_batch > 0 else self.cfg.max_batch))
         log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
 
     def _check_tcp_hello(self, conn: Conn, msg: dict[str, Any]) -> None:

@@ -4,13 +4,21 @@
  * differs. The epoll engines (splice, readwrite) try the syscall now and arm epoll on EAGAIN; the
  * io_uring engine submits an SQE and feeds the CQE's result to the same handler.
  *
- *   HEADER ---32 bytes---> WAIT_STREAM --stream free--> PAYLOAD --payload_len moved--> HEADER
- *      |                                                   |
- *      +-- EOF: producer ends             write error: truncate back, DISCARD the rest --+
- *                                         EOF mid-batch: truncate back, producer died
+ *   HEADER --32 bytes--> WAIT_DATA --whole payload queued--> WAIT_STREAM --stream free-->
+ *      |                    |                                   PAYLOAD --payload_len moved--> HEADER
+ *      +-- EOF: ends        +-- EOF: died (nothing written)        |
+ *                                          write error: truncate back, DISCARD the rest
+ *                                          last byte not '\n' / bytes vanished: truncate back, bad frame
  *
  * A stream writes one batch at a time at the offset it owns: batches of different producers never
  * interleave, and a failed batch is cut back off the file so no torn line or hole stays behind.
+ *
+ * Containment: a batch takes its stream only once ALL of its payload is queued (in the producer's
+ * pipe, or for TCP in the engine's stage pipe), so moving it never waits on the producer: one that
+ * stalls mid-batch (SIGSTOP, a bug, malice) holds nobody but itself. The pipe must therefore hold a
+ * whole batch (a larger payload_len is a bad frame; clients size batches to their pipe). Every
+ * committed batch must end in '\n' (checked with a 1-byte pread of the file's page cache), so an
+ * overstated or unterminated batch can only garble its own producer's lines.
  */
 #define _GNU_SOURCE
 #include "ls_engine.h"
@@ -31,16 +39,25 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-enum pstate { P_FREE = 0, P_HEADER, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD };
+enum pstate { P_FREE = 0, P_HEADER, P_WAIT_DATA, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD };
 
 /* io_uring user_data: op kind in the high 32 bits, producer id in the low. */
-enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE };
+enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE, U_TIMER };
 #define UD(op, id) (((uint64_t)(op) << 32) | (uint32_t)(id))
 
 /* The readwrite engine's bounce buffer: big enough that a 256 KiB batch is one read + one pwrite. */
 #define RW_BUF_SIZE (1u << 20)
 /* Header slots in the registered buffer are 64 bytes apart (cache lines, no false sharing). */
 #define HDR_STRIDE 64
+/* A batch partly queued is re-checked after a backoff (io_uring: a POLL_ADD would fire at once
+ * while bytes sit in the pipe). Clients hand a batch over in one call, so this path is for slow or
+ * stalled producers: from 100 us, doubling, to at most 50 ms (20 wake-ups/s per stalled producer). */
+#define WAIT_BACKOFF_MIN_NS 100000ll
+#define WAIT_BACKOFF_MAX_NS 50000000ll
+/* A TCP batch is staged (socket -> stage pipe) before it is written. Socket buffers splice as one
+ * pipe slot per fragment, often < 4 KiB (an MSS of 1448 bytes), so a stage pipe of N bytes is only
+ * promised to hold N/4 of payload: TCP producers are told that max_batch in WELCOME. */
+#define STAGE_FILL_DIVISOR 4
 
 struct stream;
 
@@ -63,6 +80,10 @@ struct producer {
     struct ls_frame_header h;
     uint64_t batch_start;  /* file offset where this batch begins */
     uint32_t moved;        /* payload bytes moved (or discarded) so far */
+    uint32_t cap;          /* the largest payload_len this producer's pipe (or stage) holds whole */
+    int et;                /* epoll: armed edge-triggered (a partial batch waits for more bytes) */
+    long long backoff_ns;  /* io_uring: WAIT_DATA re-check interval */
+    struct __kernel_timespec ts; /* io_uring: the TIMEOUT of that re-check */
     int32_t fail_err;      /* DISCARD: why the batch failed */
     struct producer *next_wait;
     struct ls_counters c;
@@ -150,13 +171,26 @@ static int pipe_avail(int fd)
     return n;
 }
 
+/* on: 0 = no interest, 1 = EPOLLIN level-triggered, 2 = edge-triggered (a partial batch sits in
+ * the pipe: wake on new bytes only; a pipe someone poll()ed wakes its readers on every write). */
 static void epoll_arm(struct ls_engine *e, struct producer *p, int on)
 {
     if (e->kind == LS_ENGINE_IO_URING || p->armed == on)
         return;
-    struct epoll_event ev = {.events = on ? EPOLLIN : 0, .data.u32 = p->id};
-    epoll_ctl(e->ep, EPOLL_CTL_MOD, p->fd, &ev);
-    p->armed = on;
+    struct epoll_event ev = {.events = on == 2 ? EPOLLIN | EPOLLET : on ? EPOLLIN : 0, .data.u32 = p->id};
+    if (epoll_ctl(e->ep, EPOLL_CTL_MOD, p->fd, &ev) == 0)
+        p->armed = on;
+}
+
+/* The largest payload_len p may announce: a pipe must hold header + payload whole (the producer
+ * queues both before we read either); a stage pipe holds the payload (p->cap, set at add). */
+static uint32_t producer_cap(struct ls_engine *e, struct producer *p, int refresh)
+{
+    if (!p->is_sock && (refresh || !p->cap)) {
+        int sz = fcntl(p->fd, F_GETPIPE_SZ);
+        p->cap = sz > LS_FRAME_HEADER_SIZE ? (uint32_t)sz - LS_FRAME_HEADER_SIZE : 0;
+    }
+    return p->cap < e->max_batch ? p->cap : e->max_batch;
 }
 
 /* The producer is over: close its pipe, free its slot, say why. No op may be in flight. */
@@ -221,6 +255,59 @@ static void truncate_back(struct stream *s, uint64_t start)
     s->offset = start;
 }
 
+/* The producer broke the protocol with this batch (why = LS_EFRAME_* / LS_EBATCH_*): count it and
+ * end the producer. The caller has cut back whatever of the batch reached the file. */
+static void refuse(struct ls_engine *e, struct producer *p, int32_t why, uint64_t bytes)
+{
+    p->c.errors++;
+    e->total.errors++;
+    if (p->state == P_PAYLOAD || p->state == P_DISCARD)
+        e->streams[p->stream_id].c.errors++;
+    finish(e, p, LS_EV_BAD_FRAME, why, bytes);
+}
+
+/* The whole payload is queued: wait for the stream (or take it now). */
+static void wait_stream(struct ls_engine *e, struct producer *p)
+{
+    struct stream *s = &e->streams[p->stream_id];
+    p->state = P_WAIT_STREAM;
+    p->backoff_ns = 0;
+    epoll_arm(e, p, 0);
+    if (s->wait_tail)
+        s->wait_tail->next_wait = p;
+    else
+        s->wait_head = p;
+    s->wait_tail = p;
+    if (!s->busy)
+        stream_release(e, s); /* takes p (the only waiter) and drives it */
+}
+
+/* For a pipe producer in WAIT_DATA: 1 if the whole payload is queued, 0 if not yet, -1 if it never
+ * will be (the pipe's writer is gone). *avail gets the bytes queued. */
+static int pipe_batch_queued(struct producer *p, int *avail)
+{
+    *avail = pipe_avail(p->fd);
+    if (*avail >= (int)p->h.payload_len)
+        return 1;
+    struct pollfd pfd = {.fd = p->fd, .events = POLLIN};
+    if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLHUP | POLLERR))) {
+        *avail = pipe_avail(p->fd); /* the last bytes may have come just before the close */
+        return *avail >= (int)p->h.payload_len ? 1 : -1;
+    }
+    return 0;
+}
+
+/* 1 if the batch just written ends in '\n', 0 if not, -errno if it could not be read back. One
+ * byte from the page cache; a file cut shorter meanwhile (copytruncate) cannot be checked. */
+static int batch_ends_in_newline(struct stream *s, struct producer *p)
+{
+    char last;
+    ssize_t n = pread(s->fd, &last, 1, (off_t)(p->batch_start + p->h.payload_len - 1));
+    if (n < 0)
+        return -errno;
+    return n == 0 || last == '\n';
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* the state machine: results of operations, whichever engine issued them                    */
 
@@ -250,22 +337,15 @@ static void on_header(struct ls_engine *e, struct producer *p, long r)
     memcpy(&p->h, p->hdr, sizeof p->h);
     p->hdr_have = 0;
     int bad = ls_frame_check(&p->h, e->max_batch);
+    if (!bad && p->h.payload_len > producer_cap(e, p, 0) && p->h.payload_len > producer_cap(e, p, 1))
+        bad = LS_EBATCH_TOO_BIG; /* it could never be queued whole: waiting for it would be forever */
     if (bad) {
-        p->c.errors++;
-        e->total.errors++;
-        finish(e, p, LS_EV_BAD_FRAME, bad, 0);
+        refuse(e, p, bad, 0);
         return;
     }
-    struct stream *s = &e->streams[p->stream_id];
-    p->state = P_WAIT_STREAM;
-    epoll_arm(e, p, 0);
-    if (s->wait_tail)
-        s->wait_tail->next_wait = p;
-    else
-        s->wait_head = p;
-    s->wait_tail = p;
-    if (!s->busy)
-        stream_release(e, s); /* takes p (the only waiter) and drives it */
+    p->state = P_WAIT_DATA; /* drive() takes it from here */
+    p->staged = 0;
+    p->backoff_ns = 0;
 }
 
 static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s)
@@ -285,6 +365,7 @@ static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s
     e->total.batches++;
     emit(e, LS_EV_BATCH_DONE, p, 0, p->h.seq, len, p->h.record_count);
     p->state = P_HEADER;
+    p->staged = 0;
 }
 
 static void on_payload(struct ls_engine *e, struct producer *p, long r, int copied)
@@ -292,8 +373,6 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
     struct stream *s = &e->streams[p->stream_id];
     if (r > 0) {
         p->moved += (uint32_t)r;
-        if (p->is_sock && !copied)
-            p->staged -= (uint32_t)r;
         uint64_t *ctr = copied ? &s->c.bytes_copied : &s->c.bytes_spliced;
         *ctr += (uint64_t)r;
         if (copied) {
@@ -304,7 +383,21 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
             e->total.bytes_spliced += (uint64_t)r;
         }
         if (p->moved == p->h.payload_len) {
-            batch_done(e, p, s);
+            int nl = batch_ends_in_newline(s, p);
+            if (nl == 0) { /* it would glue the next batch (maybe another producer's) onto its tail */
+                truncate_back(s, p->batch_start);
+                refuse(e, p, LS_EBATCH_NO_NEWLINE, p->moved);
+            } else if (nl < 0) { /* unreadable: we cannot vouch for it, so it is not committed */
+                truncate_back(s, p->batch_start);
+                p->c.errors++;
+                s->c.errors++;
+                e->total.errors++;
+                emit(e, LS_EV_BATCH_FAILED, p, nl, p->h.seq, p->h.payload_len, p->h.record_count);
+                p->state = P_HEADER;
+                p->staged = 0;
+            } else {
+                batch_done(e, p, s);
+            }
             stream_release(e, s);
         }
         return;
@@ -330,6 +423,7 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
     if (p->moved >= p->h.payload_len) { /* readwrite: the failed pwrite's read took the whole rest */
         emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
         p->state = P_HEADER;
+        p->staged = 0;
     } else {
         p->state = P_DISCARD;
     }
@@ -340,28 +434,43 @@ static void on_discard(struct ls_engine *e, struct producer *p, long r)
 {
     if (r > 0) {
         p->moved += (uint32_t)r;
-        if (p->is_sock && e->kind != LS_ENGINE_READWRITE)
-            p->staged -= (uint32_t)r;
         if (p->moved == p->h.payload_len) {
             emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
             p->state = P_HEADER;
+            p->staged = 0;
         }
         return;
     }
     finish(e, p, r == 0 ? LS_EV_PRODUCER_DIED : LS_EV_PRODUCER_ERROR, (int32_t)r, p->moved);
 }
 
-/* Draining for shutdown, the pipe is empty mid-batch: the rest will not come. Cut what landed
- * back off the file (PAYLOAD) and end the producer as died. */
-static void abandon_partial(struct ls_engine *e, struct producer *p)
+/* A batch's queued payload is gone from under us (PAYLOAD/DISCARD started only once all of it was
+ * queued, so only the producer reading its own pipe back can do this): cut back, end the producer. */
+static void payload_vanished(struct ls_engine *e, struct producer *p)
 {
-    if (p->state == P_PAYLOAD) {
-        struct stream *s = &e->streams[p->stream_id];
+    struct stream *s = &e->streams[p->stream_id];
+    int held = p->state == P_PAYLOAD;
+    if (held)
         truncate_back(s, p->batch_start);
-        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
+    refuse(e, p, LS_EBATCH_VANISHED, p->moved);
+    if (held)
         stream_release(e, s);
+}
+
+/* WAIT_DATA and the rest of the batch will not come: the pipe (socket) ended, or the producer is
+ * being removed. Nothing of the batch was written; the producer ends (died, or removed). */
+static void wait_data_over(struct ls_engine *e, struct producer *p, long r, uint64_t queued)
+{
+    if (r < 0) {
+        p->c.errors++;
+        e->total.errors++;
+        finish(e, p, LS_EV_PRODUCER_ERROR, (int32_t)r, queued);
+    } else if (p->remove && !p->drain) {
+        finish(e, p, LS_EV_PRODUCER_REMOVED, 0, queued);
     } else {
-        finish(e, p, LS_EV_PRODUCER_DIED, 0, p->moved);
+        p->c.errors++;
+        e->total.errors++;
+        finish(e, p, LS_EV_PRODUCER_DIED, 0, queued);
     }
 }
 
@@ -380,22 +489,42 @@ static int removal_due(struct ls_engine *e, struct producer *p)
 /* ---------------------------------------------------------------------------------------- */
 /* epoll engines: splice and readwrite                                                       */
 
+/* A TCP batch into its stage pipe: splice, or (readwrite) read + write. The stage holds the whole
+ * batch (checked at the header), so the write side never waits. Returns bytes, 0 (EOF) or -errno;
+ * -ENOSPC if the stage is full before the batch is whole (see STAGE_FILL_DIVISOR). */
+static long stage_sync(struct ls_engine *e, struct producer *p)
+{
+    size_t want = p->h.payload_len - p->staged;
+    if (e->kind == LS_ENGINE_SPLICE) {
+        ssize_t r = splice(p->fd, NULL, p->stage_w, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (r < 0 && errno == EAGAIN && pipe_avail(p->fd) > 0)
+            return -ENOSPC; /* the socket has bytes but the stage took none: it is full */
+        return r < 0 ? -errno : r;
+    }
+    if (want > RW_BUF_SIZE)
+        want = RW_BUF_SIZE;
+    ssize_t n = read(p->fd, e->rwbuf, want);
+    if (n <= 0)
+        return n < 0 ? -errno : 0;
+    for (ssize_t done = 0; done < n;) {
+        ssize_t w = write(p->stage_w, e->rwbuf + done, (size_t)(n - done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return errno == EAGAIN ? -ENOSPC : -errno;
+        done += w;
+    }
+    return n;
+}
+
+/* Move (or discard) payload that is all queued: from the pipe, or a TCP producer's stage pipe. */
 static long do_move_sync(struct ls_engine *e, struct producer *p, int discard)
 {
     struct stream *s = &e->streams[p->stream_id];
     size_t want = p->h.payload_len - p->moved;
+    int in = p->is_sock ? p->stage_r : p->fd;
     if (e->kind == LS_ENGINE_SPLICE) {
         ssize_t r;
-        if (p->is_sock && p->staged == 0) {
-            /* Stage from the socket first: never more than this batch still needs. */
-            r = splice(p->fd, NULL, p->stage_w, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-            if (r <= 0)
-                return r < 0 ? -errno : 0;
-            p->staged = (uint32_t)r;
-        }
-        int in = p->is_sock ? p->stage_r : p->fd;
-        if (p->is_sock)
-            want = p->staged;
         if (discard) {
             r = splice(in, NULL, e->devnull, NULL, want, SPLICE_F_NONBLOCK);
         } else {
@@ -406,7 +535,7 @@ static long do_move_sync(struct ls_engine *e, struct producer *p, int discard)
     }
     if (want > RW_BUF_SIZE)
         want = RW_BUF_SIZE;
-    ssize_t n = read(p->fd, e->rwbuf, want);
+    ssize_t n = read(in, e->rwbuf, want);
     if (n <= 0)
         return n < 0 ? -errno : 0;
     if (discard)
@@ -449,18 +578,53 @@ static void drive_sync(struct ls_engine *e, struct producer *p)
             }
             on_header(e, p, r < 0 ? -errno : r);
             break;
+        case P_WAIT_DATA:
+            if (p->is_sock) {
+                if (p->staged < p->h.payload_len) {
+                    r = stage_sync(e, p);
+                    if (r == -EINTR)
+                        continue;
+                    if (r == -EAGAIN) { /* the socket is empty: wait for more */
+                        if (p->remove) {
+                            wait_data_over(e, p, 0, p->staged);
+                            return;
+                        }
+                        epoll_arm(e, p, 1);
+                        return;
+                    }
+                    if (r == -ENOSPC) {
+                        refuse(e, p, LS_EBATCH_TOO_BIG, p->staged);
+                        return;
+                    }
+                    if (r <= 0) {
+                        wait_data_over(e, p, r, p->staged);
+                        return;
+                    }
+                    p->staged += (uint32_t)r;
+                    continue;
+                }
+            } else {
+                int avail;
+                int q = pipe_batch_queued(p, &avail);
+                if (q < 0 || (q == 0 && p->remove)) {
+                    wait_data_over(e, p, 0, avail > 0 ? (uint64_t)avail : 0);
+                    return;
+                }
+                if (q == 0) { /* part of it is queued: wake on the next bytes, never spin */
+                    epoll_arm(e, p, avail > 0 ? 2 : 1);
+                    return;
+                }
+            }
+            wait_stream(e, p);
+            break;
         case P_PAYLOAD:
         case P_DISCARD: {
             int discard = p->state == P_DISCARD;
             r = do_move_sync(e, p, discard);
             if (r == -EINTR)
                 continue;
-            if (r == -EAGAIN) {
-                if (p->remove && p->drain) { /* shutdown drain: the rest of this batch never came */
-                    abandon_partial(e, p);
-                    return;
-                }
-                epoll_arm(e, p, 1);
+            if (r == -EAGAIN) { /* it was all queued when the batch began */
+                payload_vanished(e, p);
                 return;
             }
             if (discard)
@@ -499,8 +663,28 @@ static void submit_poll(struct ls_engine *e, struct producer *p)
     p->inflight++;
 }
 
+/* Re-check a partly queued batch later (a POLL_ADD would complete at once: bytes are there). */
+static void submit_timer(struct ls_engine *e, struct producer *p)
+{
+    p->backoff_ns = p->backoff_ns ? p->backoff_ns * 2 : WAIT_BACKOFF_MIN_NS;
+    if (p->backoff_ns > WAIT_BACKOFF_MAX_NS)
+        p->backoff_ns = WAIT_BACKOFF_MAX_NS;
+    p->ts.tv_sec = p->backoff_ns / 1000000000ll;
+    p->ts.tv_nsec = p->backoff_ns % 1000000000ll;
+    struct io_uring_sqe *sqe = sqe_get(e);
+    sqe->opcode = IORING_OP_TIMEOUT;
+    sqe->fd = -1;
+    sqe->addr = (uint64_t)(uintptr_t)&p->ts;
+    sqe->len = 1;
+    sqe->off = 0; /* no completion count: a pure timer */
+    sqe->user_data = UD(U_TIMER, p->id);
+    p->inflight++;
+}
+
 /* SPLICE len bytes from `in` (a fixed-file slot if in_fixed, else a plain fd) to where this batch
- * goes: the stream's file at its offset (PAYLOAD) or /dev/null (DISCARD). */
+ * goes: the stream's file at its offset (PAYLOAD) or /dev/null (DISCARD). SPLICE_F_NONBLOCK: the
+ * bytes are queued, and if they vanished (the producer read them back) the op must not park an
+ * io-wq worker on an empty pipe. */
 static void submit_splice_out(struct ls_engine *e, struct producer *p, int in, int in_fixed, uint32_t len)
 {
     struct io_uring_sqe *sqe = sqe_get(e);
@@ -508,7 +692,7 @@ static void submit_splice_out(struct ls_engine *e, struct producer *p, int in, i
     sqe->splice_fd_in = in;
     sqe->splice_off_in = (uint64_t)-1;
     sqe->len = len;
-    sqe->splice_flags = (in_fixed ? SPLICE_F_FD_IN_FIXED : 0) | SPLICE_F_MOVE;
+    sqe->splice_flags = (in_fixed ? SPLICE_F_FD_IN_FIXED : 0) | SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
     sqe->flags = IOSQE_FIXED_FILE;
     if (p->state == P_PAYLOAD) {
         sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
@@ -554,37 +738,60 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
             p->inflight++;
         }
         return;
-    case P_PAYLOAD:
-    case P_DISCARD: {
-        if (p->is_sock && p->staged) { /* stage pipe -> file (or /dev/null) */
-            submit_splice_out(e, p, p->stage_r, 0, p->staged);
-            return;
-        }
-        /* Splice only what is already in the pipe, so the op never blocks an io-wq worker on a
-         * producer; an empty pipe mid-batch waits with a poll. */
-        avail = pipe_avail(p->fd);
-        if (avail <= 0) {
-            if (p->remove && p->drain) { /* shutdown drain: the rest of this batch never came */
-                abandon_partial(e, p);
+    case P_WAIT_DATA:
+        if (p->is_sock) {
+            if (p->staged < p->h.payload_len) {
+                avail = pipe_avail(p->fd); /* FIONREAD of the socket */
+                if (avail <= 0) {
+                    if (p->remove) {
+                        wait_data_over(e, p, 0, p->staged);
+                        return;
+                    }
+                    submit_poll(e, p);
+                    return;
+                }
+                uint32_t want = p->h.payload_len - p->staged;
+                if ((uint32_t)avail < want)
+                    want = (uint32_t)avail;
+                struct io_uring_sqe *sqe = sqe_get(e); /* socket -> stage pipe */
+                sqe->opcode = IORING_OP_SPLICE;
+                sqe->splice_fd_in = (int32_t)p->id;
+                sqe->splice_off_in = (uint64_t)-1;
+                sqe->len = want;
+                sqe->splice_flags = SPLICE_F_FD_IN_FIXED | SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+                sqe->fd = p->stage_w;
+                sqe->off = (uint64_t)-1;
+                sqe->user_data = UD(U_STAGE, p->id);
+                p->inflight++;
                 return;
             }
-            submit_poll(e, p);
+        } else {
+            int q = pipe_batch_queued(p, &avail);
+            if (q < 0 || (q == 0 && p->remove)) {
+                wait_data_over(e, p, 0, avail > 0 ? (uint64_t)avail : 0);
+                return;
+            }
+            if (q == 0) {
+                if (avail <= 0)
+                    submit_poll(e, p);
+                else
+                    submit_timer(e, p);
+                return;
+            }
+        }
+        wait_stream(e, p);
+        return;
+    case P_PAYLOAD:
+    case P_DISCARD: {
+        /* All of the payload was queued before the batch began: splice the rest in one go. */
+        uint32_t want = p->h.payload_len - p->moved;
+        if (p->is_sock) {
+            submit_splice_out(e, p, p->stage_r, 0, want);
             return;
         }
-        uint32_t want = p->h.payload_len - p->moved;
-        if ((uint32_t)avail < want)
-            want = (uint32_t)avail;
-        if (p->is_sock) { /* socket -> stage pipe */
-            struct io_uring_sqe *sqe = sqe_get(e);
-            sqe->opcode = IORING_OP_SPLICE;
-            sqe->splice_fd_in = (int32_t)p->id;
-            sqe->splice_off_in = (uint64_t)-1;
-            sqe->len = want;
-            sqe->splice_flags = SPLICE_F_FD_IN_FIXED | SPLICE_F_MOVE;
-            sqe->fd = p->stage_w;
-            sqe->off = (uint64_t)-1;
-            sqe->user_data = UD(U_STAGE, p->id);
-            p->inflight++;
+        avail = pipe_avail(p->fd);
+        if (avail < 0 || (uint32_t)avail < want) {
+            payload_vanished(e, p);
             return;
         }
         submit_splice_out(e, p, (int)p->id, 1, want);
@@ -645,12 +852,16 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
         if (res >= 0 && (res & (POLLHUP | POLLERR | (p->is_sock ? POLLIN : 0))) && pipe_avail(p->fd) <= 0) {
             if (p->state == P_HEADER)
                 on_header(e, p, 0);
+            else if (p->state == P_WAIT_DATA)
+                wait_data_over(e, p, 0, p->staged);
             else if (p->state == P_PAYLOAD)
                 on_payload(e, p, 0, 0);
             else
                 on_discard(e, p, 0);
             return;
         }
+        break;
+    case U_TIMER: /* -ETIME: time to look at a partly queued batch again */
         break;
     case U_SPLICE:
         if (res == -EINTR || res == -EAGAIN)
@@ -663,17 +874,20 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
         on_discard(e, p, res);
         break;
     case U_STAGE:
-        if (res == -EINTR || res == -EAGAIN)
+        if (res == -EINTR)
+            break;
+        if (res == -EAGAIN && pipe_avail(p->fd) > 0) { /* bytes waiting, yet the stage took none */
+            refuse(e, p, LS_EBATCH_TOO_BIG, p->staged);
+            return;
+        }
+        if (res == -EAGAIN)
             break;
         if (res > 0) {
             p->staged += (uint32_t)res;
             break;
         }
-        /* The socket ended (0) or failed (ECONNRESET...) mid-batch: the producer is gone. */
-        if (p->state == P_PAYLOAD)
-            on_payload(e, p, 0, 0);
-        else
-            on_discard(e, p, 0);
+        /* The socket ended (0) or failed (ECONNRESET...) mid-batch: nothing was written yet. */
+        wait_data_over(e, p, res, p->staged);
         return;
     }
     if (p->state != P_FREE)
@@ -739,7 +953,8 @@ static void apply_requests(struct ls_engine *e)
                     cancel_op(e, p);
                 else
                     drive(e, p);
-            } else if (p->state == P_HEADER || p->state == P_PAYLOAD || p->state == P_DISCARD) {
+            } else if (p->state == P_HEADER || p->state == P_WAIT_DATA || p->state == P_PAYLOAD ||
+                       p->state == P_DISCARD) {
                 drive(e, p);
             }
         }
@@ -843,8 +1058,8 @@ static int setup_uring(struct ls_engine *e)
     }
     e->ring_ok = 1;
     static const int need[] = {IORING_OP_SPLICE, IORING_OP_READ_FIXED, IORING_OP_POLL_ADD, IORING_OP_READ,
-                               IORING_OP_ASYNC_CANCEL};
-    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL"};
+                               IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT};
+    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL", "TIMEOUT"};
     for (unsigned i = 0; i < sizeof need / sizeof need[0]; i++) {
         r = ls_ring_op_supported(&e->ring, need[i]);
         if (r <= 0) {
@@ -1031,7 +1246,8 @@ int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused)
 
 /* Take slot `id` for a producer on `fd` (stage_r/stage_w: its stage pipe, or -1) and wake the
  * engine thread, which starts it. Returns 0, -EBUSY (slot in use) or -ENOENT (no such stream). */
-static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int fd, int stage_r, int stage_w)
+static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int fd, int stage_r, int stage_w,
+                      uint32_t cap)
 {
     pthread_mutex_lock(&e->mu);
     struct producer *p = &e->prod[id];
@@ -1048,6 +1264,7 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
     p->is_sock = stage_r >= 0;
     p->stage_r = stage_r;
     p->stage_w = stage_w;
+    p->cap = cap; /* 0 for a pipe: read from the pipe at its first header */
     p->state = P_HEADER;
     wake(e);
     pthread_mutex_unlock(&e->mu);
@@ -1075,7 +1292,7 @@ int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id,
     if ((fl & O_ACCMODE) != O_RDONLY)
         return -EBADF; /* a pipe, but not its read end */
     int r = set_nonblock_for_epoll(e, pipe_fd, fl);
-    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1);
+    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0);
 }
 
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd)
@@ -1094,12 +1311,30 @@ int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t str
     int stage[2];
     if (pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0)
         return -errno;
-    (void)fcntl(stage[1], F_SETPIPE_SZ, 1 << 20); /* best effort: a bigger stage, fewer splices */
-    r = claim_slot(e, id, stream_id, sock_fd, stage[0], stage[1]);
+    (void)fcntl(stage[1], F_SETPIPE_SZ, 1 << 20); /* best effort: a bigger stage, bigger batches */
+    int sz = fcntl(stage[1], F_GETPIPE_SZ);
+    if (sz < 0) {
+        r = -errno;
+        close(stage[0]);
+        close(stage[1]);
+        return r;
+    }
+    r = claim_slot(e, id, stream_id, sock_fd, stage[0], stage[1], (uint32_t)sz / STAGE_FILL_DIVISOR);
     if (r < 0) {
         close(stage[0]);
         close(stage[1]);
     }
+    return r;
+}
+
+int ls_engine_producer_max_batch(struct ls_engine *e, uint32_t id)
+{
+    if (id >= e->max_producers)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    int r = p->state == P_FREE ? -ENOENT : (int)producer_cap(e, p, 1);
+    pthread_mutex_unlock(&e->mu);
     return r;
 }
 

@@ -33,6 +33,12 @@
 #define LS_EV_PRODUCER_ERROR 6  /* reading the pipe failed (err = -errno); producer stopped */
 #define LS_EV_PRODUCER_REMOVED 7 /* answer to ls_engine_remove_producer(); slot free again */
 
+/* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, -1..-4): what the
+ * engine found wrong with a batch. The producer is stopped; nothing of the batch stays in the file. */
+#define LS_EBATCH_TOO_BIG (-5)    /* payload larger than the producer's pipe (or stage) holds whole */
+#define LS_EBATCH_NO_NEWLINE (-6) /* the batch's last byte is not '\n': it would glue the next record */
+#define LS_EBATCH_VANISHED (-7)   /* queued payload left the pipe mid-batch (the producer read it back) */
+
 struct ls_event {
     uint32_t kind;
     uint32_t producer_id;
@@ -90,6 +96,10 @@ int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t str
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by
  * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). */
 int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain);
+
+/* The largest payload_len producer `id` may send (its pipe or stage pipe must hold a whole batch
+ * before the engine starts writing it), or -errno. For WELCOME's max_batch. */
+int ls_engine_producer_max_batch(struct ls_engine *e, uint32_t id);
 
 /* Copy up to `max` pending events into `out`; returns how many. Clears the notify fd. */
 int ls_engine_poll_events(struct ls_engine *e, struct ls_event *out, int max);

@@ -1106,6 +1106,15 @@ static int await_welcome(struct ls_producer *p, const char *path)
                 const struct ls_mp_node *id = &p->doc.nodes[ls_mp_map_get(&p->doc, 0, "producer")];
                 p->producer_id = id->type == LS_MP_UINT ? (int64_t)id->v.u : id->v.i;
                 str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "engine"), p->engine, sizeof p->engine);
+                /* The daemon refuses a batch larger than it can hold whole before writing it (a
+                 * stalled producer must never hold a stream): obey its max_batch. */
+                int mb = ls_mp_map_get(&p->doc, 0, "max_batch");
+                if (is_int(&p->doc, mb)) {
+                    const struct ls_mp_node *n = &p->doc.nodes[mb];
+                    int64_t v = n->type == LS_MP_UINT ? (n->v.u > INT64_MAX ? INT64_MAX : (int64_t)n->v.u) : n->v.i;
+                    if (v >= 1 && v < (int64_t)p->capacity)
+                        p->capacity = (uint32_t)v;
+                }
                 consume_frame(p);
                 return 0;
             }
@@ -1351,6 +1360,11 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         destroy(p, 0);
         return r;
     }
+    /* A batch (header + payload) must fit the pipe whole: the daemon starts writing a batch only
+     * once all of it is queued, so a producer that stalls mid-batch holds nobody but itself.
+     * Past the uid's pipe budget the pipe is 2 pages: batches shrink with it. */
+    if ((uint32_t)p->pipe_size < p->segment_size)
+        p->capacity = (uint32_t)p->pipe_size - LS_FRAME_HEADER_SIZE;
     r = send_hello(p, rfd);
     close(rfd); /* the daemon holds the read end now */
     if (r < 0) {
