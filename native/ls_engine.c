@@ -489,6 +489,14 @@ static int removal_due(struct ls_engine *e, struct producer *p)
 /* ---------------------------------------------------------------------------------------- */
 /* epoll engines: splice and readwrite                                                       */
 
+/* 1 if p's stage pipe has no free slot (the kernel counts slots, not bytes: see STAGE_FILL_DIVISOR).
+ * An EAGAIN from socket -> stage means "socket empty" unless this says the stage is full. */
+static int stage_full(struct producer *p)
+{
+    struct pollfd pfd = {.fd = p->stage_w, .events = POLLOUT};
+    return poll(&pfd, 1, 0) == 0;
+}
+
 /* A TCP batch into its stage pipe: splice, or (readwrite) read + write. The stage holds the whole
  * batch (checked at the header), so the write side never waits. Returns bytes, 0 (EOF) or -errno;
  * -ENOSPC if the stage is full before the batch is whole (see STAGE_FILL_DIVISOR). */
@@ -497,8 +505,8 @@ static long stage_sync(struct ls_engine *e, struct producer *p)
     size_t want = p->h.payload_len - p->staged;
     if (e->kind == LS_ENGINE_SPLICE) {
         ssize_t r = splice(p->fd, NULL, p->stage_w, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        if (r < 0 && errno == EAGAIN && pipe_avail(p->fd) > 0)
-            return -ENOSPC; /* the socket has bytes but the stage took none: it is full */
+        if (r < 0 && errno == EAGAIN && stage_full(p))
+            return -ENOSPC; /* the batch does not fit the stage's slots: it can never be whole */
         return r < 0 ? -errno : r;
     }
     if (want > RW_BUF_SIZE)
@@ -876,7 +884,7 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
     case U_STAGE:
         if (res == -EINTR)
             break;
-        if (res == -EAGAIN && pipe_avail(p->fd) > 0) { /* bytes waiting, yet the stage took none */
+        if (res == -EAGAIN && stage_full(p)) { /* the batch does not fit the stage's slots */
             refuse(e, p, LS_EBATCH_TOO_BIG, p->staged);
             return;
         }

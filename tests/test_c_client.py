@@ -604,9 +604,10 @@ class TestDaemonEnds:
 class FakeDaemon:
     """Accepts one producer, answers HELLO with ``answer``, then runs ``script(conn, pipe_fd, hello_frame)``."""
 
-    def __init__(self, path: str, answer: dict, script=None):
+    def __init__(self, path: str, answer: dict, script=None, close_pipe_first: bool = False):
         from logsink import protocol
 
+        self.close_pipe_first = close_pipe_first  # close the pipe's read end before answering HELLO
         self.protocol = protocol
         self.path = path
         self.answer = answer
@@ -626,6 +627,8 @@ class FakeDaemon:
             conn.settimeout(20)
             data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
             self.hello, self.fds = data, fds
+            if self.close_pipe_first:
+                os.close(fds[0])
             conn.sendall(self.protocol.encode(self.answer))
             if self.script:
                 self.script(conn, fds[0])
@@ -746,10 +749,11 @@ class TestScriptedDaemon:
         from logsink import protocol
 
         def script(conn, fd):
-            os.close(fd)  # the only read end: every later pipe write is EPIPE + SIGPIPE
             time.sleep(3)  # keep the control socket open: the pipe, not EOF, must break the producer
 
-        fakes = [FakeDaemon(str(tmp_path / f"f{i}.sock"), protocol.welcome(0, "fake"), script) for i in range(2)]
+        # The only read end is closed before WELCOME: every pipe write after it is EPIPE + SIGPIPE.
+        fakes = [FakeDaemon(str(tmp_path / f"f{i}.sock"), protocol.welcome(0, "fake"), script, close_pipe_first=True)
+                 for i in range(2)]
         pid = os.fork()
         if pid == 0:
             code = 1

@@ -147,3 +147,31 @@ class TestStalledProducerDoesNotHoldTheStream:
         for ln in lines:  # nothing was glued onto a good record
             if not ln.startswith(b"g:"):
                 assert b"g:000" not in ln, f"a good record was glued into {ln[:120]!r}"
+
+
+class TestStoppedClient:
+    @pytest.mark.parametrize("engine", ("io_uring", "splice"))
+    def test_sigstopped_client_never_freezes_its_stream(self, daemon, producers, engine):
+        """A real Client stopped (SIGSTOP) at arbitrary points of its hand-overs never delays another producer's flush."""
+        import signal
+        import subprocess
+
+        from conftest import finish_producer
+        from lsk_helpers import read_line, record
+
+        d = daemon(engine)
+        busy = producers({"socket": d.sock, "stream": "app", "tag": "busy", "mode": "until-stdin",
+                          "client": {"segment_size": 1 << 20, "segments": 4}}, stdin=subprocess.PIPE)
+        assert read_line(busy, 30, "ready") == "ready"
+        for round_ in range(12):
+            time.sleep(0.01 * (round_ % 4))  # stop it at different points of its write/hand-over cycle
+            os.kill(busy.pid, signal.SIGSTOP)
+            try:
+                secs = _good_round(d, f"g{round_}", 100, flush_timeout=5.0)
+            finally:
+                os.kill(busy.pid, signal.SIGCONT)
+            assert secs < 5.0
+        out = finish_producer(busy, input=b"")
+        assert_file(d.log("app"), {**{f"g{i}": make_records(f"g{i}", 100) for i in range(12)}},
+                    prefix_of={"busy": lambda i: record("busy", i)})
+        assert out["count"] > 0
