@@ -22,6 +22,9 @@ LOCK_NAME = ".logsink.lock"
 class FileRefused(OSError):
     """A name in the daemon's directory that logsink will not open; the message says why and what to do."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _kind(dirfd: int, name: str) -> str:
     try:
@@ -122,7 +125,12 @@ def read_beneath(dirfd: int, name: str, where: str) -> bytes | None:
 def replace_beneath(dirfd: int, name: str, data: bytes, mode: int, where: str) -> None:
     """Write ``data`` to ``name`` beneath ``dirfd`` atomically (a temp file renamed over it)."""
     tmp = name + ".tmp"
-    fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT, mode, where=where + ".tmp")
+    try:
+        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT, mode, where=where + ".tmp")
+    except FileRefused:
+        # The temp name is ours alone: something planted there (a link, a FIFO) is removed, not followed.
+        os.unlink(tmp, dir_fd=dirfd)
+        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, where=where + ".tmp")
     try:
         os.ftruncate(fd, 0)
         view = memoryview(data)

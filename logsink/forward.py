@@ -419,7 +419,11 @@ class Forwarder:
         data = json.dumps({"offset": offset, "dev": self.group.identity[0], "ino": self.group.identity[1],
                            "file": self.group.path, "downstream": self.address}).encode()
         mgr = self.group.mgr
-        replace_beneath(mgr.state_fd, os.path.basename(self.cursor_path), data, mgr.file_mode, self.cursor_path)
+        try:
+            replace_beneath(mgr.state_fd, os.path.basename(self.cursor_path), data, mgr.file_mode, self.cursor_path)
+        except OSError as exc:  # the next save tries again; a restart then replays from the last saved cursor
+            log.error("forward_cursor_save_failed", file=self.cursor_path, error=str(exc))
+            return
         self._saved = state
 
     # -- status and close -----------------------------------------------------------------------

@@ -86,6 +86,11 @@ int ls_open_beneath(int dirfd, const char *path, int flags, int mode)
             return fd;
     } else {
         fd = open_once(dirfd, path, base, 0);
+        if (fd == -ENOTDIR && want_dir) { /* O_DIRECTORY|O_NOFOLLOW on a link says ENOTDIR: say link */
+            struct stat lst;
+            if (fstatat(dirfd, path, &lst, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(lst.st_mode))
+                fd = -ELOOP;
+        }
         if (fd < 0)
             return fd;
     }

@@ -401,3 +401,124 @@ class TestStatusBusy:
         res = subprocess.run([sys.executable, "-m", "logsink", "status", "--socket", str(tmp_path / "none.sock"), "--timeout", "1"],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 1 and "no logsink daemon" in res.stderr, (res.returncode, res.stderr)
+
+
+class TestFdRules:
+    """The one-unclaimed-fd rule, message by message."""
+
+    def test_more_fds_than_a_read_holds_are_all_closed(self, daemon):
+        """20 fds in one message (past the daemon's 16-fd control buffer): refused with too-many-fds, every fd closed."""
+        d = daemon("readwrite")
+        base = fd_count(d.pid)
+        from logsink import protocol
+
+        pipes = [os.pipe() for _ in range(20)]
+        raw = RawProducer(d.sock)
+        try:
+            raw.send(protocol.encode(protocol.hello("app", os.getpid(), "copy")), [r for r, _ in pipes])
+            for r, _ in pipes:
+                os.close(r)
+            raw.expect_error("too-many-fds")
+            for _, w in pipes:
+                wait_for(lambda: _pipe_reader_gone(w), 10, "the daemon to close every passed pipe")
+        finally:
+            for _, w in pipes:
+                os.close(w)
+            raw.close()
+        wait_for(lambda: fd_count(d.pid) <= base, 10, "the daemon's fd count back to where it was")
+
+    def test_second_fd_before_hello_completes_is_refused(self, daemon):
+        """One fd may wait for a HELLO still arriving; a second one gets too-many-fds."""
+        d = daemon("readwrite")
+        from logsink import protocol
+
+        frame = protocol.encode(protocol.hello("app", os.getpid(), "copy"))
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        raw = RawProducer(d.sock)
+        try:
+            raw.send(frame[:3], [r1])
+            raw.send(frame[3:5], [r2])
+            os.close(r1)
+            os.close(r2)
+            raw.expect_error("too-many-fds")
+            wait_for(lambda: _pipe_reader_gone(w1) and _pipe_reader_gone(w2), 10, "the daemon to close both pipes")
+        finally:
+            for fd in (w1, w2):
+                os.close(fd)
+            raw.close()
+
+    def test_hello_split_across_reads_keeps_its_fd(self, daemon):
+        """A HELLO whose fd came with its first bytes still gets WELCOME when the rest arrives later."""
+        d = daemon("readwrite")
+        from logsink import protocol
+
+        frame = protocol.encode(protocol.hello("app", os.getpid(), "copy"))
+        raw = RawProducer(d.sock)
+        try:
+            raw.send(frame[:3], [raw.pipe()])
+            os.close(raw.r)
+            raw.r = None
+            time.sleep(0.2)  # let the daemon read the first part on its own
+            raw.send(frame[3:])
+            raw.expect_welcome()
+            recs = make_records("h", 5)
+            raw.send_batch(recs, 1)
+            raw.wait_release(1)
+        finally:
+            raw.close()
+
+
+class TestForwardStateFiles:
+    """Spools, cursors and the state dir are opened beneath their directory without links too."""
+
+    @pytest.fixture
+    def collector(self):
+        """A TCP listener that never accepts: the kernel takes (and ACKs) what fits its backlog and buffers."""
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        yield srv.getsockname()[1]
+        srv.close()
+
+    def test_symlinked_spool_is_refused(self, daemon, tmp_path, collector):
+        """A spool planted as a symlink is never written: the forward-only stream's HELLO gets file-refused."""
+        target = tmp_path / "outside.log"
+        target.write_bytes(b"precious\nno newline")
+        spool = tmp_path / "d0" / "logs" / ".state" / "spool"
+        spool.mkdir(parents=True)
+        (spool / "app.spool").symlink_to(target)
+        d = daemon("readwrite", "--forward", f"app=tcp://127.0.0.1:{collector}")
+        raw = RawProducer(d.sock)
+        try:
+            raw.hello("app")
+            msg = raw.expect_error("file-refused")
+        finally:
+            raw.close()
+        assert "app.spool is a symlink" in msg["reason"], msg
+        assert target.read_bytes() == b"precious\nno newline"
+
+    def test_symlinked_state_dir_refuses_start(self, tmp_path, collector):
+        """<dir>/.state planted as a symlink to another directory: the daemon refuses to start and creates nothing there."""
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (logs / ".state").symlink_to(elsewhere)
+        res = serve_expect_refusal(["--dir", str(logs), "--socket", str(tmp_path / "s.sock"), "--engine", "readwrite",
+                                    "--forward", f"app=tcp://127.0.0.1:{collector}"])
+        assert ".state is a symlink" in res.stderr, res.stderr
+        assert list(elsewhere.iterdir()) == []
+
+    def test_planted_cursor_temp_link_is_not_followed(self, daemon, tmp_path, collector):
+        """A symlink planted at the cursor's temp name is replaced, not written through; the cursor is still saved."""
+        target = tmp_path / "outside.txt"
+        target.write_bytes(b"precious\n")
+        state = tmp_path / "d0" / "logs" / ".state"
+        state.mkdir(parents=True)
+        cursor = state / f"app.127.0.0.1_{collector}.cursor"
+        Path(str(cursor) + ".tmp").symlink_to(target)
+        d = daemon("readwrite", "--forward", f"app=tcp://127.0.0.1:{collector},file")
+        client_round_trip(d, "app", 50)
+        wait_for(lambda: cursor.is_file() and not cursor.is_symlink(), 10, f"{cursor} to be saved")
+        assert target.read_bytes() == b"precious\n"
