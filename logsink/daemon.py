@@ -303,6 +303,7 @@ class Daemon:
         self._evbuf = ffi.new("struct ls_event[]", EVENT_BATCH)
         self._all_gone: asyncio.Event | None = None
         self.accept_gate = AcceptGate()
+        self.socket_identity: tuple[int, int] | None = None
         self.dirfd = -1
         self.lock: DirLock | None = None
 
@@ -374,6 +375,8 @@ class Daemon:
             if gid >= 0:
                 os.chown(path, -1, gid)
             os.chmod(path, self.cfg.socket_mode)
+            st = os.lstat(path)
+            self.socket_identity = (st.st_dev, st.st_ino)
         except OSError:
             srv.close()
             os.unlink(path)
@@ -421,7 +424,9 @@ class Daemon:
             loop.remove_reader(tl.fileno())
             tl.close()
         try:
-            os.unlink(self.socket_path)
+            st = os.lstat(self.socket_path)
+            if (st.st_dev, st.st_ino) == self.socket_identity:  # ours, not something put there since
+                os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         log.info("shutting_down", producers=len(self.producers), grace=self.cfg.shutdown_grace)
