@@ -270,14 +270,16 @@ class AcceptGate:
         if self.reserve < 0:
             self.reserve = self._open_reserve()
 
-    def log_failure(self, exc: OSError, shed: bool) -> None:
+    def log_failure(self, exc: OSError) -> None:
         now = time.monotonic()
         if now - self.last_log < ACCEPT_LOG_PERIOD:
             self.suppressed += 1
             return
+        extra = {}
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            extra["hint"] = "raise the daemon's fd limit (LimitNOFILE=) or find who holds its connections open"
         log.error("accept_failed", error=str(exc), suppressed=self.suppressed, connections_shed=self.shed_total,
-                  backoff=self.delay, hint="raise the daemon's fd limit (LimitNOFILE=) or find who holds connections open"
-                  if exc.errno in (errno.EMFILE, errno.ENFILE) else None)
+                  backoff=self.delay, **extra)
         self.last_log, self.suppressed = now, 0
 
     def close(self) -> None:
@@ -510,11 +512,10 @@ class Daemon:
 
         Out of fds (EMFILE/ENFILE): spend the reserve fd to accept the newest connection and close
         it (its client sees EOF instead of hanging), then stop reading this listener for a while."""
-        shed = False
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             self.errors[E_FD_LIMIT] += 1
-            shed = self.accept_gate.shed(srv)
-        self.accept_gate.log_failure(exc, shed)
+            self.accept_gate.shed(srv)
+        self.accept_gate.log_failure(exc)
         if self.shutting_down:
             return
         loop = asyncio.get_running_loop()
