@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -24,7 +25,25 @@ Settings come from the embedded defaults, then --config FILE (TOML, keys as the 
 with '_' for '-', e.g. dir = "/var/log/logsink", shutdown_grace = 5), then the flags.
 SIGTERM/SIGINT: stop accepting, let producers hand over what they hold, drain every pipe,
 exit 0. SIGHUP: reopen files that logrotate moved away.
+
+Files and directories the daemon creates get file_mode (0640) and dir_mode (0750), the control
+socket socket_mode (0660) and socket_group, never the umask's. One daemon per DIR (it holds
+DIR/.logsink.lock). A --listen address that is not loopback needs auth_token in the config, or
+--allow-unauthenticated. See docs/security.md.
 """
+
+STATUS_HELP = """Ask a running daemon for its engine, streams, producers and error counters.
+
+Exit status: 0 the daemon answered; 1 no daemon at the socket (or it refused); 3 a daemon is
+there but busy: its listen backlog stayed full, or it did not answer, for --timeout seconds.
+"""
+# `logsink status` exit codes (documented in STATUS_HELP).
+EXIT_NO_DAEMON = 1
+EXIT_BUSY = 3
+
+
+class DaemonBusy(ConnectionError):
+    """A daemon is at the socket but did not take or answer the connection in time."""
 
 
 def _configure_logging() -> None:
@@ -59,10 +78,15 @@ def _parser() -> argparse.ArgumentParser:
                     "octet-counted = RFC 6587, for rsyslog imtcp / syslog-ng network(transport(framed)))")
     sp.add_argument("--state-dir", dest="state_dir", help="forward cursors and spools (default: DIR/.state)")
     sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
+    sp.add_argument("--allow-unauthenticated", action="store_true", default=None, dest="allow_unauthenticated",
+                    help="accept TCP producers without a token on a non-loopback --listen address (only on a trusted network)")
 
-    st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon")
+    st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon",
+                        description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="how long to keep trying a busy daemon (full backlog, slow answer) before reporting it busy (default: 10)")
 
     pp = sub.add_parser("pipe", help="relay records from stdin into a stream (splice when stdin is a pipe)",
                         description="Read log lines from stdin and hand them to the daemon as stream STREAM. When stdin is a pipe "
@@ -76,18 +100,44 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _connect(path: str, deadline: float) -> socket.socket:
+    """Connect to the control socket; EAGAIN (the daemon's backlog is full) is retried with backoff until ``deadline``."""
+    delay = 0.01
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)  # a blocking connect on a full backlog would wait without a bound
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonBusy(f"the logsink daemon at {path} is busy: its listen backlog stayed full (try again, "
+                                 "or raise --timeout)") from None
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
+        except OSError as exc:
+            sock.close()
+            raise ConnectionError(f"no logsink daemon at {path}: {exc.strerror or exc} (start one with `logsink serve`, or pass --socket)") from None
+
+
 def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        raise ConnectionError(f"no logsink daemon at {path}: {exc.strerror or exc} (start one with `logsink serve`, or pass --socket)") from None
+    deadline = time.monotonic() + timeout
+    sock = _connect(path, deadline)
     with sock:
-        sock.sendall(protocol.encode({"t": protocol.STATUS}))
+        sock.settimeout(max(deadline - time.monotonic(), 0.1))
+        try:
+            sock.sendall(protocol.encode({"t": protocol.STATUS}))
+        except TimeoutError:
+            raise DaemonBusy(f"the logsink daemon at {path} is busy: it did not take the request within {timeout:g}s") from None
         dec = protocol.ControlDecoder()
         while True:
-            data = sock.recv(1 << 20)
+            try:
+                data = sock.recv(1 << 20)
+            except TimeoutError:
+                raise DaemonBusy(f"the logsink daemon at {path} is busy: it did not answer within {timeout:g}s (try again, "
+                                 "or raise --timeout)") from None
             if not data:
                 raise ConnectionError("the daemon closed the connection without answering")
             for msg in dec.feed(data):
@@ -124,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging()
         try:
             cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen,
-                                     "forward_cli": args.forward_cli, "framing": args.framing, "state_dir": args.state_dir})
+                                     "forward_cli": args.forward_cli, "framing": args.framing, "state_dir": args.state_dir,
+                                     "allow_unauthenticated": args.allow_unauthenticated})
         except ConfigError as exc:
             print(f"logsink serve: {exc}", file=sys.stderr)
             return 2
@@ -148,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.command == "status":
         try:
-            st = _query_status(args.socket or default_socket_path())
+            st = _query_status(args.socket or default_socket_path(), args.timeout)
+        except DaemonBusy as exc:
+            print(f"logsink status: {exc}", file=sys.stderr)
+            return EXIT_BUSY
         except (ConnectionError, OSError, protocol.ProtocolError) as exc:
             print(f"logsink status: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_NO_DAEMON
         try:
             if args.json:
                 print(json.dumps(st, sort_keys=True))

@@ -37,7 +37,6 @@ class Config:
     max_streams: int = 1024
     # Largest batch a producer may send (its segment size); mirrors protocol.MAX_BATCH_PAYLOAD.
     max_batch: int = 64 << 20
-    file_mode: int = 0o644
     # TCP ingest: off unless configured; an address without a host binds loopback.
     listen: list = field(default_factory=list)
     # Shared secret TCP producers must present in HELLO (clients read LOGSINK_TOKEN); "" = none.
@@ -50,6 +49,15 @@ class Config:
     # Cursors and spools of forwarded streams; "" = <dir>/.state
     state_dir: str = ""
     forwards: dict = field(default_factory=dict)  # parsed by load(): stream -> [ForwardSpec]
+    # -- hygiene: modes, ownership, exposure (docs/security.md) --
+    # Explicit modes, never the umask's: files the daemon creates (stream files, spools, cursors, the
+    # lock), directories it creates (--dir, the state dir), the control socket. TOML: 0o640 or "0640".
+    file_mode: int = 0o640
+    dir_mode: int = 0o750
+    socket_mode: int = 0o660
+    socket_group: str | int = ""  # group (name or number) the control socket is chowned to; "" = the daemon's
+    # A --listen address that is not loopback needs auth_token, unless this says the network is trusted.
+    allow_unauthenticated: bool = False
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -99,5 +107,72 @@ def load(path: str | None, overrides: dict) -> Config:
         cfg.forwards = forward_from_config(cfg.forward, cfg.forward_cli, cfg.framing)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _check_hygiene(cfg)
     cfg.dir = str(Path(cfg.dir).expanduser())
     return cfg
+
+
+def parse_mode(name: str, value: object) -> int:
+    """A permission mode from TOML: an integer (0o640) or an octal string ("0640", "640", "0o640")."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text = text[2:] if text.startswith("0o") else text
+        try:
+            value = int(text, 8) if text else None
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise ConfigError(f"{name} must be an octal permission mode such as 0o640 or \"0640\", got {value!r}")
+    return value
+
+
+def resolve_group(value: str | int) -> int:
+    """``socket_group`` as a gid (-1 = leave the socket's group alone)."""
+    if value == "" or value is None:
+        return -1
+    if isinstance(value, bool):
+        raise ConfigError(f"socket_group must be a group name or number, got {value!r}")
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        gid = int(value)
+        if gid < 0:
+            raise ConfigError(f"socket_group must be a group name or a number >= 0, got {value!r}")
+        return gid
+    if isinstance(value, str):
+        import grp
+
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group {value!r} is not a group on this host (see /etc/group), or give its number") from None
+    raise ConfigError(f"socket_group must be a group name or number, got {value!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; any other name counts as reachable from outside."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_hygiene(cfg: Config) -> None:
+    for name in ("file_mode", "dir_mode", "socket_mode"):
+        setattr(cfg, name, parse_mode(name, getattr(cfg, name)))
+    resolve_group(cfg.socket_group)
+    if not isinstance(cfg.allow_unauthenticated, bool):
+        raise ConfigError(f"allow_unauthenticated must be true or false, got {cfg.allow_unauthenticated!r}")
+    if cfg.auth_token or cfg.allow_unauthenticated:
+        return
+    from logsink.daemon import parse_tcp_address
+
+    for addr in cfg.listen:
+        host, _ = parse_tcp_address(addr)
+        if not is_loopback(host):
+            raise ConfigError(
+                f"listen address {addr} is not loopback and no auth_token is set: anyone who can reach it could write "
+                "logs. Set auth_token in the config (producers send it via LOGSINK_TOKEN), or, if the network is trusted, "
+                "set allow_unauthenticated = true (or pass --allow-unauthenticated)")

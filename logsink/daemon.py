@@ -14,6 +14,7 @@ import hmac
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import structlog
 
 from logsink import __version__, protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
-from logsink.config import Config
+from logsink.config import Config, resolve_group
+from logsink.files import DirLock, FileRefused, dir_beneath, make_dirs, open_beneath, open_dir
 from logsink.forward import ForwardManager
 
 log = structlog.get_logger("logsink.daemon")
@@ -33,7 +35,21 @@ EVENT_BATCH = 512
 # After the grace period, producers still connected get their pipes drained; this bounds that.
 DRAIN_TIMEOUT = 10.0
 # Most fds a single control-socket read may carry (HELLO carries one; more is an error we report).
+# Past this the kernel sets MSG_CTRUNC and closes nothing for us: we close what arrived.
 MAX_FDS_PER_READ = 16
+# Largest control message a client may send: HELLO and STATUS are a few hundred bytes. This bounds
+# what one connection makes the daemon buffer (the protocol's 1 MiB is for the daemon's answers).
+MAX_CLIENT_MESSAGE = 64 << 10
+# At the fd limit (EMFILE/ENFILE on accept): stop reading the listener this long, doubling to the
+# max while it lasts, so the daemon waits for fds to free up instead of spinning on accept.
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 2.0
+# One accept_failed log line per this many seconds; the next one says how many were suppressed.
+ACCEPT_LOG_PERIOD = 10.0
+
+E_TOO_MANY_FDS = "too-many-fds"    # fds beyond the one HELLO carries (or more than a read can hold)
+E_FD_LIMIT = "fd-limit"            # accept failed: the daemon (or the system) is out of fds
+E_FILE_REFUSED = "file-refused"    # the stream's file is a symlink, FIFO, directory, hard link, ...
 
 FRAME_ERRORS = {
     lib.LS_EFRAME_MAGIC: "bad magic (expected b'LSK1'): the pipe does not carry logsink frames",
@@ -61,6 +77,9 @@ ERROR_CODES = (
     "pipe-error",
     protocol.E_INTERNAL,
     protocol.E_AUTH,
+    E_TOO_MANY_FDS,
+    E_FD_LIMIT,
+    E_FILE_REFUSED,
 )
 
 
@@ -72,6 +91,8 @@ class Stream:
     fd: int
     inode: tuple[int, int]
     producers: int = 0
+    dirfd: int = -1      # the directory the file is opened beneath (the daemon's, or the spool dir)
+    filename: str = ""   # its name there (one component: stream names cannot contain '/')
 
 
 @dataclass
@@ -95,8 +116,8 @@ class Conn:
     def __init__(self, daemon: "Daemon", sock: socket.socket, peer: str | None = None):
         self.daemon = daemon
         self.sock = sock
-        self.decoder = protocol.ControlDecoder()
-        self.fds: list[int] = []
+        self.decoder = protocol.ControlDecoder(MAX_CLIENT_MESSAGE)
+        self.fds: list[int] = []  # at most one: the fd of a HELLO still being decoded
         self.out = bytearray()
         self.producer: Producer | None = None
         self.closed = False
@@ -120,7 +141,8 @@ class Conn:
     def on_readable(self) -> None:
         fds = array.array("i")
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_READ * fds.itemsize))
+            # CLOEXEC: a passed fd must never leak into a child the daemon might start.
+            data, anc, flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_READ * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -129,7 +151,8 @@ class Conn:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-        self.fds.extend(fds)
+        if fds and not self._take_fds(list(fds), flags):
+            return
         if not data:
             self.daemon.on_conn_lost(self, "closed" if not self.decoder.buffered else "closed mid-message")
             return
@@ -141,6 +164,33 @@ class Conn:
                     return
         except protocol.ProtocolError as exc:
             self.daemon.reject(self, exc.code, exc.reason)
+            return
+        if self.fds and not self.decoder.buffered:
+            # Every complete message is handled and none took the fd: it came with something else.
+            self.daemon.reject(self, protocol.E_BAD_FD, "an fd came with a message that is not HELLO: only HELLO carries one (the data pipe's read end)")
+
+    def _take_fds(self, fds: list[int], flags: int) -> bool:
+        """Keep at most one fd, for the HELLO being decoded; close the rest now and refuse the connection.
+
+        The kernel hands fds over with the bytes of the sendmsg that carried them; a connection that
+        sends more, or sends them when no HELLO can claim them, would otherwise make the daemon hold
+        them (16 a message) until it hits its fd limit. Returns False if the connection was refused."""
+        why = None
+        if flags & socket.MSG_CTRUNC:
+            code, why = E_TOO_MANY_FDS, f"more than {MAX_FDS_PER_READ} fds in one message: HELLO carries exactly one"
+        elif len(fds) > 1:
+            code, why = protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}"
+        elif self.fds:
+            code, why = E_TOO_MANY_FDS, "a second fd before the first HELLO was complete: HELLO carries exactly one"
+        elif self.producer is not None or self.tcp:
+            code, why = E_TOO_MANY_FDS, "an fd after HELLO: only HELLO carries one"
+        if why is None:
+            self.fds = fds
+            return True
+        for fd in fds:
+            os.close(fd)
+        self.daemon.reject(self, code, why)
+        return False
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.closed:
@@ -184,6 +234,66 @@ class Conn:
         self.sock.close()
 
 
+class AcceptGate:
+    """What the listeners do when accept() fails: a reserve fd to shed with, a growing pause, a quiet log."""
+
+    def __init__(self) -> None:
+        self.reserve = self._open_reserve()
+        self.delay = ACCEPT_BACKOFF_MIN
+        self.last_log = -ACCEPT_LOG_PERIOD
+        self.suppressed = 0
+        self.shed_total = 0
+
+    @staticmethod
+    def _open_reserve() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def shed(self, srv: socket.socket) -> bool:
+        """Close the reserve fd, accept and close the newest connection, take the reserve back."""
+        if self.reserve >= 0:
+            os.close(self.reserve)
+            self.reserve = -1
+        shed = False
+        try:
+            sock, _ = srv.accept()
+            sock.close()
+            shed = True
+            self.shed_total += 1
+        except OSError:
+            pass
+        self.reserve = self._open_reserve()
+        return shed
+
+    def next_delay(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, ACCEPT_BACKOFF_MAX)
+        return delay
+
+    def succeeded(self) -> None:
+        self.delay = ACCEPT_BACKOFF_MIN
+        if self.reserve < 0:
+            self.reserve = self._open_reserve()
+
+    def log_failure(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self.last_log < ACCEPT_LOG_PERIOD:
+            self.suppressed += 1
+            return
+        extra = {}
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            extra["hint"] = "raise the daemon's fd limit (LimitNOFILE=) or find who holds its connections open"
+        log.error("accept_failed", error=str(exc), suppressed=self.suppressed, connections_shed=self.shed_total,
+                  backoff=self.delay, **extra)
+        self.last_log, self.suppressed = now, 0
+
+    def close(self) -> None:
+        if self.reserve >= 0:
+            os.close(self.reserve)
+            self.reserve = -1
+
+
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -200,6 +310,10 @@ class Daemon:
         self.engine = ffi.NULL
         self._evbuf = ffi.new("struct ls_event[]", EVENT_BATCH)
         self._all_gone: asyncio.Event | None = None
+        self.accept_gate = AcceptGate()
+        self.socket_identity: tuple[int, int] | None = None
+        self.dirfd = -1
+        self.lock: DirLock | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start_engine(self) -> None:
@@ -211,30 +325,77 @@ class Daemon:
         self.engine = out[0]
         self.engine_name = ENGINE_NAMES[lib.ls_engine_kind(self.engine)]
         self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
-        self.forward = ForwardManager(self.cfg.forwards, self.cfg.state_dir or os.path.join(self.dir, ".state"), self.engine, self.cfg.file_mode)
+        self.forward = ForwardManager(self.cfg.forwards, self._state_dir(), self.engine, self.cfg.file_mode, self.cfg.dir_mode)
+
+    def _state_dir(self) -> tuple[str, int]:
+        """The forward state dir (path, fd): <dir>/.state beneath the dir fd, or the configured one. -1 = none needed."""
+        if not self.cfg.forwards:
+            return self.cfg.state_dir or os.path.join(self.dir, ".state"), -1
+        if not self.cfg.state_dir:
+            path = os.path.join(self.dir, ".state")
+            return path, dir_beneath(self.dirfd, ".state", self.cfg.dir_mode, path)
+        path = os.path.abspath(self.cfg.state_dir)
+        make_dirs(path, self.cfg.dir_mode)
+        return path, open_dir(path)
+
+    def open_directory(self) -> None:
+        """Create --dir (with dir_mode), hold an fd on it, and take its lock: one daemon per directory."""
+        make_dirs(self.dir, self.cfg.dir_mode)
+        self.dirfd = open_dir(self.dir)
+        self.lock = DirLock(self.dirfd, self.dir, self.cfg.file_mode)
 
     def open_listener(self) -> socket.socket:
         path = self.socket_path
-        if os.path.exists(path):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket ({kind}): logsink removes only a stale socket "
+                                            "of its own; remove it yourself or pass another --socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)  # a full backlog would otherwise block the connect
             try:
                 probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)  # stale socket of a daemon that is gone
+            except ConnectionRefusedError:
+                os.unlink(path)  # a socket nobody listens on: a daemon that is gone
+            except OSError as exc:  # busy (EAGAIN, timeout) or unreachable: someone may be there; leave it
+                raise OSError(errno.EADDRINUSE, f"{path} is a socket that did not refuse a connection ({exc}): another daemon may be "
+                                                "listening there; stop it or pass another --socket") from None
             else:
                 raise OSError(errno.EADDRINUSE, f"another logsink daemon is listening on {path}; stop it or pass --socket")
             finally:
                 probe.close()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            make_dirs(parent, self.cfg.dir_mode)
+        gid = resolve_group(self.cfg.socket_group)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
+        # bind creates the socket file with the umask's mode: make that private, then set ours.
+        old = os.umask(0o177)
+        try:
+            srv.bind(path)
+        finally:
+            os.umask(old)
+        try:
+            if gid >= 0:
+                os.chown(path, -1, gid)
+            os.chmod(path, self.cfg.socket_mode)
+            st = os.lstat(path)
+            self.socket_identity = (st.st_dev, st.st_ino)
+        except OSError:
+            srv.close()
+            os.unlink(path)
+            raise
         srv.listen(512)
         srv.setblocking(False)
         return srv
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        os.makedirs(self.dir, exist_ok=True)
+        self.open_directory()
         self.start_engine()
         if self.fallback_reason and self.cfg.engine == "auto":
             log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
@@ -247,7 +408,11 @@ class Daemon:
             loop.add_reader(tl.fileno(), self._accept_tcp, tl)
         loop.add_reader(lib.ls_engine_notify_fd(self.engine), self._on_engine_events)
         for name in self.forward.stream_names():  # replay spools left by the last run without waiting for a producer
-            self._stream(name)
+            try:
+                self._stream(name)
+            except protocol.ProtocolError as exc:
+                self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
+                log.error("stream_refused", stream=name, code=exc.code, reason=exc.reason)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reopen_files)
@@ -267,7 +432,9 @@ class Daemon:
             loop.remove_reader(tl.fileno())
             tl.close()
         try:
-            os.unlink(self.socket_path)
+            st = os.lstat(self.socket_path)
+            if (st.st_dev, st.st_ino) == self.socket_identity:  # ours, not something put there since
+                os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         log.info("shutting_down", producers=len(self.producers), grace=self.cfg.shutdown_grace)
@@ -288,6 +455,10 @@ class Daemon:
         self.engine = ffi.NULL
         for s in self.streams.values():
             os.close(s.fd)
+        self.accept_gate.close()
+        if self.lock is not None:
+            self.lock.close()
+        os.close(self.dirfd)
         log.info("stopped", **totals)
 
     async def _wait_producers_gone(self, timeout: float) -> bool:
@@ -323,8 +494,9 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.error("accept_failed", error=str(exc))
+            self._accept_failed(srv, exc, lambda: self._accept_tcp(srv))
             return
+        self.accept_gate.succeeded()
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conns.add(Conn(self, sock, peer=f"{addr[0]}:{addr[1]}"))
@@ -334,11 +506,31 @@ class Daemon:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:  # EMFILE and friends: say so, keep serving
-            log.error("accept_failed", error=str(exc))
+        except OSError as exc:
+            self._accept_failed(self.listener, exc, self._accept)
             return
+        self.accept_gate.succeeded()
         sock.setblocking(False)
         self.conns.add(Conn(self, sock))
+
+    def _accept_failed(self, srv: socket.socket, exc: OSError, callback: Any) -> None:
+        """accept() failed with the connection still queued: never retry at once (that is a busy loop).
+
+        Out of fds (EMFILE/ENFILE): spend the reserve fd to accept the newest connection and close
+        it (its client sees EOF instead of hanging), then stop reading this listener for a while."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.errors[E_FD_LIMIT] += 1
+            self.accept_gate.shed(srv)
+        self.accept_gate.log_failure(exc)
+        if self.shutting_down:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(srv.fileno())
+        loop.call_later(self.accept_gate.next_delay(), self._resume_accept, srv, callback)
+
+    def _resume_accept(self, srv: socket.socket, callback: Any) -> None:
+        if not self.shutting_down and srv.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(srv.fileno(), callback)
 
     def reject(self, conn: Conn, code: str, reason: str) -> None:
         """Count, log and answer a protocol violation, then close the offending connection only."""
@@ -448,9 +640,13 @@ class Daemon:
         conn.pid = msg["pid"]
 
     # -- streams and files ------------------------------------------------------------------------
-    def _open_output(self, path: str) -> tuple[int, int, tuple[int, int]]:
-        """Open (create) an output file without O_APPEND (splice refuses it), repair a torn tail."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.cfg.file_mode)  # RDWR: the tail check reads
+    def _open_output(self, dirfd: int, name: str, path: str) -> tuple[int, int, tuple[int, int]]:
+        """Open (create) an output file without O_APPEND (splice refuses it), repair a torn tail.
+
+        Opened beneath ``dirfd`` with no link followed and only if it is a regular file with one
+        link (logsink/files.py): a planted symlink, FIFO or hard link raises FileRefused before
+        anything is written or cut."""
+        fd = open_beneath(dirfd, name, os.O_RDWR | os.O_CREAT, self.cfg.file_mode, where=path)  # RDWR: the tail check reads
         size = ffi.new("uint64_t *")
         try:
             cut = check(lib.ls_repair_tail(fd, size), "checking the tail", path)
@@ -468,12 +664,15 @@ class Daemon:
             return s
         if len(self.streams) >= self.cfg.max_streams:
             raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_streams} stream slots are in use")
-        path = os.path.join(self.dir, protocol.validate_stream_name(name) + ".log")
-        path = self.forward.output_path(name, path)
-        fd, size, inode = self._open_output(path)
+        filename = protocol.validate_stream_name(name) + ".log"
+        dirfd, filename, path = self.forward.output_location(name, (self.dirfd, filename, os.path.join(self.dir, filename)))
+        try:
+            fd, size, inode = self._open_output(dirfd, filename, path)
+        except FileRefused as exc:
+            raise protocol.ProtocolError(E_FILE_REFUSED, f"stream {name!r} cannot be written: {exc.strerror}") from None
         sid = len(self.streams)
         check(lib.ls_engine_set_stream(self.engine, sid, fd, size), "registering the stream")
-        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode)
+        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode, dirfd=dirfd, filename=filename)
         self.streams[name] = s
         self.streams_by_id[sid] = s
         self.forward.stream_opened(name, sid, fd, size)
@@ -484,13 +683,13 @@ class Daemon:
         """SIGHUP: after logrotate moved a file away, start a new one at the configured path."""
         for s in self.streams.values():
             try:
-                st = os.stat(s.path)
+                st = os.stat(s.filename, dir_fd=s.dirfd, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == s.inode:
                     continue
             except FileNotFoundError:
                 pass
             try:
-                fd, size, inode = self._open_output(s.path)
+                fd, size, inode = self._open_output(s.dirfd, s.filename, s.path)
             except OSError as exc:
                 log.error("reopen_failed", stream=s.name, file=s.path, error=str(exc))
                 continue

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import structlog
 
 from logsink import protocol
 from logsink._native import check, ffi, lib
+from logsink.files import dir_beneath, open_beneath, read_beneath, replace_beneath
 
 log = structlog.get_logger("logsink.forward")
 
@@ -414,11 +416,14 @@ class Forwarder:
         state = (offset, hash(self.group.identity))
         if state == self._saved:
             return
-        tmp = self.cursor_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"offset": offset, "dev": self.group.identity[0], "ino": self.group.identity[1],
-                       "file": self.group.path, "downstream": self.address}, fh)
-        os.replace(tmp, self.cursor_path)
+        data = json.dumps({"offset": offset, "dev": self.group.identity[0], "ino": self.group.identity[1],
+                           "file": self.group.path, "downstream": self.address}).encode()
+        mgr = self.group.mgr
+        try:
+            replace_beneath(mgr.state_fd, os.path.basename(self.cursor_path), data, mgr.file_mode, self.cursor_path)
+        except OSError as exc:  # the next save tries again; a restart then replays from the last saved cursor
+            log.error("forward_cursor_save_failed", file=self.cursor_path, error=str(exc))
+            return
         self._saved = state
 
     # -- status and close -----------------------------------------------------------------------
@@ -529,41 +534,56 @@ class _StreamGroup:
 class ForwardManager:
     """Everything forwarding needs from the daemon, in six calls (see docs in each)."""
 
-    def __init__(self, forwards: dict[str, list[ForwardSpec]], state_dir: str, engine: Any, file_mode: int = 0o644):
+    def __init__(self, forwards: dict[str, list[ForwardSpec]], state_dir: tuple[str, int], engine: Any, file_mode: int = 0o640,
+                 dir_mode: int = 0o750):
+        """``state_dir`` is (path, fd of it): cursors and spools are opened beneath that fd, never
+        through a link (logsink/files.py); fd -1 when nothing is forwarded."""
         self.specs = forwards
-        self.state_dir = os.path.abspath(state_dir)
+        self.state_dir = os.path.abspath(state_dir[0])
+        self.state_fd = state_dir[1]
         self.engine = engine
         self.file_mode = file_mode
         self.groups: dict[int, _StreamGroup] = {}
         self.no_blocking = False
         self.punch_unsupported = False
+        self.spool_fd = -1
         if forwards:
-            os.makedirs(os.path.join(self.state_dir, "spool"), exist_ok=True)
+            self.spool_fd = dir_beneath(self.state_fd, "spool", dir_mode, os.path.join(self.state_dir, "spool"))
 
     def stream_names(self) -> list[str]:
         """Streams to open at start-up, so a spool left by the last run is replayed without waiting for a producer."""
         return list(self.specs)
 
-    def output_path(self, name: str, default: str) -> str:
-        """The file the daemon writes stream ``name`` to: ``default`` (<dir>/<name>.log), or the spool."""
+    def output_location(self, name: str, default: tuple[int, str, str]) -> tuple[int, str, str]:
+        """Where the daemon writes stream ``name``, as (dir fd, file name, path for messages):
+        ``default`` (<dir>/<name>.log), or its spool beneath the state dir."""
         specs = self.specs.get(name)
         if not specs or any(s.file for s in specs):
             return default
-        path = os.path.join(self.state_dir, "spool", f"{name}.spool")
-        self._compact_spool(path, specs)
-        return path
+        filename = f"{name}.spool"
+        path = os.path.join(self.state_dir, "spool", filename)
+        self._compact_spool(filename, path, specs)
+        return self.spool_fd, filename, path
 
-    def _compact_spool(self, path: str, specs: list[ForwardSpec]) -> None:
+    def _compact_spool(self, filename: str, path: str, specs: list[ForwardSpec]) -> None:
         """Before the daemon opens it: a spool every downstream has fully received starts over at 0."""
         try:
-            st = os.stat(path)
+            st = os.stat(filename, dir_fd=self.spool_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
+        if not stat.S_ISREG(st.st_mode):
+            return  # the daemon's open refuses it, with the reason
         for s in specs:
             saved = self._read_cursor(s)
             if saved is None or saved[0] != st.st_size or saved[1] != (st.st_dev, st.st_ino):
                 return
-        os.truncate(path, 0)
+        fd = open_beneath(self.spool_fd, filename, os.O_WRONLY, where=path)
+        try:
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+                return  # replaced since the stat: leave it
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
         for s in specs:
             self._write_cursor_file(s, 0, (st.st_dev, st.st_ino), path)
 
@@ -598,20 +618,18 @@ class ForwardManager:
 
     def _read_cursor(self, spec: ForwardSpec) -> tuple[int, tuple[int, int]] | None:
         try:
-            with open(self._cursor_path(spec)) as fh:
-                d = json.load(fh)
+            raw = read_beneath(self.state_fd, spec.key + ".cursor", self._cursor_path(spec))
+            if raw is None:
+                return None
+            d = json.loads(raw)
             return int(d["offset"]), (int(d["dev"]), int(d["ino"]))
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("forward_cursor_unreadable", file=self._cursor_path(spec), error=str(exc), action="starting from the file's start")
             return None
 
     def _write_cursor_file(self, spec: ForwardSpec, offset: int, identity: tuple[int, int], path: str) -> None:
-        tmp = self._cursor_path(spec) + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"offset": offset, "dev": identity[0], "ino": identity[1], "file": path}, fh)
-        os.replace(tmp, self._cursor_path(spec))
+        data = json.dumps({"offset": offset, "dev": identity[0], "ino": identity[1], "file": path}).encode()
+        replace_beneath(self.state_fd, spec.key + ".cursor", data, self.file_mode, self._cursor_path(spec))
 
     def poll(self) -> None:
         """After engine events were handled: tell each forwarded stream how far its file has whole batches."""
@@ -654,3 +672,7 @@ class ForwardManager:
             g.punch()
             g.close()
         self.groups.clear()
+        for fd in (self.spool_fd, self.state_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.spool_fd = self.state_fd = -1

@@ -11,7 +11,7 @@ VERSION = "0.1.0"  # keep in step with pyproject.toml; the import checks it (log
 
 # The Python-visible API is exactly what these headers declare: the cdef is generated from them
 # (so a struct can never differ between C and Python), plus the frame constants and the version.
-HEADERS = ("ls_engine.h", "ls_transport.h", "ls_producer.h", "ls_forward.h", "ls_render.h")
+HEADERS = ("ls_engine.h", "ls_transport.h", "ls_producer.h", "ls_forward.h", "ls_render.h", "ls_files.h")
 EXTRA_CDEF = """
 #define LS_EFRAME_MAGIC ...
 #define LS_EFRAME_VERSION ...
@@ -44,9 +44,9 @@ ffi = FFI()
 ffi.cdef(CDEF)
 ffi.set_source(
     "logsink._core",
-    f'#include "ls_engine.h"\n#include "ls_frame.h"\n#include "ls_transport.h"\n#include "ls_producer.h"\n#include "ls_forward.h"\n#include "ls_render.h"\n'
+    f'#include "ls_engine.h"\n#include "ls_frame.h"\n#include "ls_transport.h"\n#include "ls_producer.h"\n#include "ls_forward.h"\n#include "ls_render.h"\n#include "ls_files.h"\n'
     f'const char *ls_native_version(void) {{ return "{VERSION}"; }}\n',
-    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_msgpack.c", "ls_forward.c", "ls_render.c", "ls_zerocopy.c")],
+    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_msgpack.c", "ls_forward.c", "ls_render.c", "ls_zerocopy.c", "ls_files.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
     libraries=["pthread"],

@@ -1454,34 +1454,3 @@ void ls_engine_free(struct ls_engine *e)
     free(e->hdrbuf);
     free(e);
 }
-
-int64_t ls_repair_tail(int fd, uint64_t *size)
-{
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        return -errno;
-    off_t end = st.st_size, pos = end;
-    char buf[65536];
-    while (pos > 0) {
-        size_t n = pos < (off_t)sizeof buf ? (size_t)pos : sizeof buf;
-        ssize_t r = pread(fd, buf, n, pos - (off_t)n);
-        if (r < 0)
-            return -errno;
-        if ((size_t)r != n)
-            return -EIO;
-        for (ssize_t i = r - 1; i >= 0; i--) {
-            if (buf[i] == '\n') {
-                off_t keep = pos - (off_t)n + i + 1;
-                if (keep != end && ftruncate(fd, keep) < 0)
-                    return -errno;
-                *size = (uint64_t)keep;
-                return end - keep;
-            }
-        }
-        pos -= (off_t)n;
-    }
-    if (end > 0 && ftruncate(fd, 0) < 0)
-        return -errno;
-    *size = 0;
-    return end;
-}

@@ -111,9 +111,6 @@ int ls_engine_total_counters(struct ls_engine *e, struct ls_counters *out);
 /* Stop the engine thread and free everything (closes producer pipes, not stream fds). */
 void ls_engine_free(struct ls_engine *e);
 
-/* If the file at fd does not end with '\n' (a crash tore its last batch), truncate it back to
- * just after its last '\n' (or to 0). Returns the bytes cut (>= 0) or -errno; *size gets the
- * resulting size. Reads only the file's tail, in C. */
-int64_t ls_repair_tail(int fd, uint64_t *size);
+/* ls_repair_tail (the tail check of a stream file) lives in ls_files.h. */
 
 #endif
