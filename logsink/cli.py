@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show engine, streams, producers and error counters of a running daemon")
     st.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--expected-uid", type=int, dest="expected_uid", metavar="UID",
+                    help="the uid the daemon runs as, if neither yours nor root (default: refuse any other: the socket may be squatted)")
 
     pp = sub.add_parser("pipe", help="relay records from stdin into a stream (splice when stdin is a pipe)",
                         description="Read log lines from stdin and hand them to the daemon as stream STREAM. When stdin is a pipe "
@@ -76,14 +79,26 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
+def _check_daemon_uid(sock: socket.socket, path: str, expected_uid: int | None) -> None:
+    """Refuse a daemon that runs as neither ``expected_uid`` (default: ours) nor root, as the clients do
+    (native/ls_producer.c): whoever squats a socket path in /tmp could feed us a forged status."""
+    want = os.geteuid() if expected_uid is None else expected_uid
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid not in (0, want):
+        raise PermissionError(f"the daemon at {path} (pid {pid}) runs as uid {uid}, not uid {want} or root: another user may have "
+                              f"taken over the socket path; pass --expected-uid {uid} if that is intended")
+
+
+def _query_status(path: str, timeout: float = 10.0, expected_uid: int | None = None) -> dict[str, Any]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError as exc:
+        sock.close()
         raise ConnectionError(f"no logsink daemon at {path}: {exc.strerror or exc} (start one with `logsink serve`, or pass --socket)") from None
     with sock:
+        _check_daemon_uid(sock, path, expected_uid)
         sock.sendall(protocol.encode({"t": protocol.STATUS}))
         dec = protocol.ControlDecoder()
         while True:
@@ -94,7 +109,9 @@ def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
                 if msg["t"] == protocol.STATUS:
                     return msg["status"]
                 if msg["t"] == protocol.ERROR:
-                    raise ConnectionError(f"the daemon refused: {msg['reason']}")
+                    if msg["code"] == protocol.E_FORBIDDEN:
+                        raise PermissionError(f"the daemon at {path} refused status (forbidden): {msg['reason']}")
+                    raise ConnectionError(f"the daemon refused: {msg['code']}: {msg['reason']}")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.command == "status":
         try:
-            st = _query_status(args.socket or default_socket_path())
+            st = _query_status(args.socket or default_socket_path(), expected_uid=args.expected_uid)
         except (ConnectionError, OSError, protocol.ProtocolError) as exc:
             print(f"logsink status: {exc}", file=sys.stderr)
             return 1
