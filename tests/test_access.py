@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import site
+import socket
 import subprocess
 import sys
 import tempfile
@@ -606,3 +607,48 @@ def c_build(tmp_path_factory):
     res = subprocess.run(["make", "-C", str(ROOT / "clients" / "c"), f"BUILD={build}"], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, f"make -C clients/c failed:\n{res.stdout}{res.stderr}"
     return build, res.stdout
+
+
+class TestTcpProducers:
+    def _tcp_daemon(self, daemon, tmp_path, config: str):
+        from peers import free_port
+
+        port = free_port()
+        d = daemon("readwrite", "--listen", f"tcp://127.0.0.1:{port}", "--config", write_config(tmp_path / "tcp.toml", config))
+        wait_for(lambda: _accepts(port), STATUS_TIMEOUT, f"the daemon to listen on 127.0.0.1:{port}")
+        return d, port
+
+    def test_tcp_streams_limit_what_tcp_producers_write(self, daemon, tmp_path):
+        """With tcp_streams = ["web.*"] a TCP Client writes web.1 and gets PermissionError (forbidden) on app."""
+        from logsink import Client
+
+        d, port = self._tcp_daemon(daemon, tmp_path, '[access]\ntcp_streams = ["web.*"]\n')
+        with Client("web.1", address=f"tcp://127.0.0.1:{port}", transport="copy", timeout=15) as c:
+            c.write(b"over tcp\n")
+            c.flush(15)
+        assert d.log("web.1").read_bytes() == b"over tcp\n"
+        with pytest.raises(PermissionError, match="forbidden.*tcp_streams"):
+            Client("app", address=f"tcp://127.0.0.1:{port}", transport="copy", timeout=15)
+        assert d.status()["errors"][protocol.E_FORBIDDEN] == 1
+
+    def test_status_is_refused_over_tcp(self, daemon, tmp_path):
+        """A STATUS request on the TCP port gets ERROR forbidden: status is for local peers the rules admit."""
+        d, port = self._tcp_daemon(daemon, tmp_path, "")
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            s.sendall(protocol.encode({"t": protocol.STATUS}))
+            dec = protocol.ControlDecoder()
+            msgs: list = []
+            while not msgs:
+                data = s.recv(65536)
+                assert data, "the daemon closed the connection without answering"
+                msgs = dec.feed(data)
+        assert msgs[0]["t"] == protocol.ERROR and msgs[0]["code"] == protocol.E_FORBIDDEN, msgs
+        assert d.status()["errors"][protocol.E_FORBIDDEN] == 1
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
