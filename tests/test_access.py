@@ -502,8 +502,8 @@ class TestClientRefusesImpostor:
         assert produce(d.sock, "app", expected_uid=NOBODY) == {"ok": True}
         assert d.log("app").read_bytes() == b"line from uid 0\n"
 
-    def test_expected_uid_also_refuses_the_clients_own_uid(self, acl_daemon):
-        """With expected_uid=65534 a daemon of another non-root uid (here uid 65534 expecting 4242) is refused."""
+    def test_expected_uid_refuses_a_daemon_of_any_other_uid(self, acl_daemon):
+        """expected_uid=4242 refuses a daemon that runs as uid 65534 (neither 4242 nor root)."""
         d = acl_daemon(as_nobody=True)
         out = produce(d.sock, "app", expected_uid=4242)
         assert out["type"] == "PermissionError" and "not uid 4242 or root" in out["error"]
