@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="how long to keep trying a busy daemon (full backlog, slow answer) before reporting it busy (default: 10)")
+    st.add_argument("--expected-uid", type=int, dest="expected_uid", metavar="UID",
+                    help="the uid the daemon runs as, if neither yours nor root (default: refuse any other: the socket may be squatted)")
 
     pp = sub.add_parser("pipe", help="relay records from stdin into a stream (splice when stdin is a pipe)",
                         description="Read log lines from stdin and hand them to the daemon as stream STREAM. When stdin is a pipe "
@@ -98,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench", help="measure engines and transports side by side (see benchmarks/README.md)", add_help=False)
     bp.add_argument("args", nargs=argparse.REMAINDER)
     return ap
+
+
+def _check_daemon_uid(sock: socket.socket, path: str, expected_uid: int | None) -> None:
+    """Refuse a daemon that runs as neither ``expected_uid`` (default: ours) nor root, as the clients do
+    (native/ls_producer.c): whoever squats a socket path in /tmp could feed us a forged status."""
+    want = os.geteuid() if expected_uid is None else expected_uid
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid not in (0, want):
+        raise PermissionError(f"the daemon at {path} (pid {pid}) runs as uid {uid}, not uid {want} or root: another user may have "
+                              f"taken over the socket path; pass --expected-uid {uid} if that is intended")
 
 
 def _connect(path: str, deadline: float) -> socket.socket:
@@ -122,10 +135,11 @@ def _connect(path: str, deadline: float) -> socket.socket:
             raise ConnectionError(f"no logsink daemon at {path}: {exc.strerror or exc} (start one with `logsink serve`, or pass --socket)") from None
 
 
-def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
+def _query_status(path: str, timeout: float = 10.0, expected_uid: int | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     sock = _connect(path, deadline)
     with sock:
+        _check_daemon_uid(sock, path, expected_uid)
         sock.settimeout(max(deadline - time.monotonic(), 0.1))
         try:
             sock.sendall(protocol.encode({"t": protocol.STATUS}))
@@ -144,7 +158,9 @@ def _query_status(path: str, timeout: float = 10.0) -> dict[str, Any]:
                 if msg["t"] == protocol.STATUS:
                     return msg["status"]
                 if msg["t"] == protocol.ERROR:
-                    raise ConnectionError(f"the daemon refused: {msg['reason']}")
+                    if msg["code"] == protocol.E_FORBIDDEN:
+                        raise PermissionError(f"the daemon at {path} refused status (forbidden): {msg['reason']}")
+                    raise ConnectionError(f"the daemon refused: {msg['code']}: {msg['reason']}")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.command == "status":
         try:
-            st = _query_status(args.socket or default_socket_path(), args.timeout)
+            st = _query_status(args.socket or default_socket_path(), args.timeout, expected_uid=args.expected_uid)
         except DaemonBusy as exc:
             print(f"logsink status: {exc}", file=sys.stderr)
             return EXIT_BUSY

@@ -52,6 +52,11 @@ class Client:
 
     ``write(data)`` takes one or more whole records (each ending in ``\\n``) and returns once they
     are in the arena; ``flush()`` returns once every byte written before it is in the stream's file.
+
+    Before it sends anything, the client checks with SO_PEERCRED that the daemon runs as
+    ``expected_uid`` (default: this process's uid) or root, and raises PermissionError if not: a
+    socket path in a world-writable directory can be squatted by another user. The same
+    PermissionError comes when the daemon's access rules do not let this uid write ``stream``.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class Client:
         on_full: str = "block",
         timeout: float | None = None,
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
+        expected_uid: int | None = None,
     ):
         try:
             protocol.validate_stream_name(stream)
@@ -87,6 +93,8 @@ class Client:
             raise ValueError(f"segment_size {seg} must be a multiple of {PAGE} between {PAGE} and {protocol.MAX_BATCH_PAYLOAD}")
         if nseg < 1:
             raise ValueError(f"segments must be >= 1, got {nseg}")
+        if expected_uid is not None and (not isinstance(expected_uid, int) or not 0 <= expected_uid < 2**32 - 1):
+            raise ValueError(f"expected_uid must be a uid (0 .. 4294967294) or None (your own), got {expected_uid!r}")
         self.stream = stream
         self.transport = transport
         self.segment_size = seg
@@ -104,6 +112,8 @@ class Client:
         self._opts.on_full = lib.LS_ON_FULL_DROP if on_full == "drop" else lib.LS_ON_FULL_BLOCK
         self._opts.timeout_ms = _ms(timeout)
         self._opts.flush_interval_ms = 0 if not flush_interval else max(1, int(flush_interval * 1000))
+        # The daemon must run as this uid or root (SO_PEERCRED, checked in C before HELLO).
+        self._opts.expected_uid = -1 if expected_uid is None else expected_uid
         self._p = ffi.NULL
         self._closed = False
         self._open()
@@ -116,6 +126,8 @@ class Client:
         ret = lib.ls_producer_open(self.stream.encode(), path, self._opts, out)
         if ret < 0:
             why = ffi.string(lib.ls_producer_last_error(ffi.NULL)).decode(errors="replace")  # says what to do
+            if ret in (-errno.EPERM, -errno.EACCES):  # an impostor daemon, or the access rules said no
+                raise PermissionError(why or os.strerror(-ret))
             raise ConnectionError(why or f"cannot connect to the logsink daemon: {os.strerror(-ret)}")
         self._p = out[0]
         engine = ffi.new("char[32]")

@@ -7,14 +7,24 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from logsink.access import AccessRules, rules_from_config
+
 ENGINES = ("auto", "io_uring", "splice", "readwrite")
 
 
-def default_socket_path() -> str:
-    """Where daemon and clients meet when nobody configured it; both resolve it the same way.
+# The system daemon's runtime directory (systemd's RuntimeDirectory=logsink); native/ls_producer.c agrees.
+SYSTEM_RUNTIME_DIR = "/run/logsink"
 
-    ``$LOGSINK_SOCKET``, else ``$XDG_RUNTIME_DIR/logsink.sock`` (a private per-user directory) if that
-    directory exists, else ``/tmp/logsink-<uid>.sock``.
+
+def default_socket_path() -> str:
+    """Where daemon and clients meet when nobody configured it; both resolve it the same way (so does
+    ls_default_socket_path in native/ls_producer.c).
+
+    ``$LOGSINK_SOCKET``; else ``$XDG_RUNTIME_DIR/logsink.sock`` (a private per-user directory) if that
+    directory exists; else ``/run/logsink/logsink.sock`` for root, and for other users if
+    ``/run/logsink`` is a directory they may search; else, last, ``/tmp/logsink-<uid>.sock`` (a
+    world-writable directory where another user could squat the path: clients check the daemon's
+    uid with SO_PEERCRED, see docs/security.md).
     """
     env = os.environ.get("LOGSINK_SOCKET")
     if env:
@@ -22,6 +32,8 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "logsink.sock")
+    if os.getuid() == 0 or (os.path.isdir(SYSTEM_RUNTIME_DIR) and os.access(SYSTEM_RUNTIME_DIR, os.X_OK)):
+        return os.path.join(SYSTEM_RUNTIME_DIR, "logsink.sock")
     return f"/tmp/logsink-{os.getuid()}.sock"
 
 
@@ -58,6 +70,12 @@ class Config:
     socket_group: str | int = ""  # group (name or number) the control socket is chowned to; "" = the daemon's
     # A --listen address that is not loopback needs auth_token, unless this says the network is trusted.
     allow_unauthenticated: bool = False
+    # Who may write where and who may read status (logsink/access.py, docs/security.md): the TOML
+    # tables [access] (with [access.uid], [access.gid]), [stream.NAME] and [streams_default].
+    access: dict = field(default_factory=dict)
+    stream: dict = field(default_factory=dict)
+    streams_default: dict | None = None
+    access_rules: AccessRules = field(default_factory=AccessRules)  # parsed by load() from the three above
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -71,7 +89,7 @@ def load(path: str | None, overrides: dict) -> Config:
     """Defaults, then the TOML file at ``path`` (if given), then ``overrides`` (flags that were set)."""
     cfg = Config()
     # forward_cli (the --forward flags) and forwards (parsed from forward) are not file settings.
-    known = {f.name: f.type for f in fields(Config) if f.name not in ("forward_cli", "forwards")}
+    known = {f.name: f.type for f in fields(Config) if f.name not in ("forward_cli", "forwards", "access_rules")}
     if path:
         try:
             with open(path, "rb") as fh:
@@ -108,6 +126,10 @@ def load(path: str | None, overrides: dict) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_hygiene(cfg)
+    try:
+        cfg.access_rules = rules_from_config(cfg.access, cfg.stream, cfg.streams_default)
+    except ValueError as exc:
+        raise ConfigError(f"access rules: {exc}") from None
     cfg.dir = str(Path(cfg.dir).expanduser())
     return cfg
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from logsink import __version__, protocol
+from logsink import __version__, access, protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
 from logsink.config import Config, resolve_group
 from logsink.files import DirLock, FileRefused, dir_beneath, make_dirs, open_beneath, open_dir
@@ -80,6 +80,7 @@ ERROR_CODES = (
     E_TOO_MANY_FDS,
     E_FD_LIMIT,
     E_FILE_REFUSED,
+    protocol.E_FORBIDDEN,
 )
 
 
@@ -416,6 +417,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reopen_files)
+        self._log_access_policy()
         log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid(),
                  tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
         await stop.wait()
@@ -532,10 +534,10 @@ class Daemon:
         if not self.shutting_down and srv.fileno() >= 0:
             asyncio.get_running_loop().add_reader(srv.fileno(), callback)
 
-    def reject(self, conn: Conn, code: str, reason: str) -> None:
+    def reject(self, conn: Conn, code: str, reason: str, **fields: Any) -> None:
         """Count, log and answer a protocol violation, then close the offending connection only."""
         self.errors[code] = self.errors.get(code, 0) + 1
-        log.warning("producer_rejected", code=code, reason=reason, pid=conn.pid, uid=conn.uid, peer=conn.peer)
+        log.warning("producer_rejected", code=code, reason=reason, pid=conn.pid, uid=conn.uid, peer=conn.peer, **fields)
         conn.send(protocol.error(code, reason))
         self._drop_conn(conn, drain=False)
 
@@ -562,7 +564,11 @@ class Daemon:
         if kind == protocol.HELLO:
             self._hello(conn, msg)
         elif kind == protocol.STATUS:
-            conn.send({"t": protocol.STATUS, "status": self.status()})
+            why = self._status_refusal(conn)
+            if why:
+                self.reject(conn, protocol.E_FORBIDDEN, why, request="status", gid=conn.gid)
+            else:
+                conn.send({"t": protocol.STATUS, "status": self.status()})
         else:
             self.reject(conn, protocol.E_BAD_MESSAGE, f"{kind!r} is not a message a client may send")
 
@@ -580,6 +586,9 @@ class Daemon:
                     raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, f"transport {msg['transport']!r} is for TCP; on the local socket use one of {protocol.LOCAL_TRANSPORTS}")
                 if len(fds) != 1:
                     raise protocol.ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}")
+            why = self._write_refusal(conn, msg["stream"])
+            if why:
+                raise protocol.ProtocolError(protocol.E_FORBIDDEN, why)
             if not self.free_ids:
                 raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_producers} producer slots are in use")
             stream = self._stream(msg["stream"])
@@ -600,7 +609,7 @@ class Daemon:
         except protocol.ProtocolError as exc:
             for fd in fds:
                 os.close(fd)
-            self.reject(conn, exc.code, exc.reason)
+            self.reject(conn, exc.code, exc.reason, stream=msg["stream"], gid=conn.gid)
             return
         except OSError as exc:
             for fd in fds:
@@ -625,6 +634,31 @@ class Daemon:
         max_batch = lib.ls_engine_producer_max_batch(self.engine, pid)
         conn.send(protocol.welcome(pid, self.engine_name, max_batch=max_batch if max_batch > 0 else self.cfg.max_batch))
         log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
+
+    # -- access control (logsink/access.py; docs/security.md "Who may write where") ----------------
+    def _write_refusal(self, conn: Conn, stream: str) -> str | None:
+        """Why this peer may not write ``stream``, or None."""
+        rules = self.cfg.access_rules
+        if conn.tcp:
+            return access.admit_tcp(rules, stream)
+        if rules.trusted(conn.uid) or not rules.write_rules:
+            return None  # admitted whatever its groups: spare the group database lookup
+        return access.admit(rules, stream, conn.uid, access.peer_gids(conn.uid, conn.gid))
+
+    def _status_refusal(self, conn: Conn) -> str | None:
+        """Why this peer may not read status, or None."""
+        rules = self.cfg.access_rules
+        if conn.tcp or rules.trusted(conn.uid):
+            return access.may_read_status(rules, None if conn.tcp else conn.uid, frozenset())
+        return access.may_read_status(rules, conn.uid, access.peer_gids(conn.uid, conn.gid))
+
+    def _log_access_policy(self) -> None:
+        rules = self.cfg.access_rules
+        if not rules.write_rules:
+            log.info("access_open", detail="no write rules: every local uid that can connect to the socket may write every stream")
+        else:
+            log.info("access_rules", stream_tables=sorted(rules.streams), default_table=rules.default is not None,
+                     uid_grants=len(rules.uid_streams), gid_grants=len(rules.gid_streams), trust_root=rules.trust_root)
 
     def _check_tcp_hello(self, conn: Conn, msg: dict[str, Any]) -> None:
         if msg["transport"] not in protocol.TCP_TRANSPORTS:

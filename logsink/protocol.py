@@ -64,6 +64,7 @@ E_WRITE_FAILED = "write-failed"    # the output file refused the batch (e.g. dis
 E_SHUTTING_DOWN = "shutting-down"  # the daemon no longer accepts producers
 E_TOO_MANY = "too-many-producers"  # the engine has no free producer slot
 E_AUTH = "auth"                    # TCP HELLO without the daemon's token
+E_FORBIDDEN = "forbidden"          # the access rules do not let this peer write the stream / read status
 E_INTERNAL = "internal"            # the daemon could not set the producer up (its file, its disk)
 
 

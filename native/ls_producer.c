@@ -313,6 +313,9 @@ int ls_validate_stream_name(const char *s)
     return 0;
 }
 
+/* The system daemon's runtime directory (systemd's RuntimeDirectory=logsink), as config.SYSTEM_RUNTIME_DIR. */
+#define LS_SYSTEM_RUNTIME_DIR "/run/logsink"
+
 int ls_default_socket_path(char *buf, size_t size)
 {
     const char *env = getenv("LOGSINK_SOCKET");
@@ -323,6 +326,9 @@ int ls_default_socket_path(char *buf, size_t size)
         n = snprintf(buf, size, "%s", env);
     else if (runtime && *runtime && stat(runtime, &st) == 0 && S_ISDIR(st.st_mode))
         n = snprintf(buf, size, "%s%slogsink.sock", runtime, runtime[strlen(runtime) - 1] == '/' ? "" : "/");
+    else if (getuid() == 0 ||
+             (stat(LS_SYSTEM_RUNTIME_DIR, &st) == 0 && S_ISDIR(st.st_mode) && access(LS_SYSTEM_RUNTIME_DIR, X_OK) == 0))
+        n = snprintf(buf, size, "%s/logsink.sock", LS_SYSTEM_RUNTIME_DIR);
     else
         n = snprintf(buf, size, "/tmp/logsink-%u.sock", (unsigned)getuid());
     return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : n;
@@ -336,6 +342,7 @@ int ls_producer_opts_init(struct ls_producer_opts *opts)
     opts->on_full = LS_ON_FULL_BLOCK;
     opts->timeout_ms = -1;
     opts->flush_interval_ms = LS_DEFAULT_FLUSH_INTERVAL_MS;
+    opts->expected_uid = -1;
     return 0;
 }
 
@@ -1123,7 +1130,8 @@ static int await_welcome(struct ls_producer *p, const char *path)
                 set_error(NULL, "logsink daemon at %s refused stream '%s': %s: %s", path, p->stream,
                           str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "code"), code, sizeof code),
                           str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "reason"), reason, sizeof reason));
-                return -ECONNREFUSED;
+                /* forbidden: the access rules say no; retrying will not help, unlike a busy daemon */
+                return strcmp(code, "forbidden") == 0 ? -EACCES : -ECONNREFUSED;
             }
             if (kind >= 0)
                 snprintf(why, sizeof why, "unexpected message instead of WELCOME");
@@ -1245,7 +1253,35 @@ static int check_opts(const struct ls_producer_opts *o)
         set_error(NULL, "flush_interval_ms must be >= 0 (0 = no timed flush), got %d", o->flush_interval_ms);
         return -EINVAL;
     }
+    if (o->expected_uid < -1 || o->expected_uid >= (int64_t)UINT32_MAX) {
+        set_error(NULL, "expected_uid must be a uid (0 .. %u) or -1 (the caller's own), got %lld", UINT32_MAX - 1,
+                  (long long)o->expected_uid);
+        return -EINVAL;
+    }
     return 0;
+}
+
+/* Refuse a daemon that runs as neither `expected_uid` (-1: our effective uid) nor root: a socket
+ * path in a world-writable directory (/tmp) can be squatted by another user, who would then get
+ * our records. Called right after connect, before anything is sent. Returns 0, -EPERM or -errno. */
+static int check_daemon_uid(int sock, const char *path, int64_t expected_uid)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    uid_t want = expected_uid < 0 ? geteuid() : (uid_t)expected_uid;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        int r = -errno;
+        set_error(NULL, "cannot tell who runs the logsink daemon at %s (SO_PEERCRED): %s", path, strerror(-r));
+        return r;
+    }
+    if (cred.uid == 0 || cred.uid == want)
+        return 0;
+    set_error(NULL,
+              "the daemon at %s (pid %d) runs as uid %u, not uid %u or root: another user may have taken over the "
+              "socket path, so nothing was sent; pass expected_uid=%u (C: ls_producer_opts.expected_uid) if that "
+              "is intended",
+              path, (int)cred.pid, (unsigned)cred.uid, (unsigned)want, (unsigned)cred.uid);
+    return -EPERM;
 }
 
 int ls_producer_open(const char *stream, const char *socket_path, const struct ls_producer_opts *opts,
@@ -1351,6 +1387,10 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
                   "cannot reach the logsink daemon at %s: %s; start it with `logsink serve` or point LOGSINK_SOCKET "
                   "at its socket",
                   path, strerror(-r));
+        destroy(p, 0);
+        return r;
+    }
+    if ((r = check_daemon_uid(p->sock, path, o.expected_uid)) < 0) {
         destroy(p, 0);
         return r;
     }

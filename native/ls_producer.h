@@ -59,6 +59,10 @@ struct ls_producer_opts {
     int on_full;           /* LS_ON_FULL_BLOCK: wait for a release; LS_ON_FULL_DROP: drop and count */
     int timeout_ms;        /* longest wait for a release or pipe space; -1 = forever */
     int flush_interval_ms; /* hand over a segment whose first record is this old; 0 = never */
+    /* The uid the daemon must run as (checked with SO_PEERCRED right after connect, before HELLO:
+     * a socket path in a world-writable directory can be squatted). -1 (default): the caller's
+     * effective uid. Root is always accepted. Not checked over TCP (no credentials there). */
+    int64_t expected_uid;
 };
 
 struct ls_producer_stats {
@@ -94,14 +98,19 @@ int ls_validate_stream_name(const char *stream);
 
 /* The socket path the daemon and clients agree on when none is configured, as
  * config.default_socket_path: $LOGSINK_SOCKET, else $XDG_RUNTIME_DIR/logsink.sock if that
- * directory exists, else /tmp/logsink-<uid>.sock. Returns its length or -ENAMETOOLONG. */
+ * directory exists, else /run/logsink/logsink.sock for root (and for other users if /run/logsink
+ * is a directory they may search), else /tmp/logsink-<uid>.sock. Returns its length or
+ * -ENAMETOOLONG. */
 int ls_default_socket_path(char *buf, size_t size);
 
 /* Connect to the daemon (socket_path NULL = ls_default_socket_path), create the data pipe, send
  * HELLO with the pipe's read end, wait for WELCOME (up to LS_CONNECT_TIMEOUT_MS), map the arena
  * and start the background thread. opts NULL = defaults. Returns 0 and *out, or -EINVAL (stream
- * name or options), -ENOENT/-ECONNREFUSED (no daemon at the path), -ECONNREFUSED (the daemon
- * answered ERROR), -ETIMEDOUT, -EPROTO (garbage instead of WELCOME), -ENAMETOOLONG, -ENOMEM, ...
+ * name or options), -ENOENT/-ECONNREFUSED (no daemon at the path), -EPERM (the process listening
+ * there runs as neither opts.expected_uid nor root: nothing was sent to it), -EACCES (the daemon
+ * answered ERROR forbidden: its access rules do not admit this uid for the stream), -ECONNREFUSED
+ * (the daemon answered another ERROR), -ETIMEDOUT, -EPROTO (garbage instead of WELCOME),
+ * -ENAMETOOLONG, -ENOMEM, ...
  * On failure ls_producer_last_error(NULL) describes it (per thread). */
 int ls_producer_open(const char *stream, const char *socket_path, const struct ls_producer_opts *opts,
                      struct ls_producer **out);

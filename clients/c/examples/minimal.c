@@ -1,6 +1,6 @@
 /* minimal.c - open stream "app", write three records, close (which flushes them into app.log).
  *
- * Usage: minimal [SOCKET]   (default: $LOGSINK_SOCKET, $XDG_RUNTIME_DIR/logsink.sock, /tmp/logsink-<uid>.sock) */
+ * Usage: minimal [SOCKET]   (default: $LOGSINK_SOCKET, $XDG_RUNTIME_DIR/logsink.sock, /run/logsink/logsink.sock, /tmp/logsink-<uid>.sock) */
 #include <logsink.h>
 
 #include <stdio.h>

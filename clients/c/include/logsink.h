@@ -14,7 +14,10 @@
  * Errors: -EINVAL (bad argument), -EMSGSIZE (a record longer than a segment), -ETIMEDOUT,
  * -ECONNRESET (the daemon ended this producer or went away), -ESHUTDOWN (the daemon is stopping),
  * -EIO (flush: the daemon could not write some batches, e.g. disk full), -ECHILD (forked child),
- * -ENOENT/-ECONNREFUSED (open: no daemon listening; or it refused the stream).
+ * -ENOENT/-ECONNREFUSED (open: no daemon listening; or it refused the stream), -EACCES (open: the
+ * daemon's access rules do not let this uid write the stream), -EPERM (open: the process listening
+ * on the socket runs as neither opts.expected_uid nor root - e.g. another user squatting a path in
+ * /tmp - and nothing was sent to it).
  */
 #ifndef LOGSINK_H
 #define LOGSINK_H
@@ -43,6 +46,7 @@ struct logsink_opts {
     int on_full;           /* LOGSINK_ON_FULL_*; default BLOCK */
     int timeout_ms;        /* longest wait for the daemon; -1 (default) = forever */
     int flush_interval_ms; /* records wait at most this long in a half-full buffer; default 200; 0 = never */
+    int64_t expected_uid;  /* the uid the daemon must run as (root is always accepted); default -1: your own */
 };
 
 struct logsink_stats {
@@ -57,7 +61,9 @@ struct logsink_stats {
 int logsink_opts_init(struct logsink_opts *opts);
 
 /* Connect to the daemon for `stream` ([A-Za-z0-9._-], 1..64, no leading '.', no ".."). socket_path
- * NULL: $LOGSINK_SOCKET, else $XDG_RUNTIME_DIR/logsink.sock, else /tmp/logsink-<uid>.sock. opts
+ * NULL: $LOGSINK_SOCKET, else $XDG_RUNTIME_DIR/logsink.sock, else /run/logsink/logsink.sock (root,
+ * or if that directory exists), else /tmp/logsink-<uid>.sock. Before sending anything it checks
+ * with SO_PEERCRED that the daemon runs as opts.expected_uid (default: your uid) or root. opts
  * NULL: defaults. Returns 0 and *out, or -errno (logsink_last_error(NULL) says why). */
 int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out);
 

@@ -26,6 +26,7 @@ API int logsink_opts_init(struct logsink_opts *opts)
     opts->on_full = o.on_full;
     opts->timeout_ms = o.timeout_ms;
     opts->flush_interval_ms = o.flush_interval_ms;
+    opts->expected_uid = o.expected_uid;
     return 0;
 }
 
@@ -39,6 +40,7 @@ API int logsink_open(const char *stream, const char *socket_path, const struct l
         o.on_full = opts->on_full;
         o.timeout_ms = opts->timeout_ms;
         o.flush_interval_ms = opts->flush_interval_ms;
+        o.expected_uid = opts->expected_uid;
     }
     return ls_producer_open(stream, socket_path, opts ? &o : NULL, (struct ls_producer **)out);
 }
