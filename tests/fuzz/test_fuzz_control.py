@@ -47,7 +47,7 @@ def target(live):
 
 
 class TestControlSocketFuzz:
-    @fuzz_settings(ci_examples=60)
+    @fuzz_settings(ci_examples=100)
     @given(chunks=split_anywhere(control_bytes))
     def test_any_control_bytes_get_the_documented_answer_and_cost_nobody_else(self, target, chunks):
         """Control frames of every shape (message-like maps, any msgpack value, junk, wrong length

@@ -62,7 +62,7 @@ def hello_frames(draw, target: Target) -> bytes:
 
 
 class TestHelloFuzz:
-    @fuzz_settings(ci_examples=80)
+    @fuzz_settings(ci_examples=100)
     @given(data=st.data(), lines=whole_lines)
     def test_mutated_hello_gets_the_documented_answer_and_costs_nobody_else(self, target, data, lines):
         """A HELLO with fields dropped, retyped or changed (version, stream, pid, transport, optional

@@ -49,7 +49,7 @@ def any_target(live):
 
 
 class TestDataPipeFuzz:
-    @fuzz_settings(ci_examples=40)
+    @fuzz_settings(ci_examples=80)
     @given(data=pipe_lines_stream, transport=st.sampled_from(protocol.LOCAL_TRANSPORTS))
     def test_broken_headers_and_cut_batches_cost_only_their_producer(self, lines_target, data, transport):
         """Whole-line batches with headers the daemon must refuse (magic, version, header_len,
@@ -58,7 +58,7 @@ class TestDataPipeFuzz:
         feed_pipe(lines_target, data, transport)
 
     @pytest.mark.xfail(strict=True, reason=GLUED)
-    @fuzz_settings(ci_examples=40)
+    @fuzz_settings(ci_examples=60)
     @given(data=pipe_any_stream)
     @example(data=frame_header(payload_len=24, records=1) + b"partial line, no newline")  # the issue's repro
     def test_any_pipe_bytes_never_glue_onto_another_producers_line(self, any_target, data):

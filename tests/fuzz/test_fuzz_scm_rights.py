@@ -133,7 +133,7 @@ ISSUE_REPRO = [(HUGE_PREFIX, ["pipe_r"] * 16)] + [(b"\x80", ["pipe_r"] * 16)] * 
 
 
 class TestScmRightsFuzz:
-    @fuzz_settings(ci_examples=40)
+    @fuzz_settings(ci_examples=60)
     @given(data=st.data())
     def test_passed_fds_cost_only_their_connection(self, target, data):
         """Any fds (pipes' either end, files, directories, sockets, the connection itself, ...)

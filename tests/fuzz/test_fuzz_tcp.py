@@ -75,7 +75,7 @@ def before_welcome(draw, target: Target) -> bytes:
 
 
 class TestTcpFuzz:
-    @fuzz_settings(ci_examples=40)
+    @fuzz_settings(ci_examples=60)
     @given(data=st.data())
     def test_any_first_bytes_on_the_tcp_port_cost_nobody_else(self, raw_target, data):
         """Junk, control frames or mutated HELLOs (with early batch bytes) as a TCP peer's first
@@ -83,7 +83,7 @@ class TestTcpFuzz:
         and TCP producers land byte-exact."""
         send_raw(raw_target, data.draw(before_welcome(raw_target)))
 
-    @fuzz_settings(ci_examples=30)
+    @fuzz_settings(ci_examples=50)
     @given(data=pipe_lines_stream, transport=st.sampled_from(protocol.TCP_TRANSPORTS))
     def test_broken_headers_and_cut_batches_over_tcp_cost_only_their_producer(self, lines_target, data, transport):
         """After WELCOME, whole-line batches with refused headers or cut anywhere: only the fuzzed
