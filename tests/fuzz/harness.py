@@ -20,7 +20,6 @@ check ended, so a long run costs the same per example from start to end.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import select
