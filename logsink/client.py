@@ -3,7 +3,8 @@
 The segment arena, the control protocol, pinning until RELEASE and the background thread live in
 ``native/ls_producer.c`` - the same code ``clients/c`` (liblogsink) is built from. This module maps
 Python arguments and errors onto it, and handles what only Python knows: fork (reconnect lazily
-in the child) and interpreter exit (flush what is left).
+in the child) and process exit (flush what is left: at interpreter exit, and when a multiprocessing
+worker leaves through os._exit).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import sys
 import weakref
 from typing import Any
 
@@ -41,6 +43,36 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
+
+# multiprocessing children (Pool workers, Process targets) under fork and forkserver end with
+# os._exit: atexit never runs there, only multiprocessing.util's finalizers. So a process that
+# opens a Client with multiprocessing loaded also registers _close_all_at_exit as a finalizer.
+# A child's bootstrap clears that registry after a fork (and forkserver imports the main module,
+# opening its module-level Clients, before that), so an after-fork hook registers it again there.
+# Priority: after every other finalizer (they may still log), the order atexit would give.
+_EXIT_FINALIZER_PRIORITY = -100
+_exit_finalizer: Any = None
+_after_fork_hooked = False
+
+
+class _AfterForkAnchor:
+    """multiprocessing keeps after-fork hooks in a WeakValueDictionary: this object keeps ours."""
+
+
+_after_fork_anchor = _AfterForkAnchor()
+
+
+def _register_exit_finalizer() -> None:
+    global _exit_finalizer, _after_fork_hooked
+    if "multiprocessing" not in sys.modules:
+        return  # its children import it before anything else: this is no multiprocessing child
+    from multiprocessing import util
+
+    if not _after_fork_hooked:
+        util.register_after_fork(_after_fork_anchor, lambda _anchor: _register_exit_finalizer())
+        _after_fork_hooked = True
+    if _exit_finalizer is None or not _exit_finalizer.still_active():
+        _exit_finalizer = util.Finalize(None, _close_all_at_exit, exitpriority=_EXIT_FINALIZER_PRIORITY)
 
 
 def _ms(timeout: float | None) -> int:
@@ -136,6 +168,7 @@ class Client:
         st = ffi.new("struct ls_producer_stats *")
         lib.ls_producer_stats(self._p, st)
         self.pipe_size = st.pipe_size
+        _register_exit_finalizer()
 
     def _reopen_after_fork(self) -> None:
         """In a forked child: release our copies of the parent's connection (its arena is not

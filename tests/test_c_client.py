@@ -903,3 +903,61 @@ class TestLibrary:
             assert len(stats) == 2 and all(s["segment_size"] == 4096 and s["segments"] == 4 for s in stats), stats
             assert all(s["batches"] >= 50000 * 97 // 4064 for s in stats), stats
             check_blast_file(d.log(stream), 2, 50000, 97)
+
+
+LIBLOGSINK_CDEF = """
+struct logsink_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full; int timeout_ms;
+                      int flush_interval_ms; };
+struct logsink_stats { uint64_t batches, records, bytes, dropped_records, failed_batches;
+                       uint64_t released_through, handed_over_through, pinned_segments;
+                       uint64_t segment_size, segments, pipe_size, waits_for_release;
+                       uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy; };
+struct logsink;
+int logsink_opts_init(struct logsink_opts *opts);
+int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out);
+int logsink_write(struct logsink *ls, const void *data, size_t len);
+int logsink_flush(struct logsink *ls, int timeout_ms);
+int logsink_close(struct logsink *ls);
+int logsink_stats(struct logsink *ls, struct logsink_stats *out);
+"""
+STATS_FIELDS = ("batches", "records", "bytes", "dropped_records", "failed_batches", "released_through",
+                "handed_over_through", "pinned_segments", "segment_size", "segments", "pipe_size", "waits_for_release",
+                "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy")
+
+
+class TestLibraryStats:
+    def test_stats_fill_every_field_of_a_poisoned_struct(self, c_build, daemon):
+        """logsink_stats() writes all 18 fields: a struct pre-filled with 0xAA comes back equal to a zeroed one and sane."""
+        from cffi import FFI
+
+        build, _ = c_build
+        ffi = FFI()
+        ffi.cdef(LIBLOGSINK_CDEF)
+        lib = ffi.dlopen(str(build / "liblogsink.so"))
+        assert len(STATS_FIELDS) == ffi.sizeof("struct logsink_stats") // 8
+        d = daemon("readwrite")
+        opts = ffi.new("struct logsink_opts *")
+        lib.logsink_opts_init(opts)
+        opts.segment_size, opts.segments = 4096, 4
+        out = ffi.new("struct logsink **")
+        assert lib.logsink_open(b"cstats", d.sock.encode(), opts, out) == 0
+        ls = out[0]
+        try:
+            recs = make_records("cstats", 500)
+            for r in recs:
+                assert lib.logsink_write(ls, r, len(r)) == 0
+            assert lib.logsink_flush(ls, 10000) == 0
+            clean = ffi.new("struct logsink_stats *")  # zeroed by cffi
+            poisoned = ffi.new("struct logsink_stats *")
+            ffi.memmove(poisoned, b"\xaa" * ffi.sizeof("struct logsink_stats"), ffi.sizeof("struct logsink_stats"))
+            assert lib.logsink_stats(ls, clean) == 0
+            assert lib.logsink_stats(ls, poisoned) == 0
+            got = {f: getattr(poisoned, f) for f in STATS_FIELDS}
+            assert got == {f: getattr(clean, f) for f in STATS_FIELDS}, got
+            assert all(v < 1 << 40 for v in got.values()), got
+            assert got["records"] == 500 and got["segment_size"] == 4096 and got["segments"] == 4
+            assert got["released_through"] == got["handed_over_through"] == got["batches"] > 4
+            # A local (unix socket) producer never sends over TCP: every TCP counter is zero.
+            assert all(got[f] == 0 for f in STATS_FIELDS[12:]), got
+        finally:
+            assert lib.logsink_close(ls) == 0

@@ -62,6 +62,8 @@ API int logsink_close(struct logsink *ls)
 
 API int logsink_stats(struct logsink *ls, struct logsink_stats *out)
 {
+    /* Field by field (not a struct copy): the public layout may grow apart from the internal one.
+     * Every field of logsink_stats is set; the static assert above catches a field added to one only. */
     struct ls_producer_stats s;
     int r = ls_producer_stats(P(ls), &s);
     if (r < 0)
@@ -78,6 +80,12 @@ API int logsink_stats(struct logsink *ls, struct logsink_stats *out)
     out->segments = s.segments;
     out->pipe_size = s.pipe_size;
     out->waits_for_release = s.waits_for_release;
+    out->zc_sends = s.zc_sends;
+    out->zc_completed = s.zc_completed;
+    out->zc_copied = s.zc_copied;
+    out->zc_enobufs = s.zc_enobufs;
+    out->copied_sends = s.copied_sends;
+    out->zc_switched_to_copy = s.zc_switched_to_copy;
     return 0;
 }
 
