@@ -37,9 +37,10 @@ DRAIN_TIMEOUT = 10.0
 # Most fds a single control-socket read may carry (HELLO carries one; more is an error we report).
 # Past this the kernel sets MSG_CTRUNC and closes nothing for us: we close what arrived.
 MAX_FDS_PER_READ = 16
-# Largest control message a client may send: HELLO and STATUS are a few hundred bytes. This bounds
-# what one connection makes the daemon buffer (the protocol's 1 MiB is for the daemon's answers).
-MAX_CLIENT_MESSAGE = 64 << 10
+MAX_CLIENT_MESSAGE = protocol.MAX_CLIENT_MESSAGE
+# An fd that came with the first part of a HELLO is held this long for the rest; then it is closed
+# and the connection refused. (A connection may pass its own socket: held, it would never see EOF.)
+HELLO_FD_TIMEOUT = 2.0
 # At the fd limit (EMFILE/ENFILE on accept): stop reading the listener this long, doubling to the
 # max while it lasts, so the daemon waits for fds to free up instead of spinning on accept.
 ACCEPT_BACKOFF_MIN = 0.05
@@ -47,9 +48,7 @@ ACCEPT_BACKOFF_MAX = 2.0
 # One accept_failed log line per this many seconds; the next one says how many were suppressed.
 ACCEPT_LOG_PERIOD = 10.0
 
-E_TOO_MANY_FDS = "too-many-fds"    # fds beyond the one HELLO carries (or more than a read can hold)
-E_FD_LIMIT = "fd-limit"            # accept failed: the daemon (or the system) is out of fds
-E_FILE_REFUSED = "file-refused"    # the stream's file is a symlink, FIFO, directory, hard link, ...
+E_TOO_MANY_FDS, E_FD_LIMIT, E_FILE_REFUSED = protocol.E_TOO_MANY_FDS, protocol.E_FD_LIMIT, protocol.E_FILE_REFUSED
 
 FRAME_ERRORS = {
     lib.LS_EFRAME_MAGIC: "bad magic (expected b'LSK1'): the pipe does not carry logsink frames",
@@ -119,6 +118,7 @@ class Conn:
         self.sock = sock
         self.decoder = protocol.ControlDecoder(MAX_CLIENT_MESSAGE)
         self.fds: list[int] = []  # at most one: the fd of a HELLO still being decoded
+        self.fd_timer: asyncio.TimerHandle | None = None  # bounds how long that fd is held
         self.out = bytearray()
         self.producer: Producer | None = None
         self.closed = False
@@ -187,6 +187,7 @@ class Conn:
             code, why = E_TOO_MANY_FDS, "an fd after HELLO: only HELLO carries one"
         if why is None:
             self.fds = fds
+            self.fd_timer = self.loop.call_later(HELLO_FD_TIMEOUT, self._fd_expired)
             return True
         for fd in fds:
             os.close(fd)
@@ -216,10 +217,27 @@ class Conn:
         if not self.closed:
             self._flush()
 
+    def claim_fds(self) -> list[int]:
+        """The fd(s) that came with the HELLO being handled: theirs now, no longer held by this connection."""
+        if self.fd_timer is not None:
+            self.fd_timer.cancel()
+            self.fd_timer = None
+        fds, self.fds = self.fds, []
+        return fds
+
+    def _fd_expired(self) -> None:
+        self.fd_timer = None
+        if self.fds and not self.closed:
+            self.daemon.reject(self, E_TOO_MANY_FDS, f"an fd was held {HELLO_FD_TIMEOUT:g}s without the rest of its HELLO: "
+                                                     "send HELLO and its fd in one sendmsg")
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.fd_timer is not None:
+            self.fd_timer.cancel()
+            self.fd_timer = None
         self.stop_reading()
         self.loop.remove_writer(self.sock.fileno())
         for fd in self.fds:
@@ -573,7 +591,7 @@ class Daemon:
             self.reject(conn, protocol.E_BAD_MESSAGE, f"{kind!r} is not a message a client may send")
 
     def _hello(self, conn: Conn, msg: dict[str, Any]) -> None:
-        fds, conn.fds = conn.fds, []
+        fds = conn.claim_fds()
         try:
             if conn.producer is not None:
                 raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "HELLO sent twice on one connection")

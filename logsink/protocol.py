@@ -25,6 +25,9 @@ PROTOCOL_VERSION = 1
 # A control message is small (HELLO, RELEASE, a STATUS reply with a few hundred producers);
 # 1 MiB leaves room for big status replies while a garbage length prefix cannot make us buffer GBs.
 MAX_CONTROL_MESSAGE = 1 << 20
+# Largest control message a client may send: HELLO and STATUS are a few hundred bytes. This bounds
+# what one connection makes the daemon buffer (the 1 MiB above is for the daemon's answers).
+MAX_CLIENT_MESSAGE = 64 << 10
 # A batch is one arena segment. 64 MiB is far above any sane segment (the default is 1 MiB)
 # and far below what would let one bad header make the daemon splice gigabytes into a file.
 MAX_BATCH_PAYLOAD = 64 << 20
@@ -66,6 +69,9 @@ E_TOO_MANY = "too-many-producers"  # the engine has no free producer slot
 E_AUTH = "auth"                    # TCP HELLO without the daemon's token
 E_FORBIDDEN = "forbidden"          # the access rules do not let this peer write the stream / read status
 E_INTERNAL = "internal"            # the daemon could not set the producer up (its file, its disk)
+E_TOO_MANY_FDS = "too-many-fds"    # fds beyond the one HELLO carries (or more than a read can hold)
+E_FILE_REFUSED = "file-refused"    # the stream's file is a symlink, FIFO, directory, hard link, ...
+E_FD_LIMIT = "fd-limit"            # (counter only) accept failed: the daemon (or the system) is out of fds
 
 
 class ProtocolError(ValueError):

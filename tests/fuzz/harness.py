@@ -42,19 +42,6 @@ from lsk_helpers import RawProducer, protocol, record, split_lines, wait_for
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"
 
-# -- defects fixed on other branches (issue 7) ------------------------------------------------------
-# Tests and seeds that fail on this branch carry strict xfail marks with these reasons; drop the
-# marks once the fixes are merged.
-GLUED = "issue 7: a batch without a trailing newline glues the next producer's record onto it; fixed on another branch"
-STALL = "issue 7: a producer stalled mid-batch freezes its whole stream; fixed on another branch"
-FDS_HELD = "issue 7: fds passed with SCM_RIGHTS without a HELLO pile up; fixed on another branch"
-# corpus/pipe/ seeds that commit a batch not ending in a newline (replayed on a pipe and over TCP).
-PIPE_SEEDS_XFAIL = {
-    "payload-without-newline.bin": GLUED,
-    "understated-payload-len.bin": GLUED,
-    "overstated-payload-len-then-batch.bin": GLUED,
-}
-
 # -- run modes ------------------------------------------------------------------------------------
 # CI runs a small, derandomized slice; LOGSINK_FUZZ_EXAMPLES=N (or LOGSINK_FUZZ_PROFILE=long) runs N
 # random examples per target with shrinking and a failure database (README.md, "Long runs").
@@ -99,7 +86,7 @@ IO_TIMEOUT = 10.0           # one send or pipe write may wait this long for the 
 ERROR_CODES = frozenset({
     protocol.E_BAD_MESSAGE, protocol.E_BAD_VERSION, protocol.E_BAD_STREAM, protocol.E_BAD_FD, protocol.E_BAD_FRAME,
     protocol.E_PRODUCER_DIED, protocol.E_WRITE_FAILED, protocol.E_SHUTTING_DOWN, protocol.E_TOO_MANY,
-    protocol.E_AUTH, protocol.E_INTERNAL,
+    protocol.E_AUTH, protocol.E_INTERNAL, protocol.E_FORBIDDEN, protocol.E_TOO_MANY_FDS, protocol.E_FILE_REFUSED,
 })
 
 
@@ -467,7 +454,7 @@ class Target:
         return problems
 
     def check_dir(self) -> list[str]:
-        allowed = {f"{s}.log" for s in self.live.streams}
+        allowed = {f"{s}.log" for s in self.live.streams} | {".logsink.lock"}  # the daemon's directory lock
         extra = sorted(p.name for p in self.live.dir.iterdir() if p.name not in allowed)
         return [f"unexpected entries in the daemon's directory: {extra}"] if extra else []
 
@@ -505,7 +492,7 @@ def predict(data: bytes, fds: int) -> Prediction:
     The daemon decodes what one read returns all at once, so a decode error later in the bytes
     may pre-empt what came before it: then either outcome is allowed.
     """
-    dec = protocol.ControlDecoder()
+    dec = protocol.ControlDecoder(protocol.MAX_CLIENT_MESSAGE)  # what the daemon takes from a client
     msgs: list[dict[str, Any]] = []
     decode_error = None
     pos = 0

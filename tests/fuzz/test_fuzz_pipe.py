@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzz.harness import GLUED, PIPE_SEEDS_XFAIL, STALL, Example, Target, corpus, fuzz_settings
+from fuzz.harness import Example, Target, corpus, fuzz_settings
 from fuzz.strategies import frame_header, pipe_any_stream, pipe_lines_stream
 from lsk_helpers import protocol
 
@@ -57,7 +57,6 @@ class TestDataPipeFuzz:
         byte-exact and every other line is one the fuzzed producer sent whole."""
         feed_pipe(lines_target, data, transport)
 
-    @pytest.mark.xfail(strict=True, reason=GLUED)
     @fuzz_settings(ci_examples=60)
     @given(data=pipe_any_stream)
     @example(data=frame_header(payload_len=24, records=1) + b"partial line, no newline")  # the issue's repro
@@ -69,7 +68,6 @@ class TestDataPipeFuzz:
 
 
 class TestStalledBatch:
-    @pytest.mark.xfail(strict=True, reason=STALL)
     @fuzz_settings(ci_examples=3)
     @given(lines=st.lists(st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"~") + b"\n"), min_size=1, max_size=20),
            cut=st.floats(0, 1, exclude_max=True))
@@ -89,7 +87,7 @@ class TestStalledBatch:
 
 
 class TestPipeCorpus:
-    @pytest.mark.parametrize("seed", corpus("pipe", PIPE_SEEDS_XFAIL))
+    @pytest.mark.parametrize("seed", corpus("pipe"))
     def test_saved_pipe_input_costs_only_its_producer(self, live, seed: Path):
         """A saved input (corpus/pipe/), written to an accepted producer's pipe and then closed,
         leaves the good producers byte-exact and every line whole."""

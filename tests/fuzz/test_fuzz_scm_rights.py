@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzz.harness import FDS_HELD, IO_TIMEOUT, Conn, Example, Target, corpus, fuzz_settings, load_json_seed
+from fuzz.harness import IO_TIMEOUT, Conn, Example, Target, corpus, fuzz_settings, load_json_seed
 from fuzz.strategies import control_frame, framed, hello_message, pack
 from lsk_helpers import protocol, wait_for
 
@@ -24,11 +24,6 @@ FD_KINDS = ("pipe_r", "pipe_w", "file", "dir", "socket", "devnull", "eventfd", "
 # What one connection that has not sent a complete HELLO may make the daemon hold: one read's worth.
 HELD_FD_CAP = 16
 HUGE_PREFIX = struct.pack(">I", protocol.MAX_CONTROL_MESSAGE)  # a frame that never completes
-SEEDS_XFAIL = {
-    "many-pipe-fds-no-hello.json": FDS_HELD,
-    "many-mixed-fds-no-hello.json": FDS_HELD,
-    "own-socket-fd-abrupt-close-x20.json": FDS_HELD,
-}
 
 
 def make_fds(kinds: list[str], conn: Conn, scratch: Path) -> tuple[list[int], list[int]]:
@@ -142,7 +137,6 @@ class TestScmRightsFuzz:
         with target.example() as ex:
             send_with_fds(ex, data.draw(scm_sends(target)))
 
-    @pytest.mark.xfail(strict=True, reason=FDS_HELD)
     @fuzz_settings(ci_examples=20)
     @given(sends=unfinished_frame_sends())
     @example(sends=ISSUE_REPRO)  # the issue's repro: 16 pipe fds per message under a huge announced length
@@ -154,7 +148,7 @@ class TestScmRightsFuzz:
 
 
 class TestScmRightsCorpus:
-    @pytest.mark.parametrize("seed", corpus("scm", SEEDS_XFAIL))
+    @pytest.mark.parametrize("seed", corpus("scm"))
     def test_saved_fd_abuse_costs_only_its_connection(self, live, seed: Path):
         """A saved SCM_RIGHTS input (corpus/scm/): the daemon holds at most one read's worth of fds
         while the connection is open, and its fd count comes back once it ends."""

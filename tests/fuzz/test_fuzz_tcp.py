@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzz.harness import GLUED, PIPE_SEEDS_XFAIL, Target, corpus, fuzz_settings
+from fuzz.harness import Target, corpus, fuzz_settings
 from fuzz.strategies import control_frame, frame_header, framed, hello_message, named_stream, pack, pipe_any_stream, pipe_lines_stream
 from lsk_helpers import protocol
 
@@ -90,7 +90,6 @@ class TestTcpFuzz:
         TCP producer is ended; every line in the shared file is whole."""
         send_frames(lines_target, data, transport)
 
-    @pytest.mark.xfail(strict=True, reason=GLUED)
     @fuzz_settings(ci_examples=30)
     @given(data=pipe_any_stream)
     @example(data=frame_header(payload_len=24, records=1) + b"partial line, no newline")  # the issue's repro, over TCP
@@ -114,7 +113,7 @@ class TestTcpCorpus:
         """A saved input (corpus/tcp/) as a TCP peer's first bytes leaves the good producers byte-exact."""
         send_raw(seed_target, seed.read_bytes())
 
-    @pytest.mark.parametrize("seed", corpus("pipe", PIPE_SEEDS_XFAIL))
+    @pytest.mark.parametrize("seed", corpus("pipe"))
     def test_saved_batch_bytes_after_welcome(self, live, seed: Path):
         """A saved data-pipe input (corpus/pipe/) sent as a TCP producer's batches costs only that producer."""
         target = Target(live, f"tcp-{seed.stem}.", tcp_good=True)
