@@ -907,7 +907,7 @@ class TestLibrary:
 
 LIBLOGSINK_CDEF = """
 struct logsink_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full; int timeout_ms;
-                      int flush_interval_ms; };
+                      int flush_interval_ms; int64_t expected_uid; };
 struct logsink_stats { uint64_t batches, records, bytes, dropped_records, failed_batches;
                        uint64_t released_through, handed_over_through, pinned_segments;
                        uint64_t segment_size, segments, pipe_size, waits_for_release;
