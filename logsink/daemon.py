@@ -762,6 +762,10 @@ class Daemon:
                 if p is None:
                     continue
                 kind = ev.kind
+                if kind == lib.LS_EV_HOLE_CLOSED:
+                    log.warning("file_truncated_under_batch", stream=p.stream.name, file=p.stream.path, seq=ev.seq,
+                                hole_bytes=ev.bytes, detail="the batch was moved down to the file's new end (copytruncate?)")
+                    continue
                 if kind == lib.LS_EV_BATCH_DONE:
                     p.released = ev.seq
                 elif kind == lib.LS_EV_BATCH_FAILED:
@@ -823,11 +827,12 @@ class Daemon:
             fn(self.engine, c)
         else:
             fn(self.engine, ident, c)
-        return {k: getattr(c, k) for k in ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset", "last_seq")}
+        return {k: getattr(c, k) for k in ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset",
+                                           "last_seq", "holes_closed")}
 
     def counters_total(self) -> dict[str, int]:
         c = self._counters(lib.ls_engine_total_counters)
-        del c["offset"], c["last_seq"]
+        del c["offset"], c["last_seq"], c["holes_closed"]
         return c
 
     def status(self) -> dict[str, Any]:
@@ -837,7 +842,7 @@ class Daemon:
             streams[s.name] = {
                 "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
                 "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
-                "errors": c["errors"], "size": c["offset"],
+                "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
             }
         producers = []
         for p in self.producers.values():

@@ -297,6 +297,76 @@ static int pipe_batch_queued(struct producer *p, int *avail)
     return 0;
 }
 
+/* Copy len bytes of fd from src down to dst < src (no user-space copy where the kernel can). */
+static int move_down(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    uint64_t gap = src - dst;
+    while (len) {
+        size_t n = len < gap ? (size_t)len : (size_t)gap; /* ranges never overlap */
+        if (n > (1u << 30))
+            n = 1u << 30;
+        loff_t in = (loff_t)src, out = (loff_t)dst;
+        ssize_t r = copy_file_range(fd, &in, fd, &out, n, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) { /* no copy_file_range here: a bounce buffer (a rare repair, not the data path) */
+            char buf[65536];
+            size_t m = n < sizeof buf ? n : sizeof buf;
+            ssize_t got = pread(fd, buf, m, (off_t)src);
+            if (got <= 0)
+                return got < 0 ? -errno : -EIO;
+            ssize_t put = pwrite(fd, buf, (size_t)got, (off_t)dst);
+            if (put < 0)
+                return -errno;
+            r = put;
+        }
+        src += (uint64_t)r;
+        dst += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return 0;
+}
+
+/* logrotate's copytruncate (or `: > file`) ran between our fstat and the write: the batch landed
+ * past the new end of the file, behind a hole that reads as NULs. The byte before a batch is the
+ * '\n' that ended the one before; a NUL there means exactly this. Move the batch down to just after
+ * the file's last whole line and cut the file after it. Returns the bytes of hole closed (0 if
+ * none), or -errno; p->batch_start is updated. */
+static int64_t close_truncation_hole(struct stream *s, struct producer *p)
+{
+    uint64_t start = p->batch_start, len = p->h.payload_len;
+    char c;
+    if (start == 0 || pread(s->fd, &c, 1, (off_t)(start - 1)) != 1 || c != '\0')
+        return 0; /* whole (or cut again since: the next batch's fstat finds the new end) */
+    /* Where does the real data end? Before the first hole, and before the run of NULs ending at
+     * the batch (the block that holds the new end is allocated and zero-filled past it). */
+    uint64_t end = start;
+    off_t h = lseek(s->fd, 0, SEEK_HOLE);
+    if (h >= 0 && (uint64_t)h < end)
+        end = (uint64_t)h;
+    char buf[65536];
+    uint64_t t = 0;
+    while (end > 0) {
+        size_t n = end < sizeof buf ? (size_t)end : sizeof buf;
+        ssize_t r = pread(s->fd, buf, n, (off_t)(end - n));
+        if (r != (ssize_t)n)
+            return r < 0 ? -errno : -EIO;
+        ssize_t i = (ssize_t)n - 1;
+        while (i >= 0 && buf[i] != '\n')
+            i--; /* data before the hole must end in a whole line too: a cut one goes */
+        if (i >= 0) {
+            t = end - n + (uint64_t)i + 1;
+            break;
+        }
+        end -= n;
+    }
+    int r = move_down(s->fd, start, t, len);
+    if (r == 0 && ftruncate(s->fd, (off_t)(t + len)) < 0)
+        r = -errno;
+    p->batch_start = t; /* on failure the caller cuts back to here: the hole goes with the batch */
+    return r < 0 ? r : (int64_t)(start - t);
+}
+
 /* 1 if the batch just written ends in '\n', 0 if not, -errno if it could not be read back. One
  * byte from the page cache; a file cut shorter meanwhile (copytruncate) cannot be checked. */
 static int batch_ends_in_newline(struct stream *s, struct producer *p)
@@ -383,7 +453,12 @@ static void on_payload(struct ls_engine *e, struct producer *p, long r, int copi
             e->total.bytes_spliced += (uint64_t)r;
         }
         if (p->moved == p->h.payload_len) {
-            int nl = batch_ends_in_newline(s, p);
+            int64_t hole = close_truncation_hole(s, p);
+            if (hole > 0) {
+                s->c.holes_closed++;
+                emit(e, LS_EV_HOLE_CLOSED, p, 0, p->h.seq, (uint64_t)hole, 0);
+            }
+            int nl = hole < 0 ? (int)hole : batch_ends_in_newline(s, p);
             if (nl == 0) { /* it would glue the next batch (maybe another producer's) onto its tail */
                 truncate_back(s, p->batch_start);
                 refuse(e, p, LS_EBATCH_NO_NEWLINE, p->moved);

@@ -32,6 +32,9 @@
 #define LS_EV_BAD_FRAME 5       /* a frame header failed validation (err = LS_EFRAME_*); producer stopped */
 #define LS_EV_PRODUCER_ERROR 6  /* reading the pipe failed (err = -errno); producer stopped */
 #define LS_EV_PRODUCER_REMOVED 7 /* answer to ls_engine_remove_producer(); slot free again */
+/* The file was truncated under batch seq (copytruncate): the batch was moved down to the new end;
+ * bytes = the hole closed. Informational. */
+#define LS_EV_HOLE_CLOSED 8
 
 /* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, -1..-4): what the
  * engine found wrong with a batch. The producer is stopped; nothing of the batch stays in the file. */
@@ -59,6 +62,7 @@ struct ls_counters {
     uint64_t errors;
     uint64_t offset;         /* streams: the next write offset (= file size); producers: pipe bytes queued */
     uint64_t last_seq;       /* producers: last seq landed */
+    uint64_t holes_closed;   /* streams: batches moved down after the file was truncated under them */
 };
 
 struct ls_engine;
