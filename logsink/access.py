@@ -28,6 +28,8 @@ from typing import Any
 from logsink import protocol
 
 STREAM_TABLE_KEYS = ("allow_gids", "allow_uids")
+# Keys of a [stream.NAME] table that are stream settings, not access rules (logsink/config.py).
+STREAM_SETTING_KEYS = ("fsync", "fsync_interval")
 ACCESS_KEYS = ("gid", "status_gids", "status_uids", "tcp_streams", "trust_root", "uid")
 
 
@@ -129,7 +131,9 @@ def rules_from_config(access: Mapping[str, Any] | None, stream: Mapping[str, Any
             protocol.validate_stream_name(name)
         except protocol.ProtocolError as exc:
             raise ValueError(f"[stream.{name}]: {exc.reason}") from None
-        streams[name] = _principals(_table(table, f"stream.{name}"), f"stream.{name}")
+        table = {k: v for k, v in _table(table, f"stream.{name}").items() if k not in STREAM_SETTING_KEYS}
+        if table:  # a table with only settings grants nothing and turns no rules on
+            streams[name] = _principals(table, f"stream.{name}")
     default = None
     if streams_default is not None:
         default = _principals(_table(streams_default, "streams_default"), "streams_default")

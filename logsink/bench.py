@@ -108,10 +108,13 @@ class Workload:
 class Variant:
     engine: str | None      # None: the direct-write baseline, no daemon
     transport: str | None
+    fsync: str = "never"    # the daemon's --fsync policy (rows other than "never" are named for it)
 
     @property
     def name(self) -> str:
-        return "direct write (limit)" if self.engine is None else f"{self.engine} + {self.transport}"
+        if self.engine is None:
+            return "direct write (limit)"
+        return f"{self.engine} + {self.transport}" + ("" if self.fsync == "never" else f", fsync={self.fsync}")
 
 
 DIRECT = Variant(None, None)
@@ -150,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated daemon engines (default io_uring,splice,readwrite)")
     p.add_argument("--transports", type=parse_list(TRANSPORTS), default=list(TRANSPORTS),
                    help="comma-separated client transports (default vmsplice,copy)")
+    p.add_argument("--fsync", type=parse_list(("never", "batch", "interval")), default=["never"],
+                   help="comma-separated daemon fsync policies, one row each (default never)")
     p.add_argument("--producers", type=int, default=DEFAULT_PRODUCERS, help="producer processes (default 1)")
     p.add_argument("--record-size", type=int, default=DEFAULT_RECORD_SIZE, help="bytes per record, with its \\n (default 200)")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
@@ -337,9 +342,9 @@ def process_cpu_seconds(pid: int) -> float:
 class Daemon:
     """`logsink serve` in a child process, stderr to a log file, ready once its socket accepts."""
 
-    def __init__(self, engine: str, out_dir: Path, sock: str, log_path: Path):
+    def __init__(self, engine: str, out_dir: Path, sock: str, log_path: Path, fsync: str = "never"):
         self.sock, self.log_path = sock, log_path
-        cmd = [sys.executable, "-m", "logsink", "serve", "--dir", str(out_dir), "--socket", sock, "--engine", engine]
+        cmd = [sys.executable, "-m", "logsink", "serve", "--dir", str(out_dir), "--socket", sock, "--engine", engine, "--fsync", fsync]
         if os.path.exists(sock):  # left by a daemon that was killed: it would look like ours accepting
             os.unlink(sock)
         self.log = open(log_path, "wb")
@@ -468,7 +473,8 @@ def clear_dir(path: Path) -> None:
 
 
 def output_size(out_dir: Path) -> int:
-    return sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    """Bytes in the stream files (*.log; not the daemon's lock file)."""
+    return sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file() and p.suffix == ".log")
 
 
 def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no: int) -> Sample:
@@ -478,7 +484,8 @@ def measure(variant: Variant, workload: Workload, work: Path, sock: str, run_no:
     daemon = producers = None
     try:
         if variant.engine is not None:
-            daemon = Daemon(variant.engine, out_dir, sock, work / f"daemon-{variant.engine}-{variant.transport}-{run_no}.log")
+            daemon = Daemon(variant.engine, out_dir, sock, work / f"daemon-{variant.engine}-{variant.transport}-{variant.fsync}-{run_no}.log",
+                            fsync=variant.fsync)
         producers = ProducerGroup(variant, sock, str(out_dir), workload)
         producers.wait_ready()
         warm_page_cache(work / "warm.scratch", workload.total_bytes)
@@ -706,7 +713,7 @@ def results_json(results: list[VariantResult], checks: list[Check], workload: Wo
                      "total_records": workload.total_records, "runs": runs},
         "system": {"kernel": platform.release(), "cpus": os.cpu_count(), "filesystem": filesystem_of(work)},
         "variants": [
-            {"name": r.variant.name, "engine": r.variant.engine, "transport": r.variant.transport,
+            {"name": r.variant.name, "engine": r.variant.engine, "transport": r.variant.transport, "fsync": r.variant.fsync,
              "median": row_values(r, baseline, direct) if r.samples else None,
              "samples": [{**asdict(s), **s.metrics()} for s in r.samples], "failures": r.failures}
             for r in results
@@ -736,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"logsink bench: {exc}", file=sys.stderr)
         return 2
-    variants = [DIRECT] + [Variant(e, t) for e in args.engines for t in args.transports]
+    variants = [DIRECT] + [Variant(e, t, f) for e in args.engines for t in args.transports for f in args.fsync]
     work = make_workdir(args.dir)
     sock_dir = tempfile.mkdtemp(prefix="lsb-")  # AF_UNIX paths are limited to 108 bytes: keep it short
     try:

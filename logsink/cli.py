@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
                     "octet-counted = RFC 6587, for rsyslog imtcp / syslog-ng network(transport(framed)))")
     sp.add_argument("--state-dir", dest="state_dir", help="forward cursors and spools (default: DIR/.state)")
     sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
+    sp.add_argument("--fsync", choices=("never", "batch", "interval"), default=None,
+                    help="durability of every stream (a [stream.NAME] table may override): never = a flush() returns once the "
+                         "records are in the page cache (default); batch = once an fdatasync covered them (on disk); "
+                         "interval = fdatasync every --fsync-interval seconds")
+    sp.add_argument("--fsync-interval", type=float, default=None, dest="fsync_interval", metavar="SECONDS",
+                    help="the period of --fsync interval (default: 1)")
     sp.add_argument("--allow-unauthenticated", action="store_true", default=None, dest="allow_unauthenticated",
                     help="accept TCP producers without a token on a non-loopback --listen address (only on a trusted network)")
 
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen,
                                      "forward_cli": args.forward_cli, "framing": args.framing, "state_dir": args.state_dir,
-                                     "allow_unauthenticated": args.allow_unauthenticated})
+                                     "allow_unauthenticated": args.allow_unauthenticated,
+                                     "fsync": args.fsync, "fsync_interval": args.fsync_interval})
         except ConfigError as exc:
             print(f"logsink serve: {exc}", file=sys.stderr)
             return 2

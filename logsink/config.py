@@ -76,6 +76,16 @@ class Config:
     stream: dict = field(default_factory=dict)
     streams_default: dict | None = None
     access_rules: AccessRules = field(default_factory=AccessRules)  # parsed by load() from the three above
+    # Durability (docs/architecture.md "Durability"): "never" (RELEASE once in the page cache), "batch"
+    # (RELEASE only after an fdatasync covered the batch: flush() then means on disk), "interval"
+    # (fdatasync every fsync_interval seconds). [stream.NAME] tables may set both per stream.
+    fsync: str = "never"
+    fsync_interval: float = 1.0
+
+    def stream_fsync(self, name: str) -> tuple[str, float]:
+        """The fsync policy and interval of stream ``name``: its [stream.NAME] table, else the top level."""
+        table = self.stream.get(name) or {}
+        return table.get("fsync", self.fsync), float(table.get("fsync_interval", self.fsync_interval))
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -126,6 +136,7 @@ def load(path: str | None, overrides: dict) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_hygiene(cfg)
+    _check_fsync(cfg)
     try:
         cfg.access_rules = rules_from_config(cfg.access, cfg.stream, cfg.streams_default)
     except ValueError as exc:
@@ -198,3 +209,18 @@ def _check_hygiene(cfg: Config) -> None:
                 f"listen address {addr} is not loopback and no auth_token is set: anyone who can reach it could write "
                 "logs. Set auth_token in the config (producers send it via LOGSINK_TOKEN), or, if the network is trusted, "
                 "set allow_unauthenticated = true (or pass --allow-unauthenticated)")
+
+
+FSYNC_POLICIES = ("never", "batch", "interval")
+
+
+def _check_fsync(cfg: Config) -> None:
+    where = [("", cfg.fsync, cfg.fsync_interval)]
+    for name, table in (cfg.stream or {}).items():
+        if isinstance(table, dict):
+            where.append((f"stream.{name}.", table.get("fsync", cfg.fsync), table.get("fsync_interval", cfg.fsync_interval)))
+    for prefix, policy, interval in where:
+        if policy not in FSYNC_POLICIES:
+            raise ConfigError(f"{prefix}fsync must be one of {', '.join(FSYNC_POLICIES)}, got {policy!r}")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval <= 3600:
+            raise ConfigError(f"{prefix}fsync_interval must be a number of seconds in (0, 3600], got {interval!r}")

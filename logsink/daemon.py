@@ -93,6 +93,11 @@ class Stream:
     producers: int = 0
     dirfd: int = -1      # the directory the file is opened beneath (the daemon's, or the spool dir)
     filename: str = ""   # its name there (one component: stream names cannot contain '/')
+    fsync: str = "never"  # never / batch (the engine syncs each batch) / interval (a timer here)
+    fsync_interval: float = 1.0
+    synced_bytes: int = 0  # interval: the stream's byte counter at the last fdatasync
+    interval_syncs: int = 0
+    sync_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -474,6 +479,13 @@ class Daemon:
         lib.ls_engine_free(self.engine)
         self.engine = ffi.NULL
         for s in self.streams.values():
+            if s.sync_timer is not None:
+                s.sync_timer.cancel()
+            if s.fsync != "never":  # what the last interval (or a failed batch sync) left unsynced
+                try:
+                    os.fdatasync(s.fd)
+                except OSError as exc:
+                    log.error("fsync_failed", stream=s.name, file=s.path, error=str(exc))
             os.close(s.fd)
         self.accept_gate.close()
         if self.lock is not None:
@@ -724,7 +736,13 @@ class Daemon:
             raise protocol.ProtocolError(E_FILE_REFUSED, f"stream {name!r} cannot be written: {exc.strerror}") from None
         sid = len(self.streams)
         check(lib.ls_engine_set_stream(self.engine, sid, fd, size), "registering the stream")
-        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode, dirfd=dirfd, filename=filename)
+        policy, interval = self.cfg.stream_fsync(name)
+        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode, dirfd=dirfd, filename=filename, fsync=policy,
+                   fsync_interval=interval, synced_bytes=0)
+        if policy == "batch":
+            check(lib.ls_engine_set_stream_sync(self.engine, sid, lib.LS_SYNC_BATCH), "setting fsync=batch")
+        elif policy == "interval":
+            s.sync_timer = asyncio.get_running_loop().call_later(interval, self._sync_tick, s)
         self.streams[name] = s
         self.streams_by_id[sid] = s
         self.forward.stream_opened(name, sid, fd, size)
@@ -750,6 +768,31 @@ class Daemon:
             os.close(s.fd)
             s.fd, s.inode = fd, inode
             log.info("stream_reopened", stream=s.name, file=s.path)
+
+    def _sync_tick(self, s: Stream) -> None:
+        """fsync=interval: fdatasync the stream's file (in a worker thread) if it grew since the last one."""
+        s.sync_timer = None
+        if self.shutting_down or self.engine == ffi.NULL:
+            return
+        written = self._counters(lib.ls_engine_stream_counters, s.id)["bytes"]
+        loop = asyncio.get_running_loop()
+        if written == s.synced_bytes:
+            s.sync_timer = loop.call_later(s.fsync_interval, self._sync_tick, s)
+            return
+        fd = os.dup(s.fd)  # rotation may close s.fd while the thread syncs
+
+        def done(fut: asyncio.Future) -> None:
+            os.close(fd)
+            exc = fut.exception()
+            if exc is not None:
+                log.error("fsync_failed", stream=s.name, file=s.path, error=str(exc))
+            else:
+                s.synced_bytes = written
+                s.interval_syncs += 1
+            if not self.shutting_down:
+                s.sync_timer = loop.call_later(s.fsync_interval, self._sync_tick, s)
+
+        loop.run_in_executor(None, os.fdatasync, fd).add_done_callback(done)
 
     # -- engine events ----------------------------------------------------------------------------
     def _on_engine_events(self) -> None:
@@ -828,11 +871,11 @@ class Daemon:
         else:
             fn(self.engine, ident, c)
         return {k: getattr(c, k) for k in ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset",
-                                           "last_seq", "holes_closed")}
+                                           "last_seq", "holes_closed", "syncs")}
 
     def counters_total(self) -> dict[str, int]:
         c = self._counters(lib.ls_engine_total_counters)
-        del c["offset"], c["last_seq"], c["holes_closed"]
+        del c["offset"], c["last_seq"], c["holes_closed"], c["syncs"]
         return c
 
     def status(self) -> dict[str, Any]:
@@ -843,6 +886,7 @@ class Daemon:
                 "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
                 "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
                 "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
+                "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
             }
         producers = []
         for p in self.producers.values():

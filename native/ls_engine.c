@@ -39,10 +39,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-enum pstate { P_FREE = 0, P_HEADER, P_WAIT_DATA, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD };
+enum pstate { P_FREE = 0, P_HEADER, P_WAIT_DATA, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD, P_SYNC };
 
 /* io_uring user_data: op kind in the high 32 bits, producer id in the low. */
-enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE, U_TIMER };
+enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE, U_TIMER, U_FSYNC };
 #define UD(op, id) (((uint64_t)(op) << 32) | (uint32_t)(id))
 
 /* The readwrite engine's bounce buffer: big enough that a 256 KiB batch is one read + one pwrite. */
@@ -95,6 +95,7 @@ struct stream {
     struct producer *busy;
     struct producer *wait_head, *wait_tail;
     int paused;           /* no new batch starts (a full spool with the "block" policy) */
+    int sync;             /* LS_SYNC_BATCH: a batch is released only once fdatasync covered it */
     int pending_resume;   /* unpaused: serve the waiters on the next wake */
     int pending;          /* a set_stream request waits to be applied */
     int pending_fd;
@@ -418,6 +419,9 @@ static void on_header(struct ls_engine *e, struct producer *p, long r)
     p->backoff_ns = 0;
 }
 
+static void synced(struct ls_engine *e, struct producer *p, struct stream *s, int r);
+
+/* The batch is in the file: count it, then release it (after its fdatasync, with fsync=batch). */
 static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s)
 {
     uint64_t len = p->h.payload_len;
@@ -433,9 +437,35 @@ static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s
     e->total.bytes += len;
     e->total.records += p->h.record_count;
     e->total.batches++;
+    p->staged = 0;
+    if (s->sync == LS_SYNC_BATCH) {
+        if (e->kind == LS_ENGINE_IO_URING) { /* drive() submits an FSYNC; the stream is free meanwhile */
+            p->state = P_SYNC;
+            return;
+        }
+        /* The epoll engines sync in their thread: other streams wait the sync out, by policy. */
+        int r = fdatasync(s->fd) < 0 ? -errno : 0;
+        synced(e, p, s, r);
+        return;
+    }
     emit(e, LS_EV_BATCH_DONE, p, 0, p->h.seq, len, p->h.record_count);
     p->state = P_HEADER;
-    p->staged = 0;
+}
+
+/* fsync=batch: the batch's fdatasync finished (r = 0 or -errno): now release it, or report it
+ * failed (it is in the file, but the disk did not confirm it). */
+static void synced(struct ls_engine *e, struct producer *p, struct stream *s, int r)
+{
+    s->c.syncs++;
+    if (r < 0) {
+        p->c.errors++;
+        s->c.errors++;
+        e->total.errors++;
+        emit(e, LS_EV_BATCH_FAILED, p, r, p->h.seq, p->h.payload_len, p->h.record_count);
+    } else {
+        emit(e, LS_EV_BATCH_DONE, p, 0, p->h.seq, p->h.payload_len, p->h.record_count);
+    }
+    p->state = P_HEADER;
 }
 
 static void on_payload(struct ls_engine *e, struct producer *p, long r, int copied)
@@ -864,6 +894,16 @@ static void drive_uring(struct ls_engine *e, struct producer *p)
         }
         wait_stream(e, p);
         return;
+    case P_SYNC: {
+        struct io_uring_sqe *sqe = sqe_get(e);
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
+        sqe->flags = IOSQE_FIXED_FILE;
+        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+        sqe->user_data = UD(U_FSYNC, p->id);
+        p->inflight++;
+        return;
+    }
     case P_PAYLOAD:
     case P_DISCARD: {
         /* All of the payload was queued before the batch began: splice the rest in one go. */
@@ -945,6 +985,11 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
         }
         break;
     case U_TIMER: /* -ETIME: time to look at a partly queued batch again */
+        break;
+    case U_FSYNC:
+        if (res == -EINTR || res == -EAGAIN)
+            break; /* drive() submits it again */
+        synced(e, p, &e->streams[p->stream_id], res < 0 ? res : 0);
         break;
     case U_SPLICE:
         if (res == -EINTR || res == -EAGAIN)
@@ -1141,8 +1186,8 @@ static int setup_uring(struct ls_engine *e)
     }
     e->ring_ok = 1;
     static const int need[] = {IORING_OP_SPLICE, IORING_OP_READ_FIXED, IORING_OP_POLL_ADD, IORING_OP_READ,
-                               IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT};
-    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL", "TIMEOUT"};
+                               IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT, IORING_OP_FSYNC};
+    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL", "TIMEOUT", "FSYNC"};
     for (unsigned i = 0; i < sizeof need / sizeof need[0]; i++) {
         r = ls_ring_op_supported(&e->ring, need[i]);
         if (r <= 0) {
@@ -1310,6 +1355,16 @@ int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offs
     wake(e);
     while (s->pending && !e->stop)
         pthread_cond_wait(&e->cond, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int ls_engine_set_stream_sync(struct ls_engine *e, uint32_t id, int sync)
+{
+    if (id >= e->max_streams || (sync != LS_SYNC_NEVER && sync != LS_SYNC_BATCH))
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    e->streams[id].sync = sync;
     pthread_mutex_unlock(&e->mu);
     return 0;
 }

@@ -63,6 +63,7 @@ struct ls_counters {
     uint64_t offset;         /* streams: the next write offset (= file size); producers: pipe bytes queued */
     uint64_t last_seq;       /* producers: last seq landed */
     uint64_t holes_closed;   /* streams: batches moved down after the file was truncated under them */
+    uint64_t syncs;          /* streams: fdatasync calls made for fsync=batch */
 };
 
 struct ls_engine;
@@ -83,6 +84,13 @@ int ls_engine_notify_fd(struct ls_engine *e);
  * does not own fd: the caller closes it after ls_engine_set_stream(e, id, -1, 0) returns. Replacing
  * the fd (rotation) takes effect between batches; the call waits for the in-flight batch. */
 int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
+
+/* Durability of stream `id`'s batches: LS_SYNC_NEVER (default: RELEASE once in the page cache) or
+ * LS_SYNC_BATCH (RELEASE only after an fdatasync that started after the batch landed; a failed sync
+ * fails the batch). Takes effect from the next batch. */
+#define LS_SYNC_NEVER 0
+#define LS_SYNC_BATCH 1
+int ls_engine_set_stream_sync(struct ls_engine *e, uint32_t id, int sync);
 
 /* paused=1: batches already started finish, no new one starts (producers wait, pipes fill, and
  * their clients block or drop by their own policy). paused=0 resumes. For a full spool. */
