@@ -171,7 +171,9 @@ def _query_status(path: str, timeout: float = 10.0, expected_uid: int | None = N
 
 def _print_status(st: dict[str, Any]) -> None:
     t = st["totals"]
-    eng = st["engine"] + (f" (fell back: {st['fallback_reason']})" if st.get("fallback_reason") else "")
+    eng = st["engine"] + (f" (fell back: {st['fallback_reason']})" if st.get("fallback_reason") and not st.get("engine_failed") else "")
+    if st.get("engine_failed"):
+        eng += f" FAILED: {st['engine_failed']} (nothing moves: restart the daemon)"
     print(f"logsink {st['version']}  pid {st['pid']}  engine {eng}  up {st['uptime']:.0f}s")
     print(f"dir {st['dir']}  socket {st['socket']}")
     print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, copied {t['bytes_copied']}")

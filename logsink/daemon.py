@@ -335,6 +335,7 @@ class Daemon:
         self._evbuf = ffi.new("struct ls_event[]", EVENT_BATCH)
         self._all_gone: asyncio.Event | None = None
         self.accept_gate = AcceptGate()
+        self.engine_failed = ""  # why the engine thread ended, once it has
         self.socket_identity: tuple[int, int] | None = None
         self.dirfd = -1
         self.lock: DirLock | None = None
@@ -609,6 +610,8 @@ class Daemon:
                 raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "HELLO sent twice on one connection")
             if self.shutting_down:
                 raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is shutting down and takes no new producers")
+            if self.engine_failed:
+                raise protocol.ProtocolError(protocol.E_INTERNAL, f"the daemon's engine failed ({self.engine_failed}): it takes no producers")
             if conn.tcp:
                 self._check_tcp_hello(conn, msg)
             else:
@@ -801,10 +804,17 @@ class Daemon:
             n = lib.ls_engine_poll_events(self.engine, self._evbuf, EVENT_BATCH)
             for i in range(n):
                 ev = self._evbuf[i]
+                kind = ev.kind
+                if kind == lib.LS_EV_ENGINE_FAILED:
+                    self._engine_failed(ev.err)
+                    continue
                 p = self.producers.get(ev.producer_id)
                 if p is None:
                     continue
-                kind = ev.kind
+                if kind == lib.LS_EV_STREAM_COPY:
+                    log.warning("stream_copy_mode", stream=p.stream.name, file=p.stream.path, error=os.strerror(-ev.err),
+                                detail="the file refuses splice (its filesystem has no splice_write): batches move by read + pwrite")
+                    continue
                 if kind == lib.LS_EV_HOLE_CLOSED:
                     log.warning("file_truncated_under_batch", stream=p.stream.name, file=p.stream.path, seq=ev.seq,
                                 hole_bytes=ev.bytes, detail="the batch was moved down to the file's new end (copytruncate?)")
@@ -825,6 +835,8 @@ class Daemon:
                     touched.append(p)
             if n < EVENT_BATCH:
                 break
+        if lib.ls_engine_events_lost(self.engine):
+            touched += self._reconcile_lost_events()
         for p in touched:
             p.dirty = False
             if p.conn:
@@ -832,6 +844,47 @@ class Daemon:
             p.failed = []
         self.forward.poll()
 
+    def _reconcile_lost_events(self) -> list[Producer]:
+        """The engine could not queue some events (out of memory): rebuild from its counters, so no
+        producer waits forever for a RELEASE or for the end of its connection."""
+        log.error("engine_events_lost", detail="out of memory in the engine; releases rebuilt from its counters")
+        self.errors[protocol.E_INTERNAL] += 1
+        touched = []
+        c = ffi.new("struct ls_counters *")
+        for p in list(self.producers.values()):
+            if lib.ls_engine_producer_counters(self.engine, p.id, c) == -errno.ENOENT:
+                ev = ffi.new("struct ls_event *", {"kind": lib.LS_EV_PRODUCER_ERROR, "producer_id": p.id, "err": -errno.ENOMEM})
+                self._producer_ended(p, ev)  # its end was among the lost events
+                continue
+            if c.last_seq > p.released:
+                p.released = c.last_seq
+                if not p.dirty:
+                    p.dirty = True
+                    touched.append(p)
+        return touched
+
+    def _engine_failed(self, err: int) -> None:
+        """The engine thread ended on an error: nothing moves any more. Say so loudly, refuse new
+        producers, and end every producer with a clear ERROR instead of leaving it waiting."""
+        reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode() or os.strerror(-err)
+        self.engine_failed = reason
+        self.errors[protocol.E_INTERNAL] += 1
+        log.critical("engine_failed", engine=self.engine_name, reason=reason,
+                     detail="no batch moves any more: restart the daemon (producers reconnect and resend)")
+        for p in list(self.producers.values()):
+            conn = p.conn
+            if conn is not None:
+                conn.send(protocol.release(p.released, p.failed))
+                conn.send(protocol.error(protocol.E_INTERNAL, f"the daemon's {self.engine_name} engine failed ({reason}); "
+                                                              "your unreleased batches were not written"))
+                p.conn, conn.producer = None, None
+                conn.close()
+                self.conns.discard(conn)
+            # No engine event will ever end it: forget it here (ls_engine_free closes its pipe).
+            p.stream.producers -= 1
+            del self.producers[p.id]
+        if self._all_gone is not None:
+            self._all_gone.set()
     def _producer_ended(self, p: Producer, ev: Any) -> None:
         kind = ev.kind
         conn = p.conn
@@ -900,6 +953,7 @@ class Daemon:
             })
         return {
             "version": __version__, "engine": self.engine_name, "fallback_reason": self.fallback_reason,
+            "engine_failed": self.engine_failed,
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 3), "dir": self.dir,
             "socket": self.socket_path, "totals": self.counters_total(), "errors": dict(self.errors),
             "streams": streams, "producers": producers,

@@ -35,6 +35,12 @@
 /* The file was truncated under batch seq (copytruncate): the batch was moved down to the new end;
  * bytes = the hole closed. Informational. */
 #define LS_EV_HOLE_CLOSED 8
+/* The stream's file refused splice (err = -errno: a filesystem without splice_write) before a byte
+ * of batch seq moved: the stream now moves batches by read + pwrite. Informational. */
+#define LS_EV_STREAM_COPY 9
+/* The engine thread ended on an error (err = -errno; ls_engine_fallback_reason() says which call):
+ * no batch moves any more. producer_id and stream_id are UINT32_MAX. */
+#define LS_EV_ENGINE_FAILED 10
 
 /* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, -1..-4): what the
  * engine found wrong with a batch. The producer is stopped; nothing of the batch stays in the file. */
@@ -115,6 +121,11 @@ int ls_engine_producer_max_batch(struct ls_engine *e, uint32_t id);
 
 /* Copy up to `max` pending events into `out`; returns how many. Clears the notify fd. */
 int ls_engine_poll_events(struct ls_engine *e, struct ls_event *out, int max);
+/* 1 (once) if an event could not be queued (out of memory) since the last call: the caller must
+ * reconcile every producer from ls_engine_producer_counters() (last_seq; -ENOENT = it ended). */
+int ls_engine_events_lost(struct ls_engine *e);
+/* 0, or the -errno that ended the engine thread (LS_EV_ENGINE_FAILED was sent). */
+int ls_engine_failed(struct ls_engine *e);
 
 int ls_engine_stream_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);
 int ls_engine_producer_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);

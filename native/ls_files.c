@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #ifndef SYS_openat2
@@ -147,4 +148,78 @@ int64_t ls_repair_tail(int fd, uint64_t *size)
         return -errno;
     *size = 0;
     return end;
+}
+
+/* Copy len bytes of fd from src down to dst < src (no user-space copy where the kernel can). */
+static int move_down(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    uint64_t gap = src - dst;
+    while (len) {
+        size_t n = len < gap ? (size_t)len : (size_t)gap; /* ranges never overlap */
+        if (n > (1u << 30))
+            n = 1u << 30;
+        loff_t in = (loff_t)src, out = (loff_t)dst;
+        ssize_t r = copy_file_range(fd, &in, fd, &out, n, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) { /* no copy_file_range here: a bounce buffer (a rare repair, not the data path) */
+            char buf[65536];
+            size_t m = n < sizeof buf ? n : sizeof buf;
+            ssize_t got = pread(fd, buf, m, (off_t)src);
+            if (got <= 0)
+                return got < 0 ? -errno : -EIO;
+            ssize_t put = pwrite(fd, buf, (size_t)got, (off_t)dst);
+            if (put < 0)
+                return -errno;
+            r = put;
+        }
+        src += (uint64_t)r;
+        dst += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return 0;
+}
+
+int64_t ls_close_truncation_hole(int fd, uint64_t start, uint64_t len, uint64_t *new_start)
+{
+    *new_start = start;
+    char c;
+    if (start == 0 || pread(fd, &c, 1, (off_t)(start - 1)) != 1 || c != '\0')
+        return 0; /* whole (or cut again since: the next batch's fstat finds the new end) */
+    /* Where does the real data end? Before the first hole, and before the run of NULs ending at
+     * the batch (the block that holds the new end is allocated and zero-filled past it). */
+    uint64_t end = start;
+    off_t h = lseek(fd, 0, SEEK_HOLE);
+    if (h >= 0 && (uint64_t)h < end)
+        end = (uint64_t)h;
+    char buf[65536];
+    uint64_t t = 0;
+    while (end > 0) {
+        size_t n = end < sizeof buf ? (size_t)end : sizeof buf;
+        ssize_t r = pread(fd, buf, n, (off_t)(end - n));
+        if (r != (ssize_t)n)
+            return r < 0 ? -errno : -EIO;
+        ssize_t i = (ssize_t)n - 1;
+        while (i >= 0 && buf[i] != '\n')
+            i--; /* data before the hole must end in a whole line too: a cut one goes */
+        if (i >= 0) {
+            t = end - n + (uint64_t)i + 1;
+            break;
+        }
+        end -= n;
+    }
+    int r = move_down(fd, start, t, len);
+    if (r == 0 && ftruncate(fd, (off_t)(t + len)) < 0)
+        r = -errno;
+    *new_start = t; /* on failure the caller cuts back to here: the hole goes with the batch */
+    return r < 0 ? r : (int64_t)(start - t);
+}
+
+int ls_ends_in_newline(int fd, uint64_t end)
+{
+    char last;
+    ssize_t n = pread(fd, &last, 1, (off_t)(end - 1));
+    if (n < 0)
+        return -errno;
+    return n == 0 || last == '\n';
 }

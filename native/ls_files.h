@@ -26,4 +26,16 @@ int ls_open_beneath(int dirfd, const char *path, int flags, int mode);
  * resulting size. Reads only the file's tail, in C. */
 int64_t ls_repair_tail(int fd, uint64_t *size);
 
+/* The engine wrote bytes [start, start+len) of fd, but logrotate's copytruncate (or `: > file`)
+ * cut the file between the engine's fstat and that write, so the bytes landed past the new end
+ * behind a hole that reads as NULs. The byte before a batch is the '\n' that ended the one before;
+ * a NUL there means exactly this: move the bytes down to just after the file's last whole line
+ * (copy_file_range) and cut the file after them. Returns the bytes of hole closed (0: no hole) or
+ * -errno; *new_start gets where the bytes start now (on error: where to cut back to). */
+int64_t ls_close_truncation_hole(int fd, uint64_t start, uint64_t len, uint64_t *new_start);
+
+/* 1 if the byte at end-1 is '\n', 0 if not, -errno if it could not be read. One byte from the page
+ * cache; a file cut shorter meanwhile (copytruncate) cannot be checked and counts as 1. */
+int ls_ends_in_newline(int fd, uint64_t end);
+
 #endif

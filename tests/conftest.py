@@ -30,8 +30,10 @@ WATCHDOG_SECONDS = 240
 class Daemon:
     """One ``logsink serve`` subprocess with its own log directory, socket and captured stderr."""
 
-    def __init__(self, root: Path, engine: str, extra: tuple[str, ...], log_dir: Path | None = None):
+    def __init__(self, root: Path, engine: str, extra: tuple[str, ...], log_dir: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.root = root
+        self.env = env  # extra environment for the daemon (e.g. LD_PRELOAD of a fault shim)
         self.root.mkdir(parents=True, exist_ok=True)
         self.dir = log_dir or root / "logs"
         self.dir.mkdir(exist_ok=True)
@@ -50,7 +52,8 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, cwd=self.root)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, cwd=self.root, env=env)
         wait_for(self._ready, START_TIMEOUT, f"the daemon to accept connections on {self.sock}")
         return self
 
@@ -142,8 +145,8 @@ def daemon(tmp_path):
     it and asserts exit 0. ``log_dir`` reuses another daemon's ``dir`` (a restart)."""
     started: list[Daemon] = []
 
-    def start(engine: str = "readwrite", *extra: str, log_dir: Path | None = None) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(started)}", engine, extra, log_dir)
+    def start(engine: str = "readwrite", *extra: str, log_dir: Path | None = None, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", engine, extra, log_dir, env)
         started.append(d)
         return d.start()
 
