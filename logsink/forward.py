@@ -38,7 +38,7 @@ RELP_WINDOW_MAX = lib.LS_RELP_WINDOW_MAX
 RELP_HANDSHAKE_TIMEOUT = 5.0
 RELP_CLOSE_TIMEOUT = 1.0
 # Our RELP offers (librelp's doc/relp.md): protocol version 0 as librelp speaks it, one command.
-RELP_OFFERS = b"relp_version=0\nrelp_software=logsink,%s,https://github.com/logsink/logsink\ncommands=syslog"
+RELP_OFFERS = b"relp_version=0\nrelp_software=logsink,%s\ncommands=syslog"
 POLICIES = ("block", "drop-oldest")
 # Un-forwarded bytes a stream may hold before its policy applies: a few minutes of a busy service
 # at ~1 MB/s, small enough for any state disk.

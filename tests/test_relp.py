@@ -521,7 +521,8 @@ class TestRealImrelp:
             got = peer.lines()
             dups = check_delivery(got, expected, kills * window)
             fs = forward_status(d)
-            assert fs["disconnects"] >= kills and fs["relp_acked"] == 3 * n + dups
+            # each record was answered once: a duplicate is a record rsyslog wrote whose rsp died with it
+            assert fs["disconnects"] >= kills and fs["relp_acked"] == 3 * n
             print(f"{sig!r}: {kills} kills, {dups} duplicates (window {window})")
         finally:
             peer.stop()
