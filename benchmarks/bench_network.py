@@ -11,10 +11,14 @@ Variants (one producer, 200-byte records in 64 KiB writes, io_uring engine):
   d1 forward       local vmsplice producer -> daemon --forward app=tcp://SINK (newline, forward-only:
                    spool + sendfile) -> a loopback sink that reads and discards
   d2 relay         a sender -> TCP -> a Python read/write relay -> TCP -> the same sink
+  d3 fwd octet     d1 with octet-counted framing ("LEN " before each record; plain TCP, per-record framing)
+  d4 fwd RELP      d1 with RELP framing (one syslog command per record, window 1024) -> a loopback RELP
+                   sink that answers "rsp 200 OK" for every command (frames counted by their LF trailer)
   e  rsyslog       a sender -> TCP (newline framing, "<14>"-prefixed records) -> rsyslogd imtcp -> omfile
 
 Throughput is bytes (records) / wall time from the producer's first write until the last byte is
-where the variant puts it: in the file after flush()+close() for a-c, received by the sink for d,
+where the variant puts it: in the file after flush()+close() for a-c, received by the sink for d
+(GB/s counts record bytes, not framing),
 in rsyslog's output file (polled) for e. "server CPU" is the CPU (user+system, all threads) of the
 process in the middle: the daemon, the relay, or rsyslogd.
 """
@@ -61,6 +65,8 @@ VARIANTS = {
     "c": "local vmsplice -> daemon -> file",
     "d1": "daemon forward -> sink",
     "d2": "read/write relay -> sink",
+    "d3": "daemon forward octet -> sink",
+    "d4": "daemon forward RELP -> RELP sink",
     "e": "TCP -> rsyslog imtcp -> file",
 }
 
@@ -206,6 +212,52 @@ def _discard_sink(conn, expected: int) -> None:
             got += n
         done = now_ns()
         conn.send(("done", {"bytes": got, "first_ns": first, "end_ns": done}))
+        c.close()
+        srv.close()
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+# What a RELP collector offers back to open (librelp's answer, minus its version).
+RELP_OPEN_RSP = b"200 OK\nrelp_version=0\nrelp_software=bench\ncommands=syslog"
+
+
+def _relp_sink(conn, records: int) -> None:
+    """A RELP collector that keeps up: answer open, then "rsp 200 OK" for every syslog command, until
+    `records` commands came. Commands are counted by their LF trailer (the records hold no other LF),
+    so the sink costs a count and one formatted line per record."""
+    try:
+        srv = _listener()
+        conn.send(("ready", srv.getsockname()[1]))
+        c, _ = srv.accept()
+        buf = b""
+        while True:  # "1 open LEN DATA\n": DATA holds LFs, so parse its length
+            head = buf.split(b" ", 3)
+            if len(head) == 4 and len(buf) >= len(b" ".join(head[:3])) + 2 + int(head[2]):
+                break
+            data = c.recv(4096)
+            if not data:
+                raise BenchError("the forwarder closed before RELP open")
+            buf += data
+        end = len(b" ".join(buf.split(b" ", 3)[:3])) + 2 + int(buf.split(b" ", 3)[2])
+        c.sendall(b"1 rsp %d %s\n" % (len(RELP_OPEN_RSP), RELP_OPEN_RSP))
+        data, txnr, got, nbytes, first = buf[end:], 2, 0, 0, 0
+        while got < records:
+            if not data:
+                data = c.recv(SINK_BUFFER)
+                if not data:
+                    break
+            if not first:
+                first = now_ns()
+            n = data.count(b"\n")
+            if n:
+                c.sendall(b"".join([b"%d rsp 6 200 OK\n" % t for t in range(txnr, txnr + n)]))
+                txnr += n
+                got += n
+            nbytes += len(data)
+            data = b""
+        done = now_ns()
+        conn.send(("done", {"bytes": nbytes, "records": got, "first_ns": first, "end_ns": done}))
         c.close()
         srv.close()
     except BaseException as exc:  # noqa: BLE001
@@ -407,13 +459,16 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
             if res["stats"].get("transport") != transport:
                 s.notes.append(f"the client used {res['stats'].get('transport')!r}, not {transport!r}")
             return s
-        if key in ("d1", "d2"):
-            sink = Helper(_discard_sink, workload.total_bytes)
+        if key in ("d1", "d2", "d3", "d4"):
+            # the wire bytes: records, plus "200 " before each for octet counting (RELP's sink counts commands)
+            wire = workload.total_bytes + (len(b"%d " % RECORD_SIZE) * workload.total_records if key == "d3" else 0)
+            sink = Helper(_relp_sink, workload.total_records) if key == "d4" else Helper(_discard_sink, wire)
             helpers.append(sink)
             sink_port = sink.expect("ready", START_TIMEOUT)
-            if key == "d1":
+            if key in ("d1", "d3", "d4"):
+                framing = {"d1": "newline", "d3": "octet-counted", "d4": "relp"}[key]
                 d, sock, _ = start_daemon(work, f"{key}-{run}", "--forward", f"{STREAM}=tcp://127.0.0.1:{sink_port}",
-                                          "--framing", "newline")
+                                          "--framing", framing)
                 servers.append(d)
                 middle_pid = d.proc.pid
                 prod = Helper(_client_producer, None, sock, "vmsplice", workload)
@@ -431,12 +486,17 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
             res = prod.expect("done", RUN_TIMEOUT)
             got = sink.expect("done", RUN_TIMEOUT)
             cpu = process_cpu_seconds(middle_pid) - cpu0
-            if got["bytes"] != workload.total_bytes:
-                raise BenchError(f"the sink received {got['bytes']} bytes, expected {workload.total_bytes}")
+            if key == "d4" and got["records"] != workload.total_records:
+                raise BenchError(f"the RELP sink received {got['records']} commands, expected {workload.total_records}")
+            if key != "d4" and got["bytes"] != wire:
+                raise BenchError(f"the sink received {got['bytes']} bytes, expected {wire}")
             if key == "d2":
                 relay.expect("done", RUN_TIMEOUT)
-            return Sample((got["end_ns"] - res["start_ns"]) / 1e9, got["bytes"], workload.total_records, cpu,
-                          res["cpu_ns"] / 1e9, client_stats=res["stats"])
+            s = Sample((got["end_ns"] - res["start_ns"]) / 1e9, workload.total_bytes, workload.total_records, cpu,
+                       res["cpu_ns"] / 1e9, client_stats=res["stats"])
+            if key == "d4":
+                s.notes.append("RELP sink: a Python loop answering every command; GB/s counts record bytes")
+            return s
         if key == "e":
             r, out, port = start_rsyslog(work, run)
             servers.append(r)
@@ -529,6 +589,9 @@ def comparisons(results: dict[str, Result]) -> list[tuple[str, float | None]]:
         ("(a) TCP zerocopy vs (c) local vmsplice, daemon CPU per GB", ratio(results, "a", "c", "server_cpu_s_per_gb")),
         ("(d) daemon forwarding vs plain read/write relay, bytes/s at the sink", ratio(results, "d1", "d2")),
         ("(d) daemon forwarding vs plain read/write relay, CPU per GB of the middle process", ratio(results, "d1", "d2", "server_cpu_s_per_gb")),
+        ("(d) forwarding RELP vs octet-counted plain TCP, records/s", ratio(results, "d4", "d3", "mrec_per_s")),
+        ("(d) forwarding RELP vs octet-counted plain TCP, daemon CPU per GB", ratio(results, "d4", "d3", "server_cpu_s_per_gb")),
+        ("(d) forwarding RELP vs newline plain TCP, records/s", ratio(results, "d4", "d1", "mrec_per_s")),
         ("(a) logsink TCP zerocopy vs (e) rsyslog imtcp -> file, records/s", ratio(results, "a", "e", "mrec_per_s")),
         ("(a) logsink daemon vs (e) rsyslogd, server CPU per GB", ratio(results, "a", "e", "server_cpu_s_per_gb")),
     ]
@@ -551,7 +614,8 @@ def print_report(results: dict[str, Result], workload: Workload, runs: int, work
         print(f"{key:<3}{VARIANTS[key]:<36}{g:>7.2f}{res.spread():>8.0%}{res.median('mrec_per_s'):>8.2f}"
               f"{res.median('server_cpu_s_per_gb'):>13.3f}{res.median('producer_cpu_s_per_gb'):>11.3f}{vs:>8}")
     print()
-    print("server s/GB: CPU of the process in the middle (daemon; relay for d2; rsyslogd for e). prod s/GB: the producer's")
+    print("server s/GB: CPU of the process in the middle (daemon; relay for d2; rsyslogd for e); 1 s/GB is 200 ns per")
+    print("200-byte record. prod s/GB: the producer's")
     print("own CPU (logsink.Client, or a plain sendall loop for d2 and e). Throughput ends when the last byte is in the file")
     print("(a-c: flush()+close() returned; e: rsyslog's file reached its size) or at the sink (d).")
     zc = [s.client_stats for s in results.get("a", Result("a")).samples if s.client_stats]

@@ -74,9 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", action="append", metavar="tcp://HOST:PORT", help="also accept producers over TCP here (repeatable; off by default; no host = 127.0.0.1). Set auth_token in the config to require a token")
     sp.add_argument("--forward", action="append", dest="forward_cli", metavar="STREAM=tcp://HOST:PORT[,file]",
                     help="also send stream STREAM to a collector (repeatable). Without ',file' the stream is forward-only and "
-                    "spools under --state-dir while the collector is down. More options: ,policy=block|drop-oldest ,spool_max=256M")
-    sp.add_argument("--framing", choices=("newline", "octet-counted"), help="framing of --forward collectors (default: newline; "
-                    "octet-counted = RFC 6587, for rsyslog imtcp / syslog-ng network(transport(framed)))")
+                    "spools under --state-dir while the collector is down. More options: ,relp ,window=N ,policy=block|drop-oldest ,spool_max=256M")
+    sp.add_argument("--framing", choices=("newline", "octet-counted", "relp"), help="framing of --forward collectors (default: newline; "
+                    "octet-counted = RFC 6587, for rsyslog imtcp / syslog-ng network(transport(framed)); "
+                    "relp = RELP, for rsyslog imrelp: nothing lost when the collector dies)")
     sp.add_argument("--state-dir", dest="state_dir", help="forward cursors and spools (default: DIR/.state)")
     sp.add_argument("--shutdown-grace", type=float, dest="shutdown_grace", metavar="SECONDS", help="on SIGTERM, how long producers get to hand over what they hold (default: 5)")
     sp.add_argument("--fsync", choices=("never", "batch", "interval"), default=None,

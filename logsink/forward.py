@@ -1,8 +1,10 @@
-"""Forwarding streams to downstream TCP collectors (rsyslog imtcp, syslog-ng network()) from the daemon's own files.
+"""Forwarding streams to downstream TCP collectors (rsyslog imtcp or imrelp, syslog-ng network()) from the daemon's own files.
 
 Bytes go from the stream's file -- or, for a forward-only stream, its spool file under the state
 directory -- to the socket with sendfile in C (native/ls_forward.c); this module connects,
 reconnects with backoff, applies the spool bound, and persists cursors. Python never sees payload.
+With RELP framing it also does the session's open handshake and close; the per-record commands
+and the collector's responses are C's.
 
 The daemon drives it through :class:`ForwardManager` (a handful of calls; see each method).
 """
@@ -28,7 +30,15 @@ from logsink.files import dir_beneath, open_beneath, read_beneath, replace_benea
 
 log = structlog.get_logger("logsink.forward")
 
-FRAMINGS = {"newline": lib.LS_FWD_NEWLINE, "octet-counted": lib.LS_FWD_OCTET}
+FRAMINGS = {"newline": lib.LS_FWD_NEWLINE, "octet-counted": lib.LS_FWD_OCTET, "relp": lib.LS_FWD_RELP}
+# RELP: commands awaiting their rsp (a collector killed mid-stream may get up to this many twice).
+RELP_WINDOW_DEFAULT = lib.LS_RELP_WINDOW_DEFAULT
+RELP_WINDOW_MAX = lib.LS_RELP_WINDOW_MAX
+# RELP open/close handshakes: how long the collector gets to answer.
+RELP_HANDSHAKE_TIMEOUT = 5.0
+RELP_CLOSE_TIMEOUT = 1.0
+# Our RELP offers (librelp's doc/relp.md): protocol version 0 as librelp speaks it, one command.
+RELP_OFFERS = b"relp_version=0\nrelp_software=logsink,%s\ncommands=syslog"
 POLICIES = ("block", "drop-oldest")
 # Un-forwarded bytes a stream may hold before its policy applies: a few minutes of a busy service
 # at ~1 MB/s, small enough for any state disk.
@@ -56,6 +66,10 @@ class ForwardConfigError(ValueError):
     """A forward setting that cannot be used; the message names the setting and what to write instead."""
 
 
+class RelpError(ConnectionError):
+    """The collector did not open a RELP session with us (the message says why); retried with backoff."""
+
+
 # -- configuration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ForwardSpec:
@@ -69,6 +83,7 @@ class ForwardSpec:
     file: bool = False          # also keep <dir>/<stream>.log (else the stream lands in a spool)
     spool_max: int = DEFAULT_SPOOL_MAX
     policy: str = "block"
+    window: int = RELP_WINDOW_DEFAULT  # RELP only: commands awaiting their rsp
 
     @property
     def key(self) -> str:
@@ -104,7 +119,7 @@ def parse_address(address: Any, what: str) -> tuple[str, int]:
 
 
 def _spec(stream: str, opts: dict[str, Any], where: str, default_framing: str) -> ForwardSpec:
-    known = {"address", "framing", "file", "spool_max", "policy"}
+    known = {"address", "framing", "file", "spool_max", "policy", "window"}
     for key in opts:
         if key not in known:
             raise ForwardConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -125,11 +140,25 @@ def _spec(stream: str, opts: dict[str, Any], where: str, default_framing: str) -
     if not isinstance(keep, bool):
         raise ForwardConfigError(f"{where}: file must be true or false, got {keep!r}")
     spool_max = parse_size(opts.get("spool_max", DEFAULT_SPOOL_MAX), f"{where}: spool_max")
-    return ForwardSpec(stream, opts["address"], host, port, framing, keep, spool_max, policy)
+    window = _window(opts, framing, where)
+    return ForwardSpec(stream, opts["address"], host, port, framing, keep, spool_max, policy, window)
+
+
+def _window(opts: dict[str, Any], framing: str, where: str) -> int:
+    if "window" not in opts:
+        return RELP_WINDOW_DEFAULT
+    if framing != "relp":
+        raise ForwardConfigError(f"{where}: window applies to framing = \"relp\" only (this forward's framing is {framing!r})")
+    value = opts["window"]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= RELP_WINDOW_MAX:
+        raise ForwardConfigError(f"{where}: window must be a number of records from 1 to {RELP_WINDOW_MAX}, got {opts['window']!r}")
+    return value
 
 
 def _parse_cli(item: str, default_framing: str) -> ForwardSpec:
-    """``STREAM=tcp://HOST:PORT[,file][,framing=F][,policy=P][,spool_max=N]``."""
+    """``STREAM=tcp://HOST:PORT[,file][,framing=F | ,F][,window=N][,policy=P][,spool_max=N]``."""
     where = f"--forward {item!r}"
     stream, sep, rest = item.partition("=")
     if not sep or not stream or not rest:
@@ -145,10 +174,13 @@ def _parse_cli(item: str, default_framing: str) -> ForwardSpec:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ForwardConfigError(f"{where}: file={value!r} must be true or false")
             opts["file"] = value.lower() in ("true", "1", "yes")
-        elif key in ("framing", "policy", "spool_max") and has_value:
+        elif key in ("framing", "policy", "spool_max", "window") and has_value:
             opts[key] = value
+        elif not has_value and extra.strip() in FRAMINGS:
+            opts["framing"] = extra.strip()  # the bare framing name: ,relp
         else:
-            raise ForwardConfigError(f"{where}: unknown option {extra!r} (known: file, framing=..., policy=..., spool_max=...)")
+            raise ForwardConfigError(f"{where}: unknown option {extra!r} (known: file, relp, octet-counted, newline, "
+                                     "framing=..., window=..., policy=..., spool_max=...)")
     return _spec(stream, opts, where, default_framing)
 
 
@@ -156,7 +188,7 @@ def forward_from_config(table: Any, cli: list[str] | None = None, framing: str |
     """The forwards of a config, by stream.
 
     ``table`` is the TOML ``forward`` table: ``[forward.app]`` (one downstream) or ``[[forward.app]]``
-    (several) with keys address, framing, file, spool_max, policy. ``cli`` holds ``--forward``
+    (several) with keys address, framing, file, spool_max, policy, window (RELP). ``cli`` holds ``--forward``
     values; ``framing`` (``--framing``) is the framing of entries that do not name one.
     """
     default_framing = framing or "newline"
@@ -183,6 +215,31 @@ def forward_from_config(table: Any, cli: list[str] | None = None, framing: str |
     return out
 
 
+def relp_frame(buf: bytes) -> tuple[int, bytes, bytes, bytes] | None:
+    """The first whole RELP frame in ``buf`` as (txnr, command, data, the bytes after it), or None if
+    it is incomplete. Only for the open handshake (a few hundred bytes); C parses the rest."""
+    head = buf[:64].split(b" ", 3)
+    if len(head) < 3:
+        return None
+    txnr, cmd, tail = head[0], head[1], b" ".join(head[2:])
+    digits = len(tail) - len(tail.lstrip(b"0123456789"))
+    if digits == len(tail):
+        return None
+    if not txnr.isdigit() or not cmd.isalpha() or digits == 0 or digits > 9:
+        raise RelpError(f"the collector sent something that is not a RELP frame: {buf[:60]!r}")
+    dlen = int(tail[:digits])
+    start = len(txnr) + len(cmd) + 2 + digits
+    if dlen == 0:
+        if buf[start : start + 1] != b"\n":
+            raise RelpError(f"the collector sent a RELP frame without its LF trailer: {buf[:60]!r}")
+        return int(txnr), cmd, b"", buf[start + 1 :]
+    if len(buf) < start + 1 + dlen + 1:
+        return None
+    if buf[start : start + 1] != b" " or buf[start + 1 + dlen : start + 2 + dlen] != b"\n":
+        raise RelpError(f"the collector sent a malformed RELP frame: {buf[:60]!r}")
+    return int(txnr), cmd, buf[start + 1 : start + 1 + dlen], buf[start + 2 + dlen :]
+
+
 # -- one downstream -------------------------------------------------------------------------------
 class Forwarder:
     """One (stream, downstream): a C forwarder (native/ls_forward.c) plus its connection and cursor file.
@@ -199,6 +256,9 @@ class Forwarder:
         out = ffi.new("struct ls_forward **")
         check(lib.ls_forward_new(group.fd, cursor, FRAMINGS[spec.framing], out), f"starting the forwarder to {self.address}")
         self.f = ffi.gc(out[0], lib.ls_forward_free)
+        self.relp = spec.framing == "relp"
+        if self.relp:
+            check(lib.ls_forward_relp_window(self.f, spec.window), "setting the RELP window")
         self._counters = ffi.new("struct ls_forward_counters *")
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
@@ -242,7 +302,7 @@ class Forwarder:
             if not self._writer:
                 self.loop.add_writer(self.sock.fileno(), self.pump)
                 self._writer = True
-        elif r >= 0 or r == -errno.ENODATA:
+        elif r >= 0 or r == -errno.ENODATA or r == -errno.ENOBUFS:  # ENOBUFS: RELP window full, responses resume it
             if self._writer:
                 self.loop.remove_writer(self.sock.fileno())
                 self._writer = False
@@ -321,11 +381,44 @@ class Forwarder:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # MSG_MORE does the batching
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+        if self.relp:
+            try:
+                await asyncio.wait_for(self._relp_open(sock), RELP_HANDSHAKE_TIMEOUT)
+            except BaseException:
+                sock.close()
+                raise
         return sock
+
+    async def _relp_open(self, sock: socket.socket) -> None:
+        """RELP's open (txnr 1): offer version 0 and the syslog command; the collector must accept both."""
+        from logsink import __version__
+
+        offers = RELP_OFFERS % __version__.encode()
+        await self.loop.sock_sendall(sock, b"1 open %d %s\n" % (len(offers), offers))
+        buf = b""
+        while (frame := relp_frame(buf)) is None:
+            data = await self.loop.sock_recv(sock, 4096)
+            if not data:
+                raise RelpError("the collector closed the connection instead of answering RELP open")
+            buf += data
+        txnr, cmd, data, rest = frame
+        first, _, offers_back = data.partition(b"\n")
+        if txnr != 1 or cmd != b"rsp":
+            raise RelpError(f"the collector answered RELP open with {txnr} {cmd.decode(errors='replace')}, not 1 rsp")
+        if not first.startswith(b"200"):
+            raise RelpError(f"the collector refused the RELP session: {first.decode(errors='replace')[:100]}")
+        got = dict(line.partition(b"=")[::2] for line in offers_back.split(b"\n") if line)
+        if b"relp_version" not in got or b"syslog" not in got.get(b"commands", b"").split(b","):
+            raise RelpError(f"the collector's RELP offers lack relp_version or commands=syslog: {offers_back[:200]!r}")
+        if rest:
+            raise RelpError(f"the collector sent {len(rest)} bytes after answering RELP open: {rest[:40]!r}")
 
     def _attach(self, sock: socket.socket) -> None:
         self.sock = sock
-        check(lib.ls_forward_set_socket(self.f, sock.fileno()), "attaching the downstream socket")
+        if self.relp:  # open took txnr 1
+            check(lib.ls_forward_relp_attach(self.f, sock.fileno(), 2), "attaching the RELP session")
+        else:
+            check(lib.ls_forward_set_socket(self.f, sock.fileno()), "attaching the downstream socket")
         self.state = "up"
         self.last_error = ""
         c = self.counters()
@@ -336,7 +429,15 @@ class Forwarder:
         self.pump()
 
     def _on_readable(self) -> None:
-        """Collectors send nothing: readable means EOF or an error (the peer went away)."""
+        """Plain TCP collectors send nothing: readable means EOF or an error (the peer went away).
+        A RELP collector sends responses: C applies them, and the window has room again."""
+        if self.relp:
+            r = lib.ls_forward_relp_read(self.f)
+            if r > 0:
+                self.pump()
+            elif r < 0:
+                self._connection_lost(self._relp_end(r), detached=True)
+            return
         try:
             data = self.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -346,6 +447,19 @@ class Forwarder:
             return
         if not data:
             self._connection_lost("the downstream closed the connection")
+
+    def _relp_end(self, r: int) -> str:
+        """Why a RELP session ended, from ls_forward_relp_read's code."""
+        buf = ffi.new("char[160]")
+        lib.ls_forward_relp_error(self.f, buf, 160)
+        text = ffi.string(buf).decode(errors="replace")
+        return {
+            -errno.ECONNABORTED: "the collector closed the RELP session (serverclose)",
+            -errno.EPIPE: "the collector closed the connection",
+            -errno.ESHUTDOWN: "the RELP session was closed",
+            -errno.EREMOTEIO: f"the collector refused a record: rsp {text}; sending it again on the next session",
+            -errno.EPROTO: f"RELP protocol error from the collector: {text}",
+        }.get(r, f"connection error: {os.strerror(-r)}")
 
     def _connection_lost(self, why: str, detached: bool = False) -> None:
         sock, self.sock = self.sock, None
@@ -426,6 +540,19 @@ class Forwarder:
             return
         self._saved = state
 
+    async def _relp_close(self, timeout: float) -> None:
+        """RELP's close, when every command was answered: send it, wait for its rsp (or serverclose/EOF)."""
+        self.loop.remove_reader(self.sock.fileno())
+        r = lib.ls_forward_relp_close(self.f)
+        if r < 0:
+            return  # commands still unanswered (EBUSY) or the socket is full: the socket is just closed
+        end = time.monotonic() + timeout
+        while (r := lib.ls_forward_relp_read(self.f)) >= 0 and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        if r != -errno.ESHUTDOWN:
+            log.warning("forward_relp_close_unanswered", stream=self.spec.stream, downstream=self.address,
+                        reason=self._relp_end(r) if r < 0 else f"no rsp to close within {timeout:.1f}s")
+
     # -- status and close -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         c = self.counters()
@@ -439,6 +566,8 @@ class Forwarder:
                     "framing_bytes", "connects", "disconnects", "rewound_bytes", "dropped_bytes", "dropped_records"):
             out[key] = getattr(c, key)
         out["reconnects"] = max(c.connects - 1, 0)
+        if self.relp:
+            out.update(window=self.spec.window, relp_acked=c.relp_acked, relp_inflight=c.relp_inflight, relp_refused=c.relp_refused)
         if self.spec.framing == "newline":
             out["records_sent"] = None  # newline framing never looks at records
         return out
@@ -463,6 +592,8 @@ class Forwarder:
             await self._connector
         except (asyncio.CancelledError, Exception):
             pass
+        if self.relp and self.sock is not None:
+            await self._relp_close(min(RELP_CLOSE_TIMEOUT, max(deadline - time.monotonic(), 0.1)))
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None

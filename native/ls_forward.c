@@ -6,10 +6,16 @@
  * checkpoint (wire bytes sent on this connection, file offset) is recorded. On connection loss the
  * newest checkpoint the peer ACKed is the starting point for finding the exact first record it did
  * not get whole: a scan of at most one window.
+ *
+ * RELP sends like octet counting (a header per record, the bodies from the scan buffer or by
+ * sendfile) but keeps a ring of the commands awaiting their rsp (txnr, the record's end, the wire
+ * bytes through it): an "rsp 200" for the oldest moves acked_cursor to its record's end, and a lost
+ * connection rewinds to acked_cursor. No SIOCOUTQ, no checkpoints: the collector says what it has.
  */
 #define _GNU_SOURCE
 #include "ls_forward.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -32,8 +38,11 @@
 #define NEWLINE_PLAN (4u << 20)
 /* Checkpoints kept per connection; when full, every other one is dropped (coarser, still exact). */
 #define CHECKPOINTS 256
-/* "LEN " for a record: at most 20 digits + space. */
-#define PREFIX_MAX 24
+/* A record's header: "LEN " (octet counting, at most 20 digits + space) or "TXNR syslog DATALEN "
+ * (RELP, at most 9 + 8 + 9 + 1 bytes). */
+#define PREFIX_MAX 32
+/* RELP: the collector's responses are read into this ("TXNR rsp 6 200 OK\n" each). */
+#define RX_BUF (64u << 10)
 /* Holes are punched in units of this: whole pages, and few fallocate calls. */
 #define PUNCH_UNIT (1u << 20)
 
@@ -59,6 +68,13 @@ struct checkpoint {
     uint64_t file;  /* the record boundary they end at */
 };
 
+/* A RELP command awaiting its rsp. */
+struct relp_txn {
+    uint64_t rec_end;   /* the file offset after its record: acked_cursor once it is answered */
+    uint64_t wire_end;  /* wire bytes planned on this connection through this command */
+    uint32_t txnr;
+};
+
 struct ls_forward {
     int fd, sock, framing;
     uint64_t cursor, end;
@@ -75,8 +91,22 @@ struct ls_forward {
     uint64_t wire;
     struct checkpoint ck[CHECKPOINTS];
     uint32_t nck;
+    /* RELP */
+    struct relp_txn *ring;   /* `window` slots; rcount in flight from rhead (the oldest) */
+    uint32_t window, rhead, rcount;
+    uint32_t txnr_next, close_txnr;
+    int close_sent;
+    uint64_t planned_wire, acked_wire;
+    char *rx;                /* responses read, not yet parsed whole */
+    uint32_t rxlen;
+    char err[128];
     struct ls_forward_counters c;
 };
+
+static uint32_t txnr_after(uint32_t t)
+{
+    return t >= LS_RELP_TXNR_MAX ? 1 : t + 1;
+}
 
 /* ---------------------------------------------------------------------------------------- */
 /* the file                                                                                   */
@@ -245,9 +275,17 @@ static void detach(struct ls_forward *f)
 {
     if (f->sock < 0)
         return;
-    uint64_t acked = f->wire - unacked(f);
-    int64_t b = acked_boundary(f, acked);
-    uint64_t back = b < 0 ? f->ck[0].file : (uint64_t)b; /* a read error: resend from the checkpoint */
+    uint64_t back;
+    if (f->framing == LS_FWD_RELP) { /* the collector answered for everything before acked_cursor */
+        back = f->c.acked_cursor;
+        f->rcount = f->rhead = 0;
+        f->rxlen = 0;
+        f->close_sent = 0;
+        f->planned_wire = f->acked_wire = 0;
+    } else {
+        int64_t b = acked_boundary(f, f->wire - unacked(f));
+        back = b < 0 ? f->ck[0].file : (uint64_t)b; /* a read error: resend from the checkpoint */
+    }
     if (back < f->cursor)
         f->c.rewound_bytes += f->cursor - back;
     f->cursor = back;
@@ -298,23 +336,46 @@ static int window_at(struct ls_forward *f, uint64_t off)
     return 0;
 }
 
-/* Octet-counted: lay out prefix + body pieces for the records in one scan buffer from the
- * cursor. Returns the records planned (> 0), 0 if no complete record is there, or -errno. */
+/* Write the header of a record of `len` bytes (its '\n' included) ending at file offset `rec_end`
+ * into `pre`; RELP also takes a txnr and puts the command in flight. Returns the header's length,
+ * or -EMSGSIZE for a record RELP cannot carry (DATALEN has at most 9 digits). */
+static int make_prefix(struct ls_forward *f, char *pre, uint64_t len, uint64_t rec_end)
+{
+    if (f->framing != LS_FWD_RELP)
+        return snprintf(pre, PREFIX_MAX, "%llu ", (unsigned long long)len);
+    uint64_t dlen = len - 1; /* the record's '\n' is the frame's trailer */
+    if (dlen > LS_RELP_TXNR_MAX)
+        return -EMSGSIZE;
+    uint32_t t = f->txnr_next;
+    int pl = dlen ? snprintf(pre, PREFIX_MAX, "%u syslog %llu ", t, (unsigned long long)dlen)
+                  : snprintf(pre, PREFIX_MAX, "%u syslog 0", t); /* no data: no SP before the trailer */
+    f->txnr_next = txnr_after(t);
+    f->planned_wire += (uint64_t)pl + len;
+    f->ring[(f->rhead + f->rcount) % f->window] = (struct relp_txn){rec_end, f->planned_wire, t};
+    f->rcount++;
+    return pl;
+}
+
+/* Octet-counted and RELP: lay out prefix + body pieces for the records in one scan buffer from the
+ * cursor (RELP: at most the free part of the window). Returns the records planned (> 0), 0 if no
+ * complete record is there, or -errno. */
 static int plan_octet(struct ls_forward *f)
 {
     uint64_t p = f->cursor;
     int r = window_at(f, p);
     if (r < 0)
         return r;
-    uint32_t n = 0, np = 0;
+    uint32_t n = 0, np = 0, cap = PLAN_RECORDS;
+    if (f->framing == LS_FWD_RELP && f->window - f->rcount < cap)
+        cap = f->window - f->rcount; /* > 0: pump checked */
     const char *scan = f->win.p + (p - f->win.off), *stop = f->win.p + f->win.len;
-    while (n < PLAN_RECORDS && scan < stop) {
+    while (n < cap && scan < stop) {
         const char *nl = memchr(scan, '\n', (size_t)(stop - scan));
         if (!nl)
             break;
         uint64_t len = (uint64_t)(nl + 1 - scan);
         char *pre = f->prefixes + (size_t)n * PREFIX_MAX;
-        int pl = snprintf(pre, PREFIX_MAX, "%llu ", (unsigned long long)len);
+        int pl = make_prefix(f, pre, len, p + len); /* < SCAN_BUF: fits any framing */
         f->pieces[np++] = (struct piece){.mem = pre, .len = (uint32_t)pl, .flags = PIECE_MEM | PIECE_PREFIX};
         if (len >= LS_FWD_SENDFILE_MIN)
             f->pieces[np++] = (struct piece){.off = p, .len = (uint32_t)len, .flags = PIECE_FILE | PIECE_REC_END, .rec_end = p + len};
@@ -337,7 +398,9 @@ static int plan_octet(struct ls_forward *f)
         uint64_t len = next - f->cursor;
         if (len > 0x7fffffffu)
             return -EMSGSIZE; /* sendfile moves at most 2 GiB per call; no log line is that long */
-        int pl = snprintf(f->prefixes, PREFIX_MAX, "%llu ", (unsigned long long)len);
+        int pl = make_prefix(f, f->prefixes, len, next);
+        if (pl < 0)
+            return pl;
         f->pieces[np++] = (struct piece){.mem = f->prefixes, .len = (uint32_t)pl, .flags = PIECE_MEM | PIECE_PREFIX};
         f->pieces[np++] = (struct piece){.off = f->cursor, .len = (uint32_t)len, .flags = PIECE_FILE | PIECE_REC_END, .rec_end = next};
         n = 1;
@@ -372,7 +435,8 @@ static int plan_newline(struct ls_forward *f)
 static void plan_done(struct ls_forward *f)
 {
     f->cursor = f->plan_end;
-    checkpoint_push(f, f->wire, f->cursor);
+    if (f->framing != LS_FWD_RELP)
+        checkpoint_push(f, f->wire, f->cursor);
     plan_clear(f);
     if (f->drop_to > f->cursor)
         apply_drop(f);
@@ -423,7 +487,10 @@ static int send_octet(struct ls_forward *f)
                 iov[k].iov_base = (void *)(f->pieces[i].mem + skip);
                 iov[k].iov_len = f->pieces[i].len - skip;
             }
-            int more = f->pi + (uint32_t)k < f->npieces || f->plan_end < f->end;
+            /* MSG_MORE only if more follows now: a RELP window that is full waits for responses,
+             * which would never come for bytes the kernel holds back */
+            int more = f->pi + (uint32_t)k < f->npieces ||
+                       (f->plan_end < f->end && !(f->framing == LS_FWD_RELP && f->rcount >= f->window));
             struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)k};
             n = sendmsg(f->sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL | (more ? MSG_MORE : 0));
         }
@@ -466,7 +533,7 @@ static int send_newline(struct ls_forward *f)
 
 int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward **out)
 {
-    if (framing != LS_FWD_NEWLINE && framing != LS_FWD_OCTET)
+    if (framing != LS_FWD_NEWLINE && framing != LS_FWD_OCTET && framing != LS_FWD_RELP)
         return -EINVAL;
     struct ls_forward *f = calloc(1, sizeof *f);
     if (!f)
@@ -481,7 +548,12 @@ int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward 
     f->search.p = malloc(SCAN_BUF);
     f->pieces = malloc(2 * PLAN_RECORDS * sizeof *f->pieces);
     f->prefixes = malloc((size_t)PLAN_RECORDS * PREFIX_MAX);
-    if (!f->win.p || !f->search.p || !f->pieces || !f->prefixes) {
+    if (framing == LS_FWD_RELP) {
+        f->window = LS_RELP_WINDOW_DEFAULT;
+        f->ring = malloc(f->window * sizeof *f->ring);
+        f->rx = malloc(RX_BUF);
+    }
+    if (!f->win.p || !f->search.p || !f->pieces || !f->prefixes || (framing == LS_FWD_RELP && (!f->ring || !f->rx))) {
         ls_forward_free(f);
         return -ENOMEM;
     }
@@ -497,6 +569,8 @@ int ls_forward_set_socket(struct ls_forward *f, int sock_fd)
 {
     if (sock_fd == f->sock)
         return 0;
+    if (sock_fd >= 0 && f->framing == LS_FWD_RELP)
+        return -EINVAL; /* a RELP socket needs its open handshake: ls_forward_relp_attach */
     detach(f);
     if (sock_fd < 0)
         return 0;
@@ -521,26 +595,33 @@ int64_t ls_forward_pump(struct ls_forward *f)
 {
     if (f->sock < 0)
         return -ENOTCONN;
+    if (f->close_sent)
+        return -ENOBUFS; /* no command may follow `close` */
     uint64_t before = f->c.bytes_sent;
     int r = 0;
     for (;;) {
         if (!f->plan_active) {
             if (f->cursor >= f->end)
                 break;
-            r = f->framing == LS_FWD_OCTET ? plan_octet(f) : plan_newline(f);
+            if (f->framing == LS_FWD_RELP && f->rcount >= f->window) {
+                r = -ENOBUFS; /* the window is full: responses first */
+                break;
+            }
+            r = f->framing == LS_FWD_NEWLINE ? plan_newline(f) : plan_octet(f);
             if (r <= 0)
                 break; /* 0: the file does not have a whole record yet (cannot happen after advance) */
         }
-        r = f->framing == LS_FWD_OCTET ? send_octet(f) : send_newline(f);
+        r = f->framing == LS_FWD_NEWLINE ? send_newline(f) : send_octet(f);
         if (r < 0)
             break;
         plan_done(f);
     }
-    if (r < 0 && r != -EAGAIN && r != -ENODATA) {
+    if (r < 0 && r != -EAGAIN && r != -ENODATA && r != -ENOBUFS) {
         detach(f); /* the connection is gone: rewind to what its peer ACKed */
         return r;
     }
-    checkpoint_prune(f, f->wire - unacked(f));
+    if (f->framing != LS_FWD_RELP)
+        checkpoint_prune(f, f->wire - unacked(f));
     if (r < 0)
         return r;
     return (int64_t)(f->c.bytes_sent - before);
@@ -562,10 +643,15 @@ static void apply_drop(struct ls_forward *f)
     f->c.dropped_bytes += pos - f->cursor;
     f->c.dropped_records += records;
     f->cursor = pos;
-    if (f->sock >= 0)
-        checkpoint_push(f, f->wire, pos); /* skipped bytes never go on the wire */
-    else
+    if (f->sock < 0)
         f->c.acked_cursor = pos;
+    else if (f->framing != LS_FWD_RELP)
+        checkpoint_push(f, f->wire, pos); /* skipped bytes never go on the wire */
+    else if (f->rcount == 0)
+        f->c.acked_cursor = pos;
+    else /* the rsp to the last command in flight acknowledges the skipped bytes too (a connection
+          * lost before it replays them: sent again, never lost) */
+        f->ring[(f->rhead + f->rcount - 1) % f->window].rec_end = pos;
 }
 
 int64_t ls_forward_drop(struct ls_forward *f, uint64_t min_cursor)
@@ -583,7 +669,7 @@ int64_t ls_forward_drop(struct ls_forward *f, uint64_t min_cursor)
 
 int64_t ls_forward_sync_acked(struct ls_forward *f)
 {
-    if (f->sock < 0)
+    if (f->sock < 0 || f->framing == LS_FWD_RELP) /* RELP's is exact: what the collector answered */
         return (int64_t)f->c.acked_cursor;
     int64_t b = acked_boundary(f, f->wire - unacked(f));
     if (b < 0)
@@ -606,7 +692,10 @@ int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor)
     f->cursor = f->end = cursor;
     f->drop_to = 0;
     f->c.acked_cursor = cursor;
-    if (f->sock >= 0) { /* rewinds can no longer reach the old bytes: start a fresh checkpoint */
+    if (f->framing == LS_FWD_RELP) { /* responses still due for the old bytes: they ack up to here */
+        for (uint32_t i = 0; i < f->rcount; i++)
+            f->ring[(f->rhead + i) % f->window].rec_end = cursor;
+    } else if (f->sock >= 0) { /* rewinds can no longer reach the old bytes: start a fresh checkpoint */
         f->nck = 0;
         checkpoint_push(f, f->wire, cursor);
     }
@@ -617,11 +706,215 @@ int ls_forward_counters(struct ls_forward *f, struct ls_forward_counters *out)
 {
     f->c.cursor = f->cursor;
     f->c.end = f->end;
-    f->c.unacked_bytes = unacked(f);
-    if (f->sock >= 0)
+    f->c.relp_inflight = f->rcount;
+    if (f->framing == LS_FWD_RELP)
+        f->c.unacked_bytes = f->planned_wire - f->acked_wire;
+    else
+        f->c.unacked_bytes = unacked(f);
+    if (f->sock >= 0 && f->framing != LS_FWD_RELP)
         checkpoint_prune(f, f->wire - f->c.unacked_bytes); /* ACKs arrive while we are idle too */
     *out = f->c;
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* RELP                                                                                       */
+
+int ls_forward_relp_window(struct ls_forward *f, uint32_t window)
+{
+    if (f->framing != LS_FWD_RELP || window < 1 || window > LS_RELP_WINDOW_MAX)
+        return -EINVAL;
+    if (f->sock >= 0)
+        return -EBUSY;
+    struct relp_txn *ring = realloc(f->ring, window * sizeof *ring);
+    if (!ring)
+        return -ENOMEM;
+    f->ring = ring;
+    f->window = window;
+    return 0;
+}
+
+int ls_forward_relp_attach(struct ls_forward *f, int sock_fd, uint32_t next_txnr)
+{
+    if (f->framing != LS_FWD_RELP || sock_fd < 0 || next_txnr < 1 || next_txnr > LS_RELP_TXNR_MAX)
+        return -EINVAL;
+    detach(f);
+    f->sock = sock_fd;
+    f->wire = 0;
+    f->txnr_next = next_txnr;
+    f->c.acked_cursor = f->cursor;
+    f->c.connects++;
+    return 0;
+}
+
+static int relp_protocol_error(struct ls_forward *f, const char *what)
+{
+    snprintf(f->err, sizeof f->err, "%s", what);
+    return -EPROTO;
+}
+
+/* One whole frame from the collector. 0, or the end of the session (see ls_forward_relp_read). */
+static int relp_frame(struct ls_forward *f, uint32_t txnr, const char *cmd, const char *data, uint32_t dlen)
+{
+    if (txnr == 0) /* a hint: only serverclose is defined; others are ignorable by definition */
+        return strcmp(cmd, "serverclose") == 0 ? -ECONNABORTED : 0;
+    if (strcmp(cmd, "rsp") != 0) {
+        snprintf(f->err, sizeof f->err, "the collector sent the command \"%.32s\"; a server only sends rsp", cmd);
+        return -EPROTO;
+    }
+    if (f->close_sent && f->rcount == 0 && txnr == f->close_txnr)
+        return -ESHUTDOWN;
+    if (f->rcount == 0 || txnr != f->ring[f->rhead].txnr) {
+        snprintf(f->err, sizeof f->err, "rsp for txnr %u, but the oldest command awaiting one is %s%u", txnr,
+                 f->rcount ? "txnr " : "none, next txnr ", f->rcount ? f->ring[f->rhead].txnr : f->txnr_next);
+        return -EPROTO;
+    }
+    if (dlen < 3 || memcmp(data, "200", 3) != 0 || (dlen > 3 && data[3] != ' ' && data[3] != '\n')) {
+        uint32_t n = 0;
+        while (n < dlen && n < 100 && data[n] != '\n')
+            n++;
+        snprintf(f->err, sizeof f->err, "%.*s", (int)n, data ? data : "");
+        f->c.relp_refused++;
+        return -EREMOTEIO;
+    }
+    struct relp_txn *t = &f->ring[f->rhead];
+    f->c.acked_cursor = t->rec_end;
+    f->acked_wire = t->wire_end;
+    f->rhead = (f->rhead + 1) % f->window;
+    f->rcount--;
+    f->c.relp_acked++;
+    return 0;
+}
+
+/* Apply the whole frames in the receive buffer, keep a partial last one. 0 or a session end. */
+static int relp_parse(struct ls_forward *f)
+{
+    uint32_t pos = 0;
+    int r = 0;
+    while (pos < f->rxlen && r == 0) {
+        const char *p = f->rx + pos;
+        uint32_t avail = f->rxlen - pos, i = 0, c0, d0;
+        uint32_t txnr = 0, dlen = 0;
+        char cmd[33];
+        while (i < avail && isdigit((unsigned char)p[i])) {
+            if (i == 9)
+                return relp_protocol_error(f, "a txnr of more than 9 digits");
+            txnr = txnr * 10 + (uint32_t)(p[i++] - '0');
+        }
+        if (i == avail)
+            break;
+        if (i == 0 || p[i] != ' ')
+            return relp_protocol_error(f, "a frame that does not start with TXNR SP");
+        c0 = ++i;
+        while (i < avail && isalpha((unsigned char)p[i])) {
+            if (i - c0 == 32)
+                return relp_protocol_error(f, "a command of more than 32 letters");
+            i++;
+        }
+        if (i == avail)
+            break;
+        if (i == c0 || p[i] != ' ')
+            return relp_protocol_error(f, "a frame without COMMAND SP");
+        memcpy(cmd, p + c0, i - c0);
+        cmd[i - c0] = '\0';
+        d0 = ++i;
+        while (i < avail && isdigit((unsigned char)p[i])) {
+            if (i - d0 == 9)
+                return relp_protocol_error(f, "a DATALEN of more than 9 digits");
+            dlen = dlen * 10 + (uint32_t)(p[i++] - '0');
+        }
+        if (i == avail)
+            break;
+        if (i == d0)
+            return relp_protocol_error(f, "a frame without DATALEN");
+        const char *data = NULL;
+        if (dlen == 0) {
+            if (p[i] != '\n')
+                return relp_protocol_error(f, "a frame with DATALEN 0 not followed by LF");
+            i++;
+        } else {
+            if (p[i] != ' ')
+                return relp_protocol_error(f, "a frame without SP after DATALEN");
+            if (dlen > RX_BUF / 2)
+                return relp_protocol_error(f, "a response of more than 32 KiB");
+            if (avail - i - 1 < dlen + 1)
+                break;
+            data = p + i + 1;
+            i += 1 + dlen;
+            if (p[i] != '\n')
+                return relp_protocol_error(f, "a frame whose DATA is not followed by the LF trailer");
+            i++;
+        }
+        pos += i;
+        r = relp_frame(f, txnr, cmd, data, dlen);
+    }
+    memmove(f->rx, f->rx + pos, f->rxlen - pos);
+    f->rxlen -= pos;
+    return r;
+}
+
+int64_t ls_forward_relp_read(struct ls_forward *f)
+{
+    if (f->framing != LS_FWD_RELP)
+        return -EINVAL;
+    if (f->sock < 0)
+        return -ENOTCONN;
+    uint64_t before = f->c.relp_acked;
+    int r = 0;
+    while (r == 0) {
+        ssize_t n = recv(f->sock, f->rx + f->rxlen, RX_BUF - f->rxlen, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            r = -errno;
+        } else if (n == 0) {
+            r = -EPIPE;
+        } else {
+            f->rxlen += (uint32_t)n;
+            r = relp_parse(f);
+        }
+    }
+    if (r < 0) {
+        detach(f); /* the session is over: rewind to the last record the collector answered for */
+        return r;
+    }
+    return (int64_t)(f->c.relp_acked - before);
+}
+
+int64_t ls_forward_relp_close(struct ls_forward *f)
+{
+    if (f->framing != LS_FWD_RELP)
+        return -EINVAL;
+    if (f->sock < 0)
+        return -ENOTCONN;
+    if (f->rcount || f->plan_active || f->close_sent)
+        return -EBUSY;
+    char buf[24];
+    int len = snprintf(buf, sizeof buf, "%u close 0\n", f->txnr_next);
+    ssize_t n;
+    do
+        n = send(f->sock, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    if (n != len) { /* a torn command cannot be finished later: the session is unusable */
+        detach(f);
+        return -EIO;
+    }
+    f->close_sent = 1;
+    f->close_txnr = f->txnr_next;
+    f->txnr_next = txnr_after(f->txnr_next);
+    return f->close_txnr;
+}
+
+int ls_forward_relp_error(struct ls_forward *f, char *buf, uint32_t size)
+{
+    if (size == 0)
+        return 0;
+    int n = snprintf(buf, size, "%s", f->err);
+    return n < (int)size ? n : (int)size - 1;
 }
 
 void ls_forward_free(struct ls_forward *f)
@@ -634,6 +927,8 @@ void ls_forward_free(struct ls_forward *f)
     free(f->search.p);
     free(f->pieces);
     free(f->prefixes);
+    free(f->ring);
+    free(f->rx);
     free(f);
 }
 

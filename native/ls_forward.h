@@ -16,6 +16,15 @@
  *                   ones leave from the scan buffer in one sendmsg per window (one copy beats two
  *                   syscalls per record).
  *
+ *   LS_FWD_RELP     RELP (rsyslog's imrelp, librelp's doc/relp.md): one `syslog` command per record,
+ *                   "TXNR SP syslog SP DATALEN SP DATA LF" where DATA is the record without its '\n'
+ *                   and the record's own '\n' is the trailer, so the wire carries the file's bytes
+ *                   with a header in front of each record, sent exactly like octet counting. At
+ *                   most `window` commands await their `rsp`; acked_cursor moves only on "rsp 200",
+ *                   to the end of the record that txnr carried. The caller does the `open`
+ *                   handshake (txnr 1) before ls_forward_relp_attach, reads the collector's
+ *                   responses with ls_forward_relp_read, and sends `close` with ls_forward_relp_close.
+ *
  * Connection loss: the caller owns the socket. When a send fails, or the caller detaches the
  * socket (ls_forward_set_socket(f, -1)), the forwarder asks the kernel how much of what it handed
  * over the peer has not ACKed (SIOCOUTQ) and rewinds the cursor to the start of the first record
@@ -23,7 +32,8 @@
  * starts with a whole record (prefix included). The caller then closes the socket with an abortive
  * close (SO_LINGER 0), so the kernel does not deliver, behind our back, bytes we will send again.
  * What the peer's kernel ACKed but the peer application never read (it was SIGKILLed) is beyond
- * what plain TCP can tell a sender; RELP exists for that.
+ * what plain TCP can tell a sender; RELP exists for that: a RELP forwarder rewinds to acked_cursor,
+ * the end of the last record the collector answered "rsp 200" for, and replays the rest.
  *
  * Threading: not thread-safe; the daemon drives every forwarder from its control thread.
  * Contract: every function returns >= 0 on success or -errno; errno is never the channel.
@@ -35,6 +45,15 @@
 
 #define LS_FWD_NEWLINE 0
 #define LS_FWD_OCTET 1
+#define LS_FWD_RELP 2
+
+/* RELP: commands awaiting their rsp at most (the window), default and bound. A collector killed
+ * mid-stream can have processed up to a window of records whose rsp never came back: those are
+ * sent again (duplicates), never lost. */
+#define LS_RELP_WINDOW_DEFAULT 1024
+#define LS_RELP_WINDOW_MAX 65536
+/* Transaction numbers run 1..LS_RELP_TXNR_MAX, then wrap to 1 (0 is for hints). */
+#define LS_RELP_TXNR_MAX 999999999
 
 /* Records at least this long go out with sendfile (zero-copy from the page cache) after their
  * prefix; smaller ones are sent from the scan buffer. Two syscalls cost about as much as copying
@@ -59,6 +78,9 @@ struct ls_forward_counters {
     uint64_t rewound_bytes;  /* payload handed to a connection that died before the peer ACKed it: sent again */
     uint64_t dropped_bytes;  /* skipped by ls_forward_drop (the drop-oldest spool policy) */
     uint64_t dropped_records;
+    uint64_t relp_acked;     /* RELP: records the collector answered "rsp 200" for */
+    uint64_t relp_inflight;  /* RELP: commands sent (or being sent) awaiting their rsp */
+    uint64_t relp_refused;   /* RELP: rsp codes other than 200 (each ended its connection) */
 };
 
 struct ls_forward;
@@ -75,7 +97,8 @@ int ls_forward_set_socket(struct ls_forward *f, int sock_fd);
 int ls_forward_advance(struct ls_forward *f, uint64_t end);
 /* Hand the socket as much of [cursor, end) as it takes now, never blocking. Returns the wire bytes
  * handed over (>= 0) once cursor == end; -EAGAIN when the socket is full and data remains (wait
- * for writability, call again); -ENOTCONN without a socket; -ENODATA if the file ended before
+ * for writability, call again); -ENOBUFS (RELP) when the window is full and data remains (wait for
+ * responses: ls_forward_relp_read, then call again); -ENOTCONN without a socket; -ENODATA if the file ended before
  * `end` (truncated under us); any other -errno: the connection failed, the forwarder rewound
  * and detached the socket (close it, reconnect). */
 int64_t ls_forward_pump(struct ls_forward *f);
@@ -90,6 +113,31 @@ int64_t ls_forward_sync_acked(struct ls_forward *f);
  * `cursor`. Forgets the in-flight window. file_fd is dup()ed; -1 keeps the current file. */
 int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor);
 int ls_forward_counters(struct ls_forward *f, struct ls_forward_counters *out);
+
+/* RELP (framing LS_FWD_RELP only, else -EINVAL). The window: 1..LS_RELP_WINDOW_MAX commands in
+ * flight; set it while no socket is attached. */
+int ls_forward_relp_window(struct ls_forward *f, uint32_t window);
+/* Attach a socket on which the caller completed the `open` handshake; syslog commands start at
+ * `next_txnr` (1..LS_RELP_TXNR_MAX, normally 2). Replaces ls_forward_set_socket(f, fd) for RELP;
+ * detaching is ls_forward_set_socket(f, -1) as for the other framings (rewinds to acked_cursor). */
+int ls_forward_relp_attach(struct ls_forward *f, int sock_fd, uint32_t next_txnr);
+/* Read and apply the collector's responses now on the socket, never blocking. Returns the records
+ * acknowledged by this call (>= 0) once the socket has nothing more to read; otherwise the
+ * session is over and the forwarder has detached (rewound to acked_cursor; close the socket):
+ *   -ESHUTDOWN     the rsp to our `close` came (the normal end)
+ *   -ECONNABORTED  the collector sent the `serverclose` hint
+ *   -EPIPE         the collector closed the connection (EOF)
+ *   -EREMOTEIO     an rsp code other than 200 (ls_forward_relp_error has its text)
+ *   -EPROTO        a malformed frame, or an rsp to a txnr we are not waiting for
+ *   other -errno   recv failed
+ * -ENOTCONN without a socket. Acknowledgements read before the end still count. */
+int64_t ls_forward_relp_read(struct ls_forward *f);
+/* Send `close` (only with nothing in flight: -EBUSY otherwise). Returns its txnr; its rsp makes
+ * ls_forward_relp_read return -ESHUTDOWN. -EAGAIN if the socket cannot take the 20 bytes now. */
+int64_t ls_forward_relp_close(struct ls_forward *f);
+/* The last refusal or protocol error, as text ("500 ..." from the collector, or what was wrong
+ * with its frame), NUL-terminated in buf. Returns its length. */
+int ls_forward_relp_error(struct ls_forward *f, char *buf, uint32_t size);
 /* Free the forwarder and its dup of the file (not the socket). */
 void ls_forward_free(struct ls_forward *f);
 

@@ -1,7 +1,7 @@
-"""Real syslog collectors for the forwarding tests: rsyslog (imtcp) and syslog-ng (network()), each on a
+"""Real syslog collectors for the forwarding tests: rsyslog (imtcp, imrelp) and syslog-ng (network()), each on a
 free loopback port with a private config, pid file and state under the test's directory.
 
-rsyslog and syslog-ng-core conflict as Debian packages: .ci/run installs rsyslog with apt and unpacks
+rsyslog and syslog-ng-core conflict as Debian packages: .ci/run installs rsyslog and rsyslog-relp with apt and unpacks
 syslog-ng-core (``apt-get download`` + ``dpkg -x``) into ``/opt/peers/syslog-ng``, run with
 LD_LIBRARY_PATH and ``--module-path`` pointing into that prefix. ``LOGSINK_SYSLOG_NG_PREFIX`` and
 ``LOGSINK_RSYSLOGD`` override where they are looked for. Missing peers fail the test (never skip).
@@ -21,7 +21,7 @@ import pytest
 
 SYSLOG_NG_PREFIX = Path(os.environ.get("LOGSINK_SYSLOG_NG_PREFIX", "/opt/peers/syslog-ng"))
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "install_peers.sh"
-INSTALL_HINT = f"run `sh {INSTALL_SCRIPT}` as root (it installs rsyslog and unpacks syslog-ng-core into /opt/peers/syslog-ng)"
+INSTALL_HINT = f"run `sh {INSTALL_SCRIPT}` as root (it installs rsyslog and rsyslog-relp and unpacks syslog-ng-core into /opt/peers/syslog-ng)"
 _install_tried = False
 
 
@@ -30,13 +30,23 @@ def ensure_peers() -> None:
     global _install_tried
     have_rsyslog = bool(os.environ.get("LOGSINK_RSYSLOGD") or shutil.which("rsyslogd") or os.access("/usr/sbin/rsyslogd", os.X_OK))
     have_ng = (SYSLOG_NG_PREFIX / "usr/sbin/syslog-ng").exists()
-    if (have_rsyslog and have_ng) or _install_tried:
+    have_relp = bool(imrelp_module())
+    if (have_rsyslog and have_ng and have_relp) or _install_tried:
         return
     _install_tried = True
     res = subprocess.run(["sh", str(INSTALL_SCRIPT)], capture_output=True, timeout=900)
     if res.returncode != 0:
         pytest.fail(f"installing the syslog peers failed ({INSTALL_HINT}):\n{res.stderr.decode(errors='replace')[-3000:]}")
 START_TIMEOUT = 15.0
+
+
+def imrelp_module() -> str | None:
+    """rsyslog's imrelp.so (Debian package rsyslog-relp), or None."""
+    for pattern in ("/usr/lib/*/rsyslog/imrelp.so", "/usr/lib/rsyslog/imrelp.so", "/usr/lib64/rsyslog/imrelp.so"):
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return str(found[0])
+    return None
 
 
 def free_port() -> int:
@@ -98,6 +108,21 @@ class Peer:
                 return got
             time.sleep(0.05)
 
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Send ``sig`` and wait for the process to exit (SIGTERM: rsyslog's own clean shutdown)."""
+        assert self.proc is not None, f"{self.name} is not running"
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} did not exit within {timeout}s of signal {sig}")
+        self._log.close()
+        self.proc = None
+
+    def restart(self) -> "Peer":
+        """Start again on the same port and output file (after kill())."""
+        return self.start()
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -130,6 +155,31 @@ class Rsyslog(Peer):
             f'input(type="imtcp" port="{self.port}" address="127.0.0.1" ruleset="fwd")\n'
         )
         return [exe, "-n", "-f", str(conf), "-i", str(self.pidfile)], {}
+
+
+class RsyslogRelp(Rsyslog):
+    """rsyslogd -n with imrelp (RELP, Debian package rsyslog-relp) -> omfile, %rawmsg%.
+
+    The ruleset's queue is direct: imrelp answers "rsp 200" only after omfile wrote the record (to
+    the page cache), so a SIGKILLed rsyslogd can lose nothing it acknowledged. With rsyslog's
+    default in-memory main queue, records acknowledged but still queued die with the process.
+    """
+
+    name = "rsyslogd imrelp"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super().command()
+        if not imrelp_module():
+            pytest.fail(f"rsyslog's imrelp module is not installed (Debian package rsyslog-relp): {INSTALL_HINT}")
+        conf = self.root / "rsyslog.conf"
+        conf.write_text(
+            f'global(workDirectory="{self.root}" maxMessageSize="64k")\n'
+            'module(load="imrelp")\n'
+            'template(name="raw" type="string" string="%rawmsg%\\n")\n'
+            f'ruleset(name="fwd" queue.type="direct") {{ action(type="omfile" file="{self.out}" template="raw") }}\n'
+            f'input(type="imrelp" port="{self.port}" address="127.0.0.1" ruleset="fwd")\n'
+        )
+        return cmd, env
 
 
 class SyslogNg(Peer):
