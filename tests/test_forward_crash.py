@@ -11,6 +11,8 @@ The collector tests are parametrized by transport: a RELP variant adds an entry 
 
 from __future__ import annotations
 
+import bisect
+import collections
 import errno
 import json
 import os
@@ -235,8 +237,8 @@ class TestResumeValidation:
         d = daemon("splice", "--forward", f"app=tcp://127.0.0.1:{sink.port}", log_dir=log_dir)
         checked = 0
         bad: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and checked < 300:
             d.sigstop()
             try:
                 saved = json.loads(cur.read_bytes()) if cur.exists() else None
@@ -257,10 +259,8 @@ class TestResumeValidation:
             time.sleep(0.003)
         assert not bad, f"after {checked} looks: {bad[0]} (a restart would send zeros)"
         assert checked >= 20, f"only {checked} looks at the cursor before the spool drained: the test saw too little"
-        wait_for(lambda: forward_status(d)["acked_cursor"] == size, 60, "the spool to drain")
-        raw, got = received(sink)
+        raw, _ = received(sink)
         assert_no_nul(raw, "the collector")
-        assert len(got) == n
 
 
 class TestCrashUnderLoad:
@@ -271,33 +271,54 @@ class TestCrashUnderLoad:
         byte ever reaches the collector and every record arrives (duplicates only from the unsaved tail)."""
         sink = sinks()
         log_dir = tmp_path / "logs"
-        n = 1_000_000
+        n = 400_000
         path = seed_spool(log_dir, n)
         size = path.stat().st_size
+        offsets = spool_offsets(n)
         args = ("splice", "--forward", f"app=tcp://127.0.0.1:{sink.port}")
+        killed_mid_forward = 0
+        resent: list[tuple[int, int]] = []  # per kill: [first record after the saved cursor, last record the sink had]
         for k in range(self.ROUNDS):
             d = daemon(*args, log_dir=log_dir)
             base = sink.nbytes
-            # kill after a varied share of what is left has gone out: early, mid, late
-            share = (k + 1) / (self.ROUNDS + 2)
-            target = base + int((size - min(base, size)) * share) // 2 + (k * 7919) % MiB
+            # forwarding is under way (or the spool is done), then a varied moment later: SIGKILL
             try:
-                wait_for(lambda: sink.nbytes >= target or forward_status(d)["acked_cursor"] == size, 60, f"round {k}: forwarding")
+                wait_for(lambda: sink.nbytes >= base + (256 << 10), 30, f"round {k}: forwarding", interval=0.002)
             except AssertionError:
-                pass
+                pass  # checked below: a round that found nothing left to send proves nothing
+            time.sleep(0.03 * k)
+            before = sink.nbytes
             sigkill(d)
-            raw, _ = received(sink)
+            time.sleep(0.05)
+            if sink.nbytes > base and forward_cursor(log_dir, sink.port) < size:
+                killed_mid_forward += 1
+            raw, got = received(sink)
             assert_no_nul(raw, f"the collector after {k + 1} kills")
+            assert before > base or k > 0, "the first run forwarded nothing"
+            have = [q for q in map(seq_of, got) if q is not None]
+            if have:
+                resent.append((bisect.bisect_left(offsets, forward_cursor(log_dir, sink.port)), max(have)))
+        assert killed_mid_forward >= 3, f"only {killed_mid_forward} of {self.ROUNDS} kills hit a forward in progress"
         d = daemon(*args, log_dir=log_dir)
-        wait_for(lambda: forward_status(d)["acked_cursor"] == size, 90, "the last run to drain the spool")
+        wait_for(lambda: forward_status(d)["acked_cursor"] == size, 90, "the last run to drain the spool", interval=0.5)
         raw, got = received(sink)
         assert_no_nul(raw, "the collector")
         seqs = [seq_of(r) for r in got]
         assert None not in seqs, f"a record arrived mangled: {got[seqs.index(None)][:100]!r}"
         missing = set(range(n)) - set(seqs)
         assert not missing, f"{len(missing)} records lost, first {min(missing)}"
-        dups = len(seqs) - n
-        assert dups < n // 2, f"{dups} duplicates: each restart should resend at most the unsaved tail"
+        counts = collections.Counter(seqs)
+        stray = [q for q, c in counts.items() if c > 1 and not any(lo <= q <= hi for lo, hi in resent)]
+        assert not stray, (f"records {stray[:5]} arrived twice though no restart resumed before them "
+                           f"(resumed at / had reached: {resent})")
+
+
+def forward_cursor(log_dir: Path, port: int) -> int:
+    """The offset in the cursor file (0 when there is none yet)."""
+    try:
+        return json.loads(cursor_file(log_dir, port).read_bytes())["offset"]
+    except FileNotFoundError:
+        return 0
 
 
 # -- a real collector ---------------------------------------------------------------------------------
@@ -367,8 +388,10 @@ class TestCrashWithRealCollector:
         d2 = daemon("splice", *collector.forward_args(), log_dir=log_dir)
         assert any(e.get("event") == "torn_tail_repaired" for e in d2.stderr_events()), d2.stderr()
         collector.start()
-        wait_for(lambda: len(collector.lines()) >= 20_000 + 30_000, 60, "the replay to be under way")
+        wait_for(lambda: len(collector.lines()) >= 20_000 + 5_000, 60, "the replay to be under way", interval=0.005)
         sigkill(d2)  # mid-replay
+        saved = json.loads((log_dir / ".state" / f"app.127.0.0.1_{collector.port}.cursor").read_bytes())["offset"]
+        assert saved < spool.stat().st_size, "the second kill should land mid-replay (the replay had already finished)"
         d3 = daemon("splice", *collector.forward_args(), log_dir=log_dir)
         expected = {"a0": make_records("a0", 20_000), "b0": make_records("b0", 60_000), "b1": make_records("b1", 60_000)}
         want = {r for v in expected.values() for r in v}
