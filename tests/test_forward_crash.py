@@ -17,8 +17,10 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +263,130 @@ class TestResumeValidation:
         assert checked >= 20, f"only {checked} looks at the cursor before the spool drained: the test saw too little"
         raw, _ = received(sink)
         assert_no_nul(raw, "the collector")
+
+
+class MeteredSink:
+    """A collector that reads only as many bytes as it is allowed (``allow``): its kernel ACKs follow."""
+
+    def __init__(self):
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # small: ACKs follow the reads closely
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(1)
+        self.port = self.srv.getsockname()[1]
+        self.nbytes = 0
+        self.raw = bytearray()
+        self._budget = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def allow(self, n: int) -> None:
+        with self._cv:
+            self._budget += n
+            self._cv.notify()
+
+    def _run(self) -> None:
+        conn, _ = self.srv.accept()
+        conn.settimeout(0.05)
+        with conn:
+            while True:
+                with self._cv:
+                    while self._budget <= 0 and not self._stop:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    want = min(self._budget, 64 << 10)
+                try:
+                    data = conn.recv(want)
+                except socket.timeout:
+                    continue
+                if not data:
+                    return
+                with self._cv:
+                    self._budget -= len(data)
+                    self.nbytes += len(data)
+                    self.raw += data
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.srv.close()
+
+
+class TestPunchOrder:
+    def test_acks_arriving_during_the_cursor_save_do_not_punch_past_it(self, tmp_path, monkeypatch):
+        """ACKs that arrive while the cursor file is being written (a slow disk, a preempted daemon) never let the
+        spool be punched past the cursor on disk: after every punch, the saved cursor is at data."""
+        import asyncio
+
+        from logsink import forward
+
+        sink = MeteredSink()
+        state = tmp_path / "state"
+        state.mkdir()
+        specs = forward.forward_from_config(None, [f"app=tcp://127.0.0.1:{sink.port}"], "octet-counted")
+        n = 100_000
+        data = b"".join(spool_record(i) for i in range(n))
+        cur = state / f"app.127.0.0.1_{sink.port}.cursor"
+        looks: list[tuple[int, int]] = []  # (saved cursor, where data starts at or after it)
+        real_save, real_punch = forward.Forwarder.save, forward._StreamGroup.punch
+
+        def slow_save(fw, offset: int) -> None:
+            real_save(fw, offset)
+            # the collector reads on and ACKs arrive while the save is slow: past the next punch unit
+            nxt = (offset // MiB + 1) * MiB
+            deadline = time.monotonic() + 2
+            while fw.counters().acked_cursor < nxt and fw.counters().acked_cursor < len(data) and time.monotonic() < deadline:
+                sink.allow(64 << 10)
+                time.sleep(0.002)
+
+        def checked_punch(group) -> None:
+            real_punch(group)
+            if cur.exists():
+                off = json.loads(cur.read_bytes())["offset"]
+                if off < len(data):
+                    looks.append((off, os.lseek(group.fd, off, SEEK_DATA)))
+
+        monkeypatch.setattr(forward.Forwarder, "save", slow_save)
+        monkeypatch.setattr(forward._StreamGroup, "punch", checked_punch)
+
+        async def run() -> None:
+            state_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+            mgr = forward.ForwardManager(specs, (str(state), state_fd), engine=None)
+            dirfd, name, _ = mgr.output_location("app", (-1, "", ""))
+            fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=dirfd)
+            os.write(fd, data)
+            mgr.stream_opened("app", 0, fd, len(data))
+            os.close(fd)
+            fw = mgr.groups[0].forwarders[0]
+            deadline = time.monotonic() + 60
+            while fw.counters().acked_cursor < len(data) and time.monotonic() < deadline and len(looks) < 12:
+                if any(a != b for a, b in looks):
+                    break
+                sink.allow(256 << 10)  # between saves the collector reads a little at a time
+                await asyncio.sleep(0.02)
+            sink.allow(1 << 40)
+            await fw.close(timeout=5)
+            for g in mgr.groups.values():
+                g.close()
+            os.close(mgr.spool_fd)
+            os.close(state_fd)
+
+        try:
+            asyncio.run(run())
+        finally:
+            sink.close()
+        bad = [(a, b) for a, b in looks if a != b]
+        assert not bad, f"the cursor on disk was inside the punched prefix: saved {bad[0][0]}, data from {bad[0][1]} ({len(looks)} looks)"
+        assert len(looks) >= 5, f"only {len(looks)} punches looked at: the test saw too little"
+        assert_no_nul(bytes(sink.raw), "the collector")
 
 
 class TestCrashUnderLoad:
