@@ -264,12 +264,13 @@ static void detach(struct ls_forward *f)
 /* zeros: holes and NUL bytes never go on the wire (see ls_forward.h, "Zeros")                */
 
 /* The first data at or after `off`, at most `limit`: `off` itself unless it is in a hole. A file
- * system without SEEK_DATA reports everything as data (the NUL scan still catches its zeros). */
+ * system without SEEK_DATA reports everything as data, and ENXIO (only a hole up to the file's end,
+ * or the file shrank under us) is left to the reads: they see the zeros, or the end (-ENODATA). */
 static uint64_t data_from(const struct ls_forward *f, uint64_t off, uint64_t limit)
 {
     off_t d = lseek(f->fd, (off_t)off, SEEK_DATA);
     if (d < 0)
-        return errno == ENXIO ? limit : off; /* ENXIO: only holes up to the file's end */
+        return off;
     return (uint64_t)d < limit ? (uint64_t)d : limit;
 }
 
