@@ -26,7 +26,7 @@ import structlog
 
 from logsink import protocol
 from logsink._native import check, ffi, lib
-from logsink.files import dir_beneath, open_beneath, read_beneath, replace_beneath
+from logsink.files import FileRefused, dir_beneath, open_beneath, read_beneath
 
 log = structlog.get_logger("logsink.forward")
 
@@ -240,6 +240,31 @@ def relp_frame(buf: bytes) -> tuple[int, bytes, bytes, bytes] | None:
     return int(txnr), cmd, buf[start + 1 : start + 1 + dlen], buf[start + 2 + dlen :]
 
 
+# -- cursor files ---------------------------------------------------------------------------------
+def replace_durably(dirfd: int, name: str, data: bytes, mode: int, where: str) -> None:
+    """Replace ``name`` beneath ``dirfd`` with ``data`` so that a crash (or power loss) at any point
+    leaves the old or the new contents: write a temp file, fsync it, rename it over, fsync the directory.
+
+    The spool is punched only behind what this wrote, so "on disk" has to mean it."""
+    tmp = name + ".tmp"
+    try:
+        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT, mode, where=where + ".tmp")
+    except FileRefused:
+        # The temp name is ours alone: something planted there (a link, a FIFO) is removed, not followed.
+        os.unlink(tmp, dir_fd=dirfd)
+        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, where=where + ".tmp")
+    try:
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)  # rename replaces a planted link, never follows it
+    os.fsync(dirfd)
+
+
 # -- one downstream -------------------------------------------------------------------------------
 class Forwarder:
     """One (stream, downstream): a C forwarder (native/ls_forward.c) plus its connection and cursor file.
@@ -252,6 +277,11 @@ class Forwarder:
         self.spec = spec
         self.group = group
         self.cursor_path = cursor_path
+        self.identity = group.identity  # the file this forwarder reads (it moves to a rotated file on its own)
+        # The cursor the file on disk holds, with its file: the spool is never punched past it, so a
+        # restart after a crash never resumes inside the punched prefix. ``cursor`` came from there.
+        self.durable = (cursor, group.identity)
+        self._skipped = 0
         self.address = f"tcp://{spec.host}:{spec.port}"
         out = ffi.new("struct ls_forward **")
         check(lib.ls_forward_new(group.fd, cursor, FRAMINGS[spec.framing], out), f"starting the forwarder to {self.address}")
@@ -314,6 +344,7 @@ class Forwarder:
         self._progress()
 
     def _progress(self) -> None:
+        self._note_skipped()
         if self.wants_pause:
             c = self.counters()
             if c.end - c.cursor < self.spec.spool_max // 2:
@@ -321,6 +352,24 @@ class Forwarder:
                 self.group.update_pause()
         self._maybe_switch()
         self._schedule_save()
+
+    def skip_zeros(self) -> None:
+        """Validate a resumed cursor: off any hole or NUL bytes (a cursor file lost, or left inside the
+        punched prefix by an older version), onto the next whole record."""
+        check(lib.ls_forward_skip_zeros(self.f), "checking the spool at the cursor")
+        if self._note_skipped():
+            self._schedule_save()
+
+    def _note_skipped(self) -> bool:
+        """Log bytes the C forwarder skipped instead of sending zeros; True if there were any."""
+        c = self.counters()
+        if c.skipped_bytes == self._skipped:
+            return False
+        log.warning("forward_skipped_hole", stream=self.spec.stream, downstream=self.address, file=self.group.path,
+                    bytes=c.skipped_bytes - self._skipped, resume_at=c.cursor,
+                    reason="the file reads as zeros there (a punched spool prefix or a hole); zeros are never sent")
+        self._skipped = c.skipped_bytes
+        return True
 
     def _apply_policy(self) -> None:
         c = self.counters()
@@ -508,7 +557,7 @@ class Forwarder:
         self._pending_switch = None
         check(lib.ls_forward_reset(self.f, fd, offset), "switching the forwarder to the new file")
         os.close(fd)
-        self.group.identity = identity
+        self.identity = self.group.identity = identity
         self._saved = None
         self._schedule_save()
         self.on_advance(self.group.end())
@@ -522,23 +571,25 @@ class Forwarder:
         self._save_handle = None
         c = self.counters()
         self.save(c.acked_cursor)
-        self.group.punch()
+        self.group.punch()  # behind the saved cursors only: ACKs that came in since wait for the next save
         if c.acked_cursor < c.cursor:  # ACKs may still come in while we are idle: look again
             self._schedule_save()
 
     def save(self, offset: int) -> None:
-        state = (offset, hash(self.group.identity))
+        """Persist ``offset`` (fsynced, atomically replaced); on success it becomes ``durable``."""
+        state = (offset, self.identity)
         if state == self._saved:
             return
-        data = json.dumps({"offset": offset, "dev": self.group.identity[0], "ino": self.group.identity[1],
+        data = json.dumps({"offset": offset, "dev": self.identity[0], "ino": self.identity[1],
                            "file": self.group.path, "downstream": self.address}).encode()
         mgr = self.group.mgr
         try:
-            replace_beneath(mgr.state_fd, os.path.basename(self.cursor_path), data, mgr.file_mode, self.cursor_path)
+            replace_durably(mgr.state_fd, os.path.basename(self.cursor_path), data, mgr.file_mode, self.cursor_path)
         except OSError as exc:  # the next save tries again; a restart then replays from the last saved cursor
             log.error("forward_cursor_save_failed", file=self.cursor_path, error=str(exc))
             return
         self._saved = state
+        self.durable = state
 
     async def _relp_close(self, timeout: float) -> None:
         """RELP's close, when every command was answered: send it, wait for its rsp (or serverclose/EOF)."""
@@ -562,8 +613,10 @@ class Forwarder:
             "cursor": c.cursor, "end": c.end, "lag_bytes": c.end - c.cursor, "acked_cursor": c.acked_cursor,
             "paused": self.wants_pause, "last_error": self.last_error,
         }
+        out["saved_cursor"] = self.durable[0] if self.durable[1] == self.identity else None
         for key in ("unacked_bytes", "bytes_sent", "payload_sent", "records_sent", "bytes_sendfile", "bytes_copied",
-                    "framing_bytes", "connects", "disconnects", "rewound_bytes", "dropped_bytes", "dropped_records"):
+                    "framing_bytes", "connects", "disconnects", "rewound_bytes", "dropped_bytes", "dropped_records",
+                    "skipped_bytes"):
             out[key] = getattr(c, key)
         out["reconnects"] = max(c.connects - 1, 0)
         if self.relp:
@@ -629,6 +682,7 @@ class _StreamGroup:
         self.spool = spool
         st = os.fstat(self.fd)
         self.identity = (st.st_dev, st.st_ino)
+        self.fd_identity = self.identity  # the file self.fd is (rotation switches it before the forwarders)
         self.forwarders: list[Forwarder] = []
         self.paused = False
         self.punched = 0
@@ -647,10 +701,13 @@ class _StreamGroup:
             log.info("stream_paused" if want else "stream_resumed", stream=self.name, reason="forward spool bound")
 
     def punch(self) -> None:
-        """Spools only: give back the disk blocks every downstream has been sent (and ACKed)."""
+        """Spools only: give back the disk blocks every downstream has been sent, ACKed, and has a cursor
+        file past. Never past a cursor on disk: a crash then resumes there, and a hole reads as zeros."""
         if not self.spool or self.mgr.punch_unsupported:
             return
-        upto = min(f.counters().acked_cursor for f in self.forwarders)
+        if any(f.durable[1] != self.fd_identity for f in self.forwarders):
+            return  # a forwarder has no saved cursor in this file yet (rotation)
+        upto = min(f.durable[0] for f in self.forwarders)
         r = lib.ls_spool_punch(self.fd, self.punched, upto)
         if r == -errno.EOPNOTSUPP:
             self.mgr.punch_unsupported = True
@@ -732,6 +789,8 @@ class ForwardManager:
             group.forwarders.append(fw)
             if cursor < size:
                 log.info("forward_backlog", stream=name, downstream=fw.address, bytes=size - cursor, file=path)
+            check(lib.ls_forward_advance(fw.f, size), "advancing the forwarder")
+            fw.skip_zeros()  # never resume inside a hole
             fw.on_advance(size)
         group.last_end = size
         self.groups[sid] = group
@@ -760,7 +819,7 @@ class ForwardManager:
 
     def _write_cursor_file(self, spec: ForwardSpec, offset: int, identity: tuple[int, int], path: str) -> None:
         data = json.dumps({"offset": offset, "dev": identity[0], "ino": identity[1], "file": path}).encode()
-        replace_beneath(self.state_fd, spec.key + ".cursor", data, self.file_mode, self._cursor_path(spec))
+        replace_durably(self.state_fd, spec.key + ".cursor", data, self.file_mode, self._cursor_path(spec))
 
     def poll(self) -> None:
         """After engine events were handled: tell each forwarded stream how far its file has whole batches."""
@@ -780,6 +839,7 @@ class ForwardManager:
         st = os.fstat(fd)
         os.close(g.fd)
         g.fd = os.dup(fd)
+        g.fd_identity = (st.st_dev, st.st_ino)
         g.path = os.readlink(f"/proc/self/fd/{fd}")
         g.punched = 0
         g.last_end = size

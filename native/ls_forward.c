@@ -43,8 +43,7 @@
 #define PREFIX_MAX 32
 /* RELP: the collector's responses are read into this ("TXNR rsp 6 200 OK\n" each). */
 #define RX_BUF (64u << 10)
-/* Holes are punched in units of this: whole pages, and few fallocate calls. */
-#define PUNCH_UNIT (1u << 20)
+#define PUNCH_UNIT LS_SPOOL_PUNCH_UNIT
 
 enum { PIECE_MEM = 1, PIECE_FILE = 2, PIECE_PREFIX = 4, PIECE_REC_END = 8 };
 
@@ -78,6 +77,7 @@ struct relp_txn {
 struct ls_forward {
     int fd, sock, framing;
     uint64_t cursor, end;
+    uint64_t stop;      /* this window may not pass it: end, or the last record boundary before a hole */
     uint64_t drop_to;   /* a drop requested while a window was in flight */
     /* the current window */
     struct piece *pieces;
@@ -299,6 +299,114 @@ static void detach(struct ls_forward *f)
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* zeros: holes and NUL bytes never go on the wire (see ls_forward.h, "Zeros")                */
+
+/* The first data at or after `off`, at most `limit`: `off` itself unless it is in a hole. A file
+ * system without SEEK_DATA reports everything as data, and ENXIO (only a hole up to the file's end,
+ * or the file shrank under us) is left to the reads: they see the zeros, or the end (-ENODATA). */
+static uint64_t data_from(const struct ls_forward *f, uint64_t off, uint64_t limit)
+{
+    off_t d = lseek(f->fd, (off_t)off, SEEK_DATA);
+    if (d < 0)
+        return off;
+    return (uint64_t)d < limit ? (uint64_t)d : limit;
+}
+
+/* The first hole at or after `off` (the file's end counts as one; UINT64_MAX if unknown). */
+static uint64_t hole_from(const struct ls_forward *f, uint64_t off)
+{
+    off_t h = lseek(f->fd, (off_t)off, SEEK_HOLE);
+    return h < 0 ? UINT64_MAX : (uint64_t)h;
+}
+
+/* Move the cursor from `from` to `to` without sending what lies between (counted as skipped). */
+static void skip_to(struct ls_forward *f, uint64_t to)
+{
+    f->c.skipped_bytes += to - f->cursor;
+    f->cursor = to;
+    if (f->sock >= 0)
+        checkpoint_push(f, f->wire, to); /* skipped bytes never go on the wire */
+    else
+        f->c.acked_cursor = to;
+}
+
+/* The cursor is at zeros (a hole, or NUL bytes written as data): move it to the first non-NUL byte,
+ * and on to the next record boundary if that byte is where a punch ended. Returns 1 if it moved, 0
+ * if the cursor was at data, or -errno. */
+static int skip_zero_run(struct ls_forward *f)
+{
+    uint64_t p = f->cursor;
+    int in_hole = 0;
+    while (p < f->end) {
+        uint64_t d = data_from(f, p, f->end);
+        if (d > p) {
+            in_hole = 1;
+            p = d;
+            continue;
+        }
+        if (p == f->cursor) { /* the usual case: one byte says it is data (not counted as copied) */
+            char c;
+            ssize_t n = pread(f->fd, &c, 1, (off_t)p);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return -errno;
+            if (n == 0)
+                return -ENODATA;
+            if (c != '\0')
+                break;
+            p++;
+            continue;
+        }
+        int r = fill(f, &f->search, p, f->end);
+        if (r < 0)
+            return r;
+        uint32_t i = 0;
+        while (i < (uint32_t)r && f->search.p[i] == '\0')
+            i++;
+        p += i;
+        if (i < (uint32_t)r)
+            break;
+    }
+    if (p == f->cursor)
+        return 0;
+    if (p < f->end && in_hole && p % PUNCH_UNIT == 0) { /* mid-record: its start was punched with the rest */
+        uint64_t next;
+        int r = next_boundary(f, p, f->end, &next);
+        if (r < 0)
+            return r;
+        p = r ? next : f->end;
+    }
+    skip_to(f, p);
+    return 1;
+}
+
+/* Before a window: the cursor at data, and f->stop at end or the last record boundary before the
+ * first hole in [cursor, end). A record a hole cuts is skipped with the hole. Returns 0 or -errno. */
+static int guard_window(struct ls_forward *f)
+{
+    for (;;) {
+        int r = skip_zero_run(f);
+        if (r < 0)
+            return r;
+        f->stop = f->end;
+        if (f->cursor >= f->end)
+            return 0;
+        uint64_t h = hole_from(f, f->cursor);
+        if (h >= f->end)
+            return 0;
+        int64_t b = prev_boundary(f, f->cursor, h);
+        if (b < 0)
+            return (int)b;
+        if ((uint64_t)b > f->cursor) {
+            f->stop = (uint64_t)b;
+            return 0;
+        }
+        skip_to(f, h); /* the record at the cursor runs into the hole: skip it, then the hole */
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* windows                                                                                    */
 
 static void apply_drop(struct ls_forward *f);
@@ -318,7 +426,7 @@ static int window_at(struct ls_forward *f, uint64_t off)
     }
     w->off = off;
     w->len = keep;
-    uint64_t want = f->end - off;
+    uint64_t want = f->stop - off;
     if (want > SCAN_BUF)
         want = SCAN_BUF;
     while (w->len < want) {
@@ -369,6 +477,8 @@ static int plan_octet(struct ls_forward *f)
     if (f->framing == LS_FWD_RELP && f->window - f->rcount < cap)
         cap = f->window - f->rcount; /* > 0: pump checked */
     const char *scan = f->win.p + (p - f->win.off), *stop = f->win.p + f->win.len;
+    if (f->win.off + f->win.len > f->stop) /* kept from the last window: not past a hole */
+        stop = f->win.p + (f->stop - f->win.off);
     while (n < cap && scan < stop) {
         const char *nl = memchr(scan, '\n', (size_t)(stop - scan));
         if (!nl)
@@ -387,7 +497,7 @@ static int plan_octet(struct ls_forward *f)
     }
     if (n == 0) { /* one record longer than the scan buffer: find its end, send it with sendfile */
         uint64_t next;
-        int found = next_boundary(f, f->win.off + f->win.len, f->end, &next);
+        int found = next_boundary(f, f->win.off + f->win.len, f->stop, &next);
         if (found <= 0)
             return found;
         /* The search read past the record's end; those bytes start the next window (no piece of
@@ -417,10 +527,10 @@ static int plan_octet(struct ls_forward *f)
  * NEWLINE_PLAN bytes (one record scanned to find it). */
 static int plan_newline(struct ls_forward *f)
 {
-    uint64_t stop = f->end;
+    uint64_t stop = f->stop;
     if (stop - f->cursor > NEWLINE_PLAN) {
         uint64_t next;
-        int r = next_boundary(f, f->cursor + NEWLINE_PLAN - 1, f->end, &next);
+        int r = next_boundary(f, f->cursor + NEWLINE_PLAN - 1, f->stop, &next);
         if (r < 0)
             return r;
         if (r > 0)
@@ -531,6 +641,23 @@ static int send_newline(struct ls_forward *f)
 /* ---------------------------------------------------------------------------------------- */
 /* API                                                                                        */
 
+/* Our own open file description of `fd` (lseek(SEEK_DATA/SEEK_HOLE) moves a description's position;
+ * the daemon's writes use explicit offsets, but a dup would still share it), or a dup if the file
+ * cannot be reopened through /proc. */
+static int own_fd(int fd)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    int own = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat a, b;
+    if (own >= 0 && fstat(own, &a) == 0 && fstat(fd, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+        return own;
+    if (own >= 0)
+        close(own);
+    own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    return own < 0 ? -errno : own;
+}
+
 int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward **out)
 {
     if (framing != LS_FWD_NEWLINE && framing != LS_FWD_OCTET && framing != LS_FWD_RELP)
@@ -538,11 +665,11 @@ int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward 
     struct ls_forward *f = calloc(1, sizeof *f);
     if (!f)
         return -ENOMEM;
-    f->fd = fcntl(file_fd, F_DUPFD_CLOEXEC, 0);
+    f->fd = own_fd(file_fd);
     if (f->fd < 0) {
-        int err = errno;
+        int err = f->fd;
         free(f);
-        return -err;
+        return err;
     }
     f->win.p = malloc(SCAN_BUF);
     f->search.p = malloc(SCAN_BUF);
@@ -607,6 +734,9 @@ int64_t ls_forward_pump(struct ls_forward *f)
                 r = -ENOBUFS; /* the window is full: responses first */
                 break;
             }
+            r = guard_window(f);
+            if (r < 0 || f->cursor >= f->end)
+                break;
             r = f->framing == LS_FWD_NEWLINE ? plan_newline(f) : plan_octet(f);
             if (r <= 0)
                 break; /* 0: the file does not have a whole record yet (cannot happen after advance) */
@@ -667,6 +797,17 @@ int64_t ls_forward_drop(struct ls_forward *f, uint64_t min_cursor)
     return (int64_t)(f->cursor - before);
 }
 
+int64_t ls_forward_skip_zeros(struct ls_forward *f)
+{
+    if (f->plan_active || f->cursor >= f->end)
+        return 0; /* a window in flight was checked when it was planned */
+    uint64_t before = f->c.skipped_bytes;
+    int r = guard_window(f);
+    if (r < 0)
+        return r;
+    return (int64_t)(f->c.skipped_bytes - before);
+}
+
 int64_t ls_forward_sync_acked(struct ls_forward *f)
 {
     if (f->sock < 0 || f->framing == LS_FWD_RELP) /* RELP's is exact: what the collector answered */
@@ -681,9 +822,9 @@ int64_t ls_forward_sync_acked(struct ls_forward *f)
 int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor)
 {
     if (file_fd >= 0) {
-        int fd = fcntl(file_fd, F_DUPFD_CLOEXEC, 0);
+        int fd = own_fd(file_fd);
         if (fd < 0)
-            return -errno;
+            return fd;
         close(f->fd);
         f->fd = fd;
     }

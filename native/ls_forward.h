@@ -35,6 +35,16 @@
  * what plain TCP can tell a sender; RELP exists for that: a RELP forwarder rewinds to acked_cursor,
  * the end of the last record the collector answered "rsp 200" for, and replays the rest.
  *
+ * Zeros: the forwarder never sends bytes of a hole and never starts a window at a NUL byte. A
+ * spool's forwarded prefix is punched out and reads as zeros; a cursor that points there (a cursor
+ * file lost, or left by a version that punched past it) or a hole inside what is to be sent
+ * (SEEK_HOLE) is skipped: up to the first non-NUL byte, and on to the next record boundary when that
+ * byte is where a punch ended (a multiple of LS_SPOOL_PUNCH_UNIT: the middle of a record whose start
+ * was punched). A window ends at the last record boundary before a hole; a record a hole cuts is
+ * skipped. All of it is counted in skipped_bytes. Checking costs one lseek(SEEK_HOLE) and, for
+ * newline framing, a one-byte read per window: NUL bytes inside a record written as data are not
+ * looked for (sendfile never reads them).
+ *
  * Threading: not thread-safe; the daemon drives every forwarder from its control thread.
  * Contract: every function returns >= 0 on success or -errno; errno is never the channel.
  */
@@ -60,6 +70,9 @@
  * 16 KiB at the ~10 GB/s these machines copy at (docs/design.md measurements). */
 #define LS_FWD_SENDFILE_MIN (16u << 10)
 
+/* ls_spool_punch works in whole units of this (1 MiB): whole pages, and few fallocate calls. */
+#define LS_SPOOL_PUNCH_UNIT (1u << 20)
+
 struct ls_forward_counters {
     uint64_t cursor;         /* next file byte to hand to the kernel (a record boundary between sends) */
     uint64_t end;            /* bytes of complete records in the file (last ls_forward_advance) */
@@ -81,12 +94,15 @@ struct ls_forward_counters {
     uint64_t relp_acked;     /* RELP: records the collector answered "rsp 200" for */
     uint64_t relp_inflight;  /* RELP: commands sent (or being sent) awaiting their rsp */
     uint64_t relp_refused;   /* RELP: rsp codes other than 200 (each ended its connection) */
+    uint64_t skipped_bytes;  /* zeros never sent: a hole (a punched spool prefix) or NUL bytes where a
+                                window would start, plus the record a hole cut (see "Zeros" above) */
 };
 
 struct ls_forward;
 
-/* A forwarder reading `file_fd` (the forwarder dup()s it; O_RDONLY is enough) from `cursor` (a
- * record boundary) with `framing` (LS_FWD_*). No socket yet, end = cursor. */
+/* A forwarder reading `file_fd` from `cursor` (a record boundary) with `framing` (LS_FWD_*). It
+ * reopens the file through /proc/self/fd for a file position of its own (lseek(SEEK_HOLE)), or
+ * dup()s it; O_RDONLY is enough. No socket yet, end = cursor. */
 int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward **out);
 /* Attach a connected, nonblocking stream socket (the caller keeps owning it), or -1 to detach.
  * Detaching (or replacing) a socket first rewinds to what its peer ACKed (see above), so call it
@@ -106,6 +122,9 @@ int64_t ls_forward_pump(struct ls_forward *f);
  * counting the records skipped. While a send window is in flight the drop is applied when it
  * completes. Returns the bytes dropped now (>= 0). */
 int64_t ls_forward_drop(struct ls_forward *f, uint64_t min_cursor);
+/* Move the cursor off zeros now (see "Zeros"; pump does it before every window): for validating
+ * a resumed cursor before any socket is attached. Returns the bytes skipped (>= 0) or -errno. */
+int64_t ls_forward_skip_zeros(struct ls_forward *f);
 /* Make acked_cursor exact: the start of the first record the peer has not ACKed in full (one
  * SIOCOUTQ and a scan of at most one send window). For persisting the cursor on a clean stop. */
 int64_t ls_forward_sync_acked(struct ls_forward *f);
