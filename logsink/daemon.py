@@ -754,6 +754,9 @@ class Daemon:
 
     def reopen_files(self) -> None:
         """SIGHUP: after logrotate moved a file away, start a new one at the configured path."""
+        if self.engine_failed:
+            log.error("reopen_skipped", reason=f"the engine failed ({self.engine_failed}): restart the daemon")
+            return
         for s in self.streams.values():
             try:
                 st = os.stat(s.filename, dir_fd=s.dirfd, follow_symlinks=False)
@@ -852,9 +855,11 @@ class Daemon:
         touched = []
         c = ffi.new("struct ls_counters *")
         for p in list(self.producers.values()):
-            if lib.ls_engine_producer_counters(self.engine, p.id, c) == -errno.ENOENT:
-                ev = ffi.new("struct ls_event *", {"kind": lib.LS_EV_PRODUCER_ERROR, "producer_id": p.id, "err": -errno.ENOMEM})
-                self._producer_ended(p, ev)  # its end was among the lost events
+            ended = lib.ls_engine_producer_counters(self.engine, p.id, c) == -errno.ENOENT
+            if ended:  # its end was among the lost events: release what landed, then end it
+                p.released = max(p.released, c.last_seq)
+                ev = ffi.new("struct ls_event *", {"kind": lib.LS_EV_PRODUCER_EOF, "producer_id": p.id})
+                self._producer_ended(p, ev)
                 continue
             if c.last_seq > p.released:
                 p.released = c.last_seq

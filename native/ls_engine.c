@@ -84,6 +84,7 @@ void eng_failed(struct ls_engine *e, int err, const char *what)
         return;
     e->failed = err;
     snprintf(e->reason, sizeof e->reason, "%s failed: %s", what, strerror(-err));
+    pthread_cond_broadcast(&e->cond); /* nobody may wait for a request the thread will never apply */
     emit_raw(e, LS_EV_ENGINE_FAILED, UINT32_MAX, UINT32_MAX, err, 0, 0, 0);
 }
 
@@ -159,8 +160,15 @@ void eng_stream_release(struct ls_engine *e, struct stream *s)
 /* Cut a failed or torn batch back off the file: the file ends at the last whole batch again. */
 void eng_truncate_back(struct stream *s, uint64_t start)
 {
-    if (s->fd >= 0)
-        (void)!ftruncate(s->fd, (off_t)start);
+    struct stat st;
+    if (s->fd >= 0 && fstat(s->fd, &st) == 0) {
+        /* Cut back only what is there: a file truncated under the batch (copytruncate) must not
+         * be re-grown to `start` with a hole of NULs. */
+        if ((uint64_t)st.st_size > start && ftruncate(s->fd, (off_t)start) < 0)
+            s->c.errors++; /* the torn tail stays until the next start's repair; counted */
+        if ((uint64_t)st.st_size < start)
+            start = (uint64_t)st.st_size;
+    }
     s->offset = start;
 }
 
@@ -268,14 +276,18 @@ static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s
     p->c.bytes += len;
     p->c.records += p->h.record_count;
     p->c.batches++;
-    p->c.last_seq = p->h.seq;
     e->total.bytes += len;
     e->total.records += p->h.record_count;
     e->total.batches++;
     p->staged = 0;
     if (s->sync == LS_SYNC_BATCH) {
         if (e->be->sync_is_op) { /* the backend submits an FSYNC; the stream is free meanwhile */
-            p->state = P_SYNC;
+            p->sync_fd = fcntl(s->fd, F_DUPFD_CLOEXEC, 0); /* the file this batch is in, whatever rotates */
+            if (p->sync_fd >= 0) {
+                p->state = P_SYNC;
+                return;
+            }
+            eng_synced(e, p, s, -errno);
             return;
         }
         /* The epoll engines sync in their thread: other streams wait the sync out, by policy. */
@@ -283,6 +295,7 @@ static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s
         eng_synced(e, p, s, r);
         return;
     }
+    p->c.last_seq = p->h.seq;
     eng_emit(e, LS_EV_BATCH_DONE, p, 0, p->h.seq, len, p->h.record_count);
     p->state = P_HEADER;
 }
@@ -292,12 +305,17 @@ static void batch_done(struct ls_engine *e, struct producer *p, struct stream *s
 void eng_synced(struct ls_engine *e, struct producer *p, struct stream *s, int r)
 {
     s->c.syncs++;
+    if (p->sync_fd >= 0) {
+        close(p->sync_fd);
+        p->sync_fd = -1;
+    }
     if (r < 0) {
         p->c.errors++;
         s->c.errors++;
         e->total.errors++;
         eng_emit(e, LS_EV_BATCH_FAILED, p, r, p->h.seq, p->h.payload_len, p->h.record_count);
     } else {
+        p->c.last_seq = p->h.seq; /* released: what a reconciliation may release */
         eng_emit(e, LS_EV_BATCH_DONE, p, 0, p->h.seq, p->h.payload_len, p->h.record_count);
     }
     p->state = P_HEADER;
@@ -549,6 +567,7 @@ int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32
     for (uint32_t i = 0; i < max_producers; i++) {
         e->prod[i].id = i;
         e->prod[i].fd = -1;
+        e->prod[i].sync_fd = -1;
         e->prod[i].hdr = e->hdrbuf + (size_t)i * HDR_STRIDE;
     }
     for (uint32_t i = 0; i < max_streams; i++)
@@ -620,10 +639,11 @@ int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offs
     s->pending_off = offset;
     s->c.offset = offset;
     wake(e);
-    while (s->pending && !e->stop)
+    while (s->pending && !e->stop && !e->failed)
         pthread_cond_wait(&e->cond, &e->mu);
+    int r = e->failed;
     pthread_mutex_unlock(&e->mu);
-    return 0;
+    return r;
 }
 
 int ls_engine_set_stream_sync(struct ls_engine *e, uint32_t id, int sync)
@@ -670,6 +690,7 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
     p->stage_r = stage_r;
     p->stage_w = stage_w;
     p->cap = cap; /* 0 for a pipe: read from the pipe at its first header */
+    p->sync_fd = -1;
     p->state = P_HEADER;
     wake(e);
     pthread_mutex_unlock(&e->mu);

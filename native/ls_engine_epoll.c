@@ -22,9 +22,22 @@ static void epoll_arm(struct ls_engine *e, struct producer *p, int on)
 {
     if (p->armed == on)
         return;
-    struct epoll_event ev = {.events = on == 2 ? EPOLLIN | EPOLLET : on ? EPOLLIN : 0, .data.u32 = p->id};
-    if (epoll_ctl(e->ep, EPOLL_CTL_MOD, p->fd, &ev) == 0)
+    if (on == 0) {
+        /* Out of the set, not events = 0: EPOLLHUP is reported whatever the mask, and a producer
+         * whose client exited while it waits for its stream would spin the thread. */
+        if (epoll_ctl(e->ep, EPOLL_CTL_DEL, p->fd, NULL) == 0 || errno == ENOENT)
+            p->armed = 0;
+        return;
+    }
+    struct epoll_event ev = {.events = on == 2 ? EPOLLIN | EPOLLET : EPOLLIN, .data.u32 = p->id};
+    int r = epoll_ctl(e->ep, p->armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, p->fd, &ev);
+    if (r == 0) {
         p->armed = on;
+    } else if (p->state != P_FREE) { /* this producer can never be woken again: end it, loudly */
+        p->c.errors++;
+        e->total.errors++;
+        eng_finish(e, p, LS_EV_PRODUCER_ERROR, -errno, 0);
+    }
 }
 
 /* A TCP batch into its stage pipe: splice, or (readwrite) read + write. The stage holds the whole
@@ -80,8 +93,8 @@ static void epoll_drive(struct ls_engine *e, struct producer *p)
         long r;
         switch (p->state) {
         case P_HEADER:
-            if (p->hdr_have == 0 && eng_removal_due(e, p)) {
-                eng_finish(e, p, LS_EV_PRODUCER_REMOVED, 0, 0);
+            if ((p->hdr_have == 0 || !p->drain) && eng_removal_due(e, p)) {
+                eng_finish(e, p, LS_EV_PRODUCER_REMOVED, 0, 0); /* drain=0: a half header goes too */
                 return;
             }
             r = read(p->fd, p->hdr + p->hdr_have, LS_FRAME_HEADER_SIZE - p->hdr_have);
@@ -269,7 +282,9 @@ static int epoll_watch(struct ls_engine *e, struct producer *p)
 
 static void epoll_unwatch(struct ls_engine *e, struct producer *p)
 {
-    (void)epoll_ctl(e->ep, EPOLL_CTL_DEL, p->fd, NULL); /* close() drops it anyway */
+    if (p->armed)
+        (void)epoll_ctl(e->ep, EPOLL_CTL_DEL, p->fd, NULL); /* close() drops it anyway */
+    p->armed = 0;
 }
 
 static void epoll_stream_fd(struct ls_engine *e, uint32_t sid, int fd)

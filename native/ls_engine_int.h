@@ -63,6 +63,7 @@ struct producer {
     long long backoff_ns;  /* io_uring: WAIT_DATA re-check interval */
     struct __kernel_timespec ts; /* io_uring: the TIMEOUT of that re-check */
     int32_t fail_err;      /* DISCARD: why the batch failed */
+    int sync_fd;           /* SYNC: a dup of the file the batch went to (rotation may swap the stream's) */
     struct producer *next_wait;
     struct ls_counters c;
 };

@@ -17,14 +17,34 @@
 static uint32_t fixed_stream_slot(struct ls_engine *e, uint32_t sid) { return e->max_producers + sid; }
 static uint32_t fixed_devnull_slot(struct ls_engine *e) { return e->max_producers + e->max_streams; }
 
+/* A free SQE. The ring has an entry per producer (each has at most one op in flight) plus spares,
+ * so a full SQ only means "prepared but not submitted yet": submitting frees it. If the kernel
+ * keeps refusing, the engine has failed (said once, loudly) and the SQE handed out goes nowhere. */
 static struct io_uring_sqe *sqe_get(struct ls_engine *e)
 {
-    struct io_uring_sqe *sqe = ls_ring_get_sqe(&e->ring);
-    if (!sqe) {
-        ls_ring_submit_and_wait(&e->ring, 0);
-        sqe = ls_ring_get_sqe(&e->ring);
+    static __thread struct io_uring_sqe scratch;
+    for (int tries = 0; tries < 64; tries++) {
+        struct io_uring_sqe *sqe = ls_ring_get_sqe(&e->ring);
+        if (sqe)
+            return sqe;
+        int r = ls_ring_submit_and_wait(&e->ring, 0);
+        if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+            eng_failed(e, r, "io_uring_enter (submit)");
+            break;
+        }
     }
-    return sqe;
+    eng_failed(e, -EBUSY, "io_uring submission queue");
+    memset(&scratch, 0, sizeof scratch);
+    return &scratch;
+}
+
+/* SQ entries: one per producer (one op each), the wake-up read, cancels: a power of two. */
+static unsigned ring_entries(struct ls_engine *e)
+{
+    unsigned want = e->max_producers + 64, n = 64;
+    while (n < want && n < 32768)
+        n <<= 1;
+    return n;
 }
 
 static void submit_poll(struct ls_engine *e, struct producer *p)
@@ -159,8 +179,7 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
     case P_SYNC: {
         struct io_uring_sqe *sqe = sqe_get(e);
         sqe->opcode = IORING_OP_FSYNC;
-        sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
-        sqe->flags = IOSQE_FIXED_FILE;
+        sqe->fd = p->sync_fd; /* not the fixed slot: a rotation may have repointed it */
         sqe->fsync_flags = IORING_FSYNC_DATASYNC;
         sqe->user_data = UD(U_FSYNC, p->id);
         p->inflight++;
@@ -179,8 +198,8 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
                 eng_on_discard(e, p, r);
             else
                 eng_on_payload(e, p, r, 1);
-            if (p->state == st)
-                eng_drive(e, p); /* more of this batch */
+            if (p->state != P_FREE)
+                eng_drive(e, p); /* the rest of this batch, the next header, or the SYNC */
             return;
         }
         if (p->is_sock) {
@@ -339,6 +358,8 @@ static void *uring_thread(void *arg)
         }
         if (woke)
             eng_apply_requests(e);
+        if (e->failed)
+            break; /* said so (LS_EV_ENGINE_FAILED); nothing more moves */
     }
     pthread_mutex_unlock(&e->mu);
     return NULL;
@@ -348,9 +369,9 @@ static int uring_setup(struct ls_engine *e)
 {
     /* COOP_TASKRUN: completions of io-wq work wait for our next io_uring_enter instead of
      * interrupting the thread (5.19+; older kernels refuse the flag: retry without it). */
-    int r = ls_ring_init(&e->ring, 256, IORING_SETUP_COOP_TASKRUN);
+    int r = ls_ring_init(&e->ring, ring_entries(e), IORING_SETUP_COOP_TASKRUN);
     if (r == -EINVAL)
-        r = ls_ring_init(&e->ring, 256, 0);
+        r = ls_ring_init(&e->ring, ring_entries(e), 0);
     if (r < 0) {
         snprintf(e->reason, sizeof e->reason, "io_uring_setup: %s", strerror(-r));
         return r;
@@ -409,8 +430,11 @@ static void uring_arm(struct ls_engine *e, struct producer *p, int on)
 
 static void uring_stream_fd(struct ls_engine *e, uint32_t sid, int fd)
 {
-    if (fd >= 0)
-        (void)ls_ring_update_file(&e->ring, fixed_stream_slot(e, sid), fd);
+    /* -1 clears the slot (the ring drops its reference to the old file). A failed update would
+     * send batches to the old, rotated file: never silently. */
+    int r = ls_ring_update_file(&e->ring, fixed_stream_slot(e, sid), fd);
+    if (r < 0)
+        eng_failed(e, r, "io_uring files update (rotation)");
 }
 
 static void uring_removal(struct ls_engine *e, struct producer *p)

@@ -114,3 +114,24 @@ class TestEngineThreadFailure:
         with pytest.raises(ConnectionError, match="engine failed"):
             logsink.Client("other", socket=d.sock)
         assert d.log("app").read_bytes() == b"before\nafter\n"
+
+    def test_sighup_after_engine_failure_keeps_the_daemon_answering(self, daemon, tmp_path):
+        """A rotation (SIGHUP) after the engine failed does not hang the control plane: status still answers."""
+        import os
+        import signal
+
+        shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
+        trigger = tmp_path / "fail-now"
+        d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
+        c = logsink.Client("app", socket=d.sock, flush_interval=None)
+        c.write(b"before\n")
+        c.flush(timeout=10)
+        trigger.touch()
+        c.write(b"after\n")
+        c.flush(timeout=10)
+        wait_for(lambda: d.status()["engine_failed"], 10, "the engine failure")
+        c.close()
+        os.rename(d.log("app"), str(d.log("app")) + ".1")
+        os.kill(d.pid, signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "reopen_skipped" for e in d.stderr_events()), 10, "the reopen to be skipped")
+        assert d.status()["engine_failed"]
