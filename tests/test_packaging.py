@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -140,3 +141,32 @@ class TestPackageMetadata:
         assert "Typing :: Typed" in classifiers and "Operating System :: POSIX :: Linux" in classifiers, classifiers
         urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
         assert {"Homepage", "Source", "Issues"} <= set(urls), urls
+
+
+class TestBenchEntryPoint:
+    def test_bench_finds_the_harness_in_the_source_tree(self):
+        """logsink bench locates benchmarks/logsink_bench next to the package (a checkout or an editable install)."""
+        from logsink import bench
+
+        assert bench.benchmarks_dir() == ROOT / "benchmarks"
+
+    def test_bench_without_the_harness_says_where_it_lives(self, tmp_path):
+        """Where the package has no source tree beside it (a wheel install), logsink bench exits 2 naming benchmarks/ and LOGSINK_BENCHMARKS."""
+        (tmp_path / "logsink").mkdir()
+        shutil.copy(ROOT / "logsink" / "bench.py", tmp_path / "logsink" / "bench.py")
+        code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
+                "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); sys.exit(m.main(['--runs', '1']))")
+        env = {k: v for k, v in os.environ.items() if k != "LOGSINK_BENCHMARKS"}
+        res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logsink" / "bench.py")], capture_output=True,
+                             text=True, timeout=60, env=env)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "benchmarks/" in res.stderr and "LOGSINK_BENCHMARKS" in res.stderr and "pip install -e" in res.stderr, res.stderr
+
+    def test_bench_takes_the_harness_from_the_environment(self, tmp_path, monkeypatch):
+        """$LOGSINK_BENCHMARKS pointing at a benchmarks/ directory is where logsink bench looks first."""
+        from logsink import bench
+
+        shutil.copytree(ROOT / "benchmarks" / "logsink_bench", tmp_path / "logsink_bench",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        monkeypatch.setenv("LOGSINK_BENCHMARKS", str(tmp_path))
+        assert bench.benchmarks_dir() == tmp_path.resolve()
