@@ -31,18 +31,17 @@ import multiprocessing
 import os
 import platform
 import shutil
-import signal
 import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logsink.bench import GB, filesystem_of, make_record, parse_size, process_cpu_seconds, warm_page_cache
+from logsink_bench.harness import (
+    GB, START_TIMEOUT, BenchError, Daemon, Server, VariantResult, check_space, clear_dir, filesystem_of, make_record,
+    make_workdir, now_ns, parse_size, process_cpu_seconds, run_rounds, tcp_accepts, warm_page_cache,
+)
 
 DEFAULT_BYTES = 512 << 20
 DEFAULT_RUNS = 3
@@ -52,9 +51,7 @@ STREAM = "app"
 # A syslog PRI (facility user, severity info) in front of each rsyslog record, inside its 200 bytes.
 SYSLOG_PRI = b"<14>"
 
-START_TIMEOUT = 30.0       # a daemon / rsyslogd / helper process gets this long to listen
 RUN_TIMEOUT = 600.0        # 512 MiB at a pathological 1 MB/s still finishes
-STOP_TIMEOUT = 30.0
 POLL_INTERVAL = 0.002      # polling rsyslog's output file for its final size
 RELAY_BUFFER = 256 << 10   # the relay's read size: what a careful textbook relay would use
 SINK_BUFFER = 1 << 20
@@ -98,47 +95,11 @@ def make_chunk(workload: Workload, syslog: bool = False) -> bytes:
 
 
 def free_port() -> int:
+    """A free loopback port for a server's command line or config (bound and closed here, then the
+    server binds it: a small race, as neither `logsink serve --listen` nor rsyslog's imtcp takes port 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def now_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # system-wide: comparable across processes
-
-
-def wait_until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise BenchError(f"{what}: the process exited with {proc.returncode}\n{tail}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def tcp_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def unix_accepts(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # -- helper processes (spawned) -------------------------------------------------------------------
@@ -330,50 +291,12 @@ class Helper:
 
 
 # -- servers --------------------------------------------------------------------------------------
-class Server:
-    """A server subprocess (logsink daemon or rsyslogd) with its output in a log file."""
-
-    def __init__(self, cmd: list[str], log: Path, ready, what: str):
-        self.log_path = log
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(ready, START_TIMEOUT, what, self.proc, log)
-        except BaseException:
-            self.stop()
-            raise
-
-    def cpu(self) -> float:
-        return process_cpu_seconds(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def start_daemon(work: Path, run: str, *extra: str) -> tuple[Server, str, int]:
-    out, sock, port = work / "out", str(work / "d.sock"), free_port()
-    cmd = [sys.executable, "-m", "logsink", "serve", "--dir", str(out), "--socket", sock, "--engine", "io_uring",
-           "--listen", f"tcp://127.0.0.1:{port}", "--state-dir", str(work / "state"), *extra]
-    d = Server(cmd, work / f"daemon-{run}.log", lambda: unix_accepts(sock) and tcp_accepts(port), "the logsink daemon to listen")
-    return d, sock, port
-
-
-def daemon_engine(d: Server) -> str:
-    for line in d.log_path.read_text(errors="replace").splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if ev.get("event") == "listening":
-            return ev.get("engine", "")
-    return ""
+def start_daemon(work: Path, run: str, *extra: str) -> tuple[Daemon, str, int]:
+    """An io_uring daemon on work/d.sock and a loopback port; returns it, the socket and the port."""
+    port = free_port()
+    d = Daemon(work / "out", str(work / "d.sock"), work / f"daemon-{run}.log", "io_uring",
+               "--state-dir", str(work / "state"), *extra, tcp_port=port)
+    return d, d.sock, port
 
 
 RSYSLOG_CONF = """\
@@ -400,7 +323,7 @@ def start_rsyslog(work: Path, run: str) -> tuple[Server, Path, int]:
     if pidfile.exists():
         pidfile.unlink()
     cmd = [exe, "-n", "-f", str(conf), "-i", str(pidfile)]
-    return Server(cmd, work / f"rsyslog-{run}.log", lambda: tcp_accepts(port), "rsyslogd imtcp to listen"), out, port
+    return Server(cmd, work / f"rsyslog-{run}.log", lambda: tcp_accepts(port), "rsyslogd imtcp"), out, port
 
 
 # -- one measurement ------------------------------------------------------------------------------
@@ -423,17 +346,9 @@ class Sample:
         }
 
 
-def clear(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
-    clear(work / "out")
-    clear(work / "state")
+    clear_dir(work / "out")
+    clear_dir(work / "state")
     servers: list[Server] = []
     helpers: list[Helper] = []
     try:
@@ -445,17 +360,17 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
             helpers.append(prod)
             prod.expect("ready", START_TIMEOUT)
             warm_page_cache(work / "warm.scratch", workload.total_bytes)
-            cpu0 = d.cpu()
+            cpu0 = d.cpu_seconds()
             prod.go()
             res = prod.expect("done", RUN_TIMEOUT)
-            cpu = d.cpu() - cpu0
+            cpu = d.cpu_seconds() - cpu0
             size = (work / "out" / f"{STREAM}.log").stat().st_size
             if size != workload.total_bytes:
                 raise BenchError(f"the file holds {size} bytes after flush(), expected {workload.total_bytes}")
             s = Sample((res["end_ns"] - res["start_ns"]) / 1e9, size, workload.total_records, cpu, res["cpu_ns"] / 1e9,
                        client_stats=res["stats"])
-            if daemon_engine(d) != "io_uring":
-                s.notes.append(f"the daemon ran {daemon_engine(d)!r}, not io_uring")
+            if d.engine() != "io_uring":
+                s.notes.append(f"the daemon ran {d.engine()!r}, not io_uring")
             if res["stats"].get("transport") != transport:
                 s.notes.append(f"the client used {res['stats'].get('transport')!r}, not {transport!r}")
             return s
@@ -470,7 +385,7 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
                 d, sock, _ = start_daemon(work, f"{key}-{run}", "--forward", f"{STREAM}=tcp://127.0.0.1:{sink_port}",
                                           "--framing", framing)
                 servers.append(d)
-                middle_pid = d.proc.pid
+                middle_pid = d.pid
                 prod = Helper(_client_producer, None, sock, "vmsplice", workload)
             else:
                 relay = Helper(_relay, sink_port)
@@ -504,7 +419,7 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
             helpers.append(prod)
             prod.expect("ready", START_TIMEOUT)
             warm_page_cache(work / "warm.scratch", workload.total_bytes)
-            cpu0 = r.cpu()
+            cpu0 = r.cpu_seconds()
             prod.go()
             start = None
             deadline = time.monotonic() + RUN_TIMEOUT
@@ -522,7 +437,7 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
                 if time.monotonic() > deadline:
                     raise BenchError(f"rsyslog's file holds {size} of {workload.total_bytes} bytes after {RUN_TIMEOUT:.0f} s")
                 time.sleep(POLL_INTERVAL)
-            cpu = r.cpu() - cpu0
+            cpu = r.cpu_seconds() - cpu0
             res = prod.expect("done", RUN_TIMEOUT)
             start = res["start_ns"]
             if size != workload.total_bytes:
@@ -541,46 +456,23 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
 
 
 # -- rounds, medians, report ----------------------------------------------------------------------
-@dataclass
-class Result:
-    key: str
-    samples: list[Sample] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+def run(keys: list[str], workload: Workload, runs: int, work: Path) -> dict[str, VariantResult]:
+    def progress(s: Sample) -> str:
+        m = s.metrics()
+        return f"{m['gb_per_s']:6.2f} GB/s {m['mrec_per_s']:6.2f} Mrec/s  server {m['server_cpu_s_per_gb']:.3f} CPU s/GB"
 
-    def median(self, metric: str) -> float | None:
-        vals = [s.metrics()[metric] for s in self.samples]
-        return statistics.median(vals) if vals else None
-
-    def spread(self) -> float | None:
-        vals = [s.metrics()["gb_per_s"] for s in self.samples]
-        return (max(vals) - min(vals)) / statistics.median(vals) if vals else None
+    results = run_rounds(keys, runs, lambda key, run_no: measure(key, workload, work, str(run_no)),
+                         lambda key: f"{key:<2} {VARIANTS[key]:<34}", progress)
+    return {r.variant: r for r in results}
 
 
-def run_rounds(keys: list[str], workload: Workload, runs: int, work: Path) -> dict[str, Result]:
-    results = {k: Result(k) for k in keys}
-    for run_no in range(1, runs + 1):
-        for key in keys:
-            label = f"[run {run_no}/{runs}] {key:<2} {VARIANTS[key]:<34}"
-            try:
-                s = measure(key, workload, work, str(run_no))
-            except BenchError as exc:
-                results[key].failures.append(f"run {run_no}: {exc}")
-                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
-                continue
-            results[key].samples.append(s)
-            m = s.metrics()
-            print(f"{label} {m['gb_per_s']:6.2f} GB/s {m['mrec_per_s']:6.2f} Mrec/s  server {m['server_cpu_s_per_gb']:.3f} CPU s/GB",
-                  file=sys.stderr, flush=True)
-    return results
-
-
-def ratio(results: dict[str, Result], a: str, b: str, metric: str = "gb_per_s") -> float | None:
+def ratio(results: dict[str, VariantResult], a: str, b: str, metric: str = "gb_per_s") -> float | None:
     x = results[a].median(metric) if a in results else None
     y = results[b].median(metric) if b in results else None
     return x / y if x and y else None
 
 
-def comparisons(results: dict[str, Result]) -> list[tuple[str, float | None]]:
+def comparisons(results: dict[str, VariantResult]) -> list[tuple[str, float | None]]:
     """The issue's comparison lines: (text, ratio)."""
     return [
         ("(a) TCP zerocopy vs (b) TCP copy, throughput", ratio(results, "a", "b")),
@@ -597,7 +489,7 @@ def comparisons(results: dict[str, Result]) -> list[tuple[str, float | None]]:
     ]
 
 
-def print_report(results: dict[str, Result], workload: Workload, runs: int, work: Path) -> None:
+def print_report(results: dict[str, VariantResult], workload: Workload, runs: int, work: Path) -> None:
     print(f"bench_network: {workload.total_bytes / GB:.2f} GB per run ({workload.total_records} records of {RECORD_SIZE} bytes), "
           f"1 producer, {workload.chunk_bytes}-byte writes, io_uring engine, medians of {runs} interleaved run(s)")
     print(f"Linux {platform.release()}, {os.cpu_count()} CPUs, outputs in {work} ({filesystem_of(work)}, page cache)")
@@ -618,7 +510,7 @@ def print_report(results: dict[str, Result], workload: Workload, runs: int, work
     print("200-byte record. prod s/GB: the producer's")
     print("own CPU (logsink.Client, or a plain sendall loop for d2 and e). Throughput ends when the last byte is in the file")
     print("(a-c: flush()+close() returned; e: rsyslog's file reached its size) or at the sink (d).")
-    zc = [s.client_stats for s in results.get("a", Result("a")).samples if s.client_stats]
+    zc = [s.client_stats for s in results.get("a", VariantResult("a")).samples if s.client_stats]
     if zc:
         st = zc[-1]
         print(f"(a) client: {st.get('batches')} batches, zc_sends {st.get('zc_sends')}, zc_completed {st.get('zc_completed')}, "
@@ -644,15 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants takes a comma-separated subset of {','.join(VARIANTS)}; --runs must be >= 1")
     probe = Workload(1)
     workload = Workload(max(1, round(args.bytes / probe.chunk_bytes)))
-    work = Path(tempfile.mkdtemp(prefix=".lsk-net-", dir=args.dir or Path.cwd())).resolve()
-    (work / "out").mkdir()
-    (work / "state").mkdir()
+    work = make_workdir(args.dir, ".lsk-net-", ("out", "state"))
     try:
-        free = shutil.disk_usage(work).free
-        if free < 2 * workload.total_bytes:
-            print(f"bench_network: {work} has {free / GB:.1f} GB free, a run needs {2 * workload.total_bytes / GB:.1f}", file=sys.stderr)
+        try:
+            check_space(work, workload.total_bytes)
+        except BenchError as exc:
+            print(f"bench_network: {exc}", file=sys.stderr)
             return 2
-        results = run_rounds(keys, workload, args.runs, work)
+        results = run(keys, workload, args.runs, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from logsink.bench import process_cpu_seconds, warm_page_cache
+from logsink_bench.harness import process_cpu_seconds, warm_page_cache
 
 VARIANTS = {
     "a": "structlog -> logsink",

@@ -89,6 +89,10 @@ class Client:
     ``expected_uid`` (default: this process's uid) or root, and raises PermissionError if not: a
     socket path in a world-writable directory can be squatted by another user. The same
     PermissionError comes when the daemon's access rules do not let this uid write ``stream``.
+
+    Over TCP with ``transport="zerocopy"``, ``zc_copied_switch`` completions in a row that the kernel
+    reports as copied anyway (always so on loopback) turn MSG_ZEROCOPY off for the connection
+    (default 32; 0 = never).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Client:
         timeout: float | None = None,
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
         expected_uid: int | None = None,
+        zc_copied_switch: int | None = None,
     ):
         try:
             protocol.validate_stream_name(stream)
@@ -127,6 +132,9 @@ class Client:
             raise ValueError(f"segments must be >= 1, got {nseg}")
         if expected_uid is not None and (not isinstance(expected_uid, int) or not 0 <= expected_uid < 2**32 - 1):
             raise ValueError(f"expected_uid must be a uid (0 .. 4294967294) or None (your own), got {expected_uid!r}")
+        if zc_copied_switch is not None and (type(zc_copied_switch) is not int or not 0 <= zc_copied_switch < 2**32):
+            raise ValueError(f"zc_copied_switch must be an int in 0 .. 4294967295 (0 = never switch) or None (default "
+                             f"{lib.LS_DEFAULT_ZC_COPIED_SWITCH}), got {zc_copied_switch!r}")
         self.stream = stream
         self.transport = transport
         self.segment_size = seg
@@ -146,6 +154,8 @@ class Client:
         self._opts.flush_interval_ms = 0 if not flush_interval else max(1, int(flush_interval * 1000))
         # The daemon must run as this uid or root (SO_PEERCRED, checked in C before HELLO).
         self._opts.expected_uid = -1 if expected_uid is None else expected_uid
+        if zc_copied_switch is not None:  # TCP zerocopy: COPIED completions in a row that turn it off
+            self._opts.zc_copied_switch = zc_copied_switch
         self._p = ffi.NULL
         self._closed = False
         self._open()

@@ -7,7 +7,20 @@ from cffi import FFI
 
 # setuptools refuses absolute source paths: name them relative to the project root (the build cwd).
 HERE = pathlib.Path("native")
-VERSION = "0.1.0"  # keep in step with pyproject.toml; the import checks it (logsink/_native.py)
+# The one version source (pyproject.toml reads it too); compiled in, and checked at import (logsink/_native.py).
+_VERSION_LINE = re.compile(r'^__version__ = "([^"]+)"$', re.M)
+
+
+def read_version(path: pathlib.Path = pathlib.Path("logsink/_version.py")) -> str:
+    m = _VERSION_LINE.search(path.read_text())
+    if not m:
+        raise RuntimeError(f'{path} has no line __version__ = "X.Y.Z": the cffi build takes the version from it')
+    return m.group(1)
+
+
+VERSION = read_version()
+# Warnings are errors in both C builds (here and clients/c/Makefile); see the set_source call.
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 
 # The Python-visible API is exactly what these headers declare: the cdef is generated from them
 # (so a struct can never differ between C and Python), plus the frame constants and the version.
@@ -48,7 +61,7 @@ ffi.set_source(
     f'const char *ls_native_version(void) {{ return "{VERSION}"; }}\n',
     sources=[str(HERE / name) for name in ("ls_engine.c", "ls_engine_uring.c", "ls_engine_epoll.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_msgpack.c", "ls_forward.c", "ls_render.c", "ls_zerocopy.c", "ls_files.c")],
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
+    extra_compile_args=CFLAGS,
     libraries=["pthread"],
 )
 

@@ -98,7 +98,7 @@ struct ls_producer {
     uint32_t zc_done;      /* every id < zc_done has completed */
     uint32_t *seg_zc;      /* a segment is free once zc_done >= this (0: no zerocopy send pending) */
     uint32_t zc_copied_run; /* consecutive ids the kernel reported COPIED */
-    uint32_t zc_switch;     /* ...after this many, stop asking (0 = never); LOGSINK_ZC_COPIED_SWITCH */
+    uint32_t zc_switch;     /* ...after this many, stop asking (0 = never); opts.zc_copied_switch */
     struct { uint32_t lo, hi; } zc_pending[64]; /* completions that arrived ahead of a gap */
     int zc_npending;
     /* control socket input: owned by open, then by the background thread */
@@ -186,10 +186,6 @@ static void close_pipe_locked(struct ls_producer *p)
 
 /* -- MSG_ZEROCOPY completions (lock held) -------------------------------------------------------- */
 
-/* After this many consecutive ids come back COPIED (always, on loopback), stop asking for
- * zerocopy on this connection: the kernel documentation's advice, and it saves the completion
- * round trips. */
-#define ZC_COPIED_SWITCH 32u
 /* Sends smaller than this go copied: pinning pages and reaping a notification cost more than
  * copying ~10 KiB (kernel docs: "zerocopy is generally only effective at writes over around 10 KB"). */
 #define ZC_MIN_SEND (10u << 10)
@@ -343,6 +339,7 @@ int ls_producer_opts_init(struct ls_producer_opts *opts)
     opts->timeout_ms = -1;
     opts->flush_interval_ms = LS_DEFAULT_FLUSH_INTERVAL_MS;
     opts->expected_uid = -1;
+    opts->zc_copied_switch = LS_DEFAULT_ZC_COPIED_SWITCH;
     return 0;
 }
 
@@ -1211,8 +1208,6 @@ static int open_tcp(struct ls_producer *p, const char *address)
     }
     int one = 1;
     (void)setsockopt(p->sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    const char *sw = getenv("LOGSINK_ZC_COPIED_SWITCH");
-    p->zc_switch = sw && *sw ? (uint32_t)strtoul(sw, NULL, 10) : ZC_COPIED_SWITCH;
     if (p->transport == LS_TRANSPORT_ZEROCOPY) {
         if (ls_zc_enable(p->sock) == 0)
             p->zc_on = 1;
@@ -1342,6 +1337,7 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     p->on_full = o.on_full;
     p->timeout_ms = o.timeout_ms < 0 ? -1 : o.timeout_ms;
     p->flush_interval_ms = o.flush_interval_ms;
+    p->zc_switch = o.zc_copied_switch;
     p->segment_size = o.segment_size;
     p->segments = o.segments;
     p->capacity = o.segment_size - LS_FRAME_HEADER_SIZE;

@@ -51,6 +51,10 @@
 /* How long connect + HELLO may take before the daemon counts as unreachable. */
 #define LS_CONNECT_TIMEOUT_MS 10000
 #define LS_MAX_STREAM_NAME 64
+/* TCP zerocopy: after this many consecutive ids come back COPIED (always, on loopback), stop
+ * asking for zerocopy on the connection: the kernel documentation's advice, and it saves the
+ * completion round trips. */
+#define LS_DEFAULT_ZC_COPIED_SWITCH 32
 
 struct ls_producer_opts {
     int transport;         /* LS_TRANSPORT_VMSPLICE (default; 0 also means it) or LS_TRANSPORT_COPY */
@@ -63,6 +67,9 @@ struct ls_producer_opts {
      * a socket path in a world-writable directory can be squatted). -1 (default): the caller's
      * effective uid. Root is always accepted. Not checked over TCP (no credentials there). */
     int64_t expected_uid;
+    /* TCP zerocopy: this many COPIED completions in a row turn zerocopy off; 0 = never.
+     * Default LS_DEFAULT_ZC_COPIED_SWITCH. */
+    uint32_t zc_copied_switch;
 };
 
 struct ls_producer_stats {

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lsk_helpers import status, wait_for  # noqa: E402
+from lsk_helpers import io_uring_unavailable, status, wait_for  # noqa: E402
 
 __all__ = ["status"]
 
@@ -130,6 +130,35 @@ class Daemon:
         assert rc == 0, f"daemon exited with {rc}; stderr:\n{self.stderr()}"
 
 
+# -- io_uring: skip, with the reason, where the kernel refuses it ---------------------------------
+# For tests that need io_uring without naming the engine as a parameter (parametrized ones are
+# marked automatically): @requires_io_uring, or pytest.param("io_uring", marks=requires_io_uring).
+requires_io_uring = pytest.mark.requires_io_uring
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_io_uring: skip (with the reason) where the kernel refuses io_uring")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that gets "io_uring" as a parameter value (engine, or any other name)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec and "io_uring" in callspec.params.values():
+            item.add_marker(requires_io_uring)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_io_uring"):
+        skip_without_io_uring()
+
+
+def skip_without_io_uring() -> None:
+    why = io_uring_unavailable()
+    if why:
+        pytest.skip(f"needs the io_uring engine: {why}")
+
+
 @pytest.fixture(autouse=True)
 def _watchdog():
     """A hung test (e.g. a flush the daemon never confirms) dumps every thread's stack and ends the run
@@ -146,6 +175,8 @@ def daemon(tmp_path):
     started: list[Daemon] = []
 
     def start(engine: str = "readwrite", *extra: str, log_dir: Path | None = None, env: dict[str, str] | None = None) -> Daemon:
+        if engine == "io_uring":
+            skip_without_io_uring()
         d = Daemon(tmp_path / f"d{len(started)}", engine, extra, log_dir, env)
         started.append(d)
         return d.start()

@@ -32,8 +32,45 @@ class _LazyProtocol:
 protocol = _LazyProtocol()
 
 NUL = b"\0"
+# Plain names, for parametrize and loops alike: conftest.py marks every test that gets "io_uring" as a
+# parameter (and every daemon("io_uring")) to skip, with the reason, where the kernel refuses io_uring.
 ENGINES = ("io_uring", "splice", "readwrite")
 SPLICE_ENGINES = ("io_uring", "splice")
+
+# Starts one io_uring engine and prints 0 or the -errno it got (a subprocess: a crash or an LD_PRELOAD
+# shim stays there, and the test process never holds a ring).
+_IO_URING_PROBE = """
+from logsink._native import ffi, lib
+out = ffi.new("struct ls_engine **")
+r = lib.ls_engine_new(lib.LS_ENGINE_IO_URING, 1, 1, 1 << 16, out)
+if r >= 0:
+    lib.ls_engine_free(out[0])
+print(r)
+"""
+_io_uring_reason: list[str | None] = []
+
+
+def io_uring_unavailable() -> str | None:
+    """Why the io_uring engine cannot run here (None if it can), probed once by starting one."""
+    if not _io_uring_reason:
+        _io_uring_reason.append(_probe_io_uring())
+    return _io_uring_reason[0]
+
+
+def _probe_io_uring() -> str | None:
+    res = subprocess.run([sys.executable, "-c", _IO_URING_PROBE], capture_output=True, text=True, timeout=60)
+    try:
+        r = int(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"the io_uring probe failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"
+    if r >= 0:
+        return None
+    why = f"the kernel refuses io_uring (io_uring_setup: {os.strerror(-r)})"
+    try:
+        disabled = Path("/proc/sys/kernel/io_uring_disabled").read_text().strip()
+    except OSError:
+        disabled = "0"
+    return why + (f"; kernel.io_uring_disabled={disabled}" if disabled != "0" else "")
 
 # -- records --------------------------------------------------------------------------------------
 _FILL = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=+" * 8)

@@ -37,7 +37,7 @@ CDEF = """
 #define LS_ON_FULL_BLOCK 0
 #define LS_ON_FULL_DROP 1
 struct ls_producer_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full;
-                          int timeout_ms; int flush_interval_ms; int64_t expected_uid; };
+                          int timeout_ms; int flush_interval_ms; int64_t expected_uid; uint32_t zc_copied_switch; };
 struct ls_producer_stats { uint64_t batches; uint64_t records; uint64_t bytes; uint64_t dropped_records;
                            uint64_t failed_batches; uint64_t released_through; uint64_t handed_over_through;
                            uint64_t pinned_segments; uint64_t segment_size; uint64_t segments;

@@ -136,7 +136,7 @@ class TestZerocopyTransport:
         """Two zerocopy producers' 100k records each land byte-exact, and on loopback every completion comes back COPIED so the client switches to copied sends."""
         d, address = tcp_daemon(daemon, engine)
         n = 100_000
-        env = {k: v for k, v in os.environ.items() if k not in ("LOGSINK_ZC_COPIED_SWITCH", "LOGSINK_TOKEN")}
+        env = {k: v for k, v in os.environ.items() if k != "LOGSINK_TOKEN"}
         # 64 KiB segments: ~250 batches per producer, well past the 32 COPIED ids the switch needs.
         client = {"address": address, "transport": "zerocopy", "segment_size": 65536}
         procs = [producers({"socket": d.sock, "stream": "app", "tag": tag, "mode": "count", "count": n, "client": client}, env=env)
@@ -161,15 +161,15 @@ class TestZerocopyTransport:
         """With a 4 x 16 KiB arena and zerocopy kept on, every segment goes out zerocopy and is reused only after its completion: the output stays byte-exact."""
         import logsink
 
-        monkeypatch.setenv("LOGSINK_ZC_COPIED_SWITCH", "0")  # never switch: every full segment is a zerocopy send
         monkeypatch.delenv("LOGSINK_TOKEN", raising=False)
         d, address = tcp_daemon(daemon, engine)
         seg = 16384
         assert seg - FRAME_HEADER > ZC_MIN_SEND + 300  # a full segment is always above the zerocopy threshold
         # One write per segment payload: the producer outruns the completions, so segments wait for them.
         groups = segment_groups("z", 200_000, seg, last_min=ZC_MIN_SEND + 1024)
+        # zc_copied_switch=0: never switch, every full segment is a zerocopy send.
         with logsink.Client("app", address=address, transport="zerocopy", segments=4, segment_size=seg,
-                            flush_interval=None, timeout=30) as c:
+                            flush_interval=None, timeout=30, zc_copied_switch=0) as c:
             for group in groups:
                 c.write(group)
             c.flush(timeout=30)
@@ -182,6 +182,52 @@ class TestZerocopyTransport:
         assert st["zc_switched_to_copy"] == 0 and st["copied_sends"] == 0, st
         assert st["zc_sends"] == st["batches"], f"some segments went copied: {st}"
         assert st["zc_completed"] == st["zc_sends"], f"completions do not match zerocopy sends: {st}"
+
+
+class TestZerocopyCopiedSwitch:
+    """The run of COPIED completions that turns zerocopy off is a Client option, not an environment knob."""
+
+    SEG = 16384
+    SEGMENTS = 4
+
+    def _send_segments(self, address: str, **client_opts) -> dict:
+        """Write about 60 full 16 KiB segments (well past the default switch of 32) over zerocopy TCP; return the client's stats."""
+        import logsink
+
+        groups = segment_groups("s", 6000, self.SEG, last_min=ZC_MIN_SEND + 1024)
+        assert len(groups) > ZC_COPIED_SWITCH + self.SEGMENTS
+        with logsink.Client("app", address=address, transport="zerocopy", segments=self.SEGMENTS, segment_size=self.SEG,
+                            flush_interval=None, timeout=30, **client_opts) as c:
+            for group in groups:
+                c.write(group)
+            c.flush(timeout=30)
+            return c.stats()
+
+    def test_option_sets_how_many_copied_completions_turn_zerocopy_off(self, daemon, monkeypatch):
+        """zc_copied_switch=4 turns zerocopy off after 4 COPIED ids (loopback copies every send): at most 4 + the in-flight segments went zerocopy."""
+        monkeypatch.delenv("LOGSINK_TOKEN", raising=False)
+        d, address = tcp_daemon(daemon, "readwrite")
+        st = self._send_segments(address, zc_copied_switch=4)
+        assert st["zc_switched_to_copy"] == 1, st
+        assert 4 <= st["zc_sends"] <= 4 + self.SEGMENTS, st
+        assert st["zc_sends"] + st["copied_sends"] == st["batches"], st
+
+    def test_environment_variable_no_longer_changes_the_switch(self, daemon, monkeypatch):
+        """LOGSINK_ZC_COPIED_SWITCH=0 in the environment is ignored: a default client still switches to copied sends on loopback."""
+        monkeypatch.setenv("LOGSINK_ZC_COPIED_SWITCH", "0")
+        monkeypatch.delenv("LOGSINK_TOKEN", raising=False)
+        d, address = tcp_daemon(daemon, "readwrite")
+        st = self._send_segments(address)
+        assert st["zc_switched_to_copy"] == 1, f"the environment knob still controls the switch: {st}"
+        assert ZC_COPIED_SWITCH <= st["zc_sends"] <= ZC_COPIED_SWITCH + self.SEGMENTS, st
+
+    @pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "8", True])
+    def test_out_of_range_switch_is_refused(self, bad):
+        """zc_copied_switch must be an int in 0 .. 2**32-1: anything else is a ValueError naming the option, before any connection."""
+        import logsink
+
+        with pytest.raises(ValueError, match="zc_copied_switch"):
+            logsink.Client("app", address="tcp://127.0.0.1:9", zc_copied_switch=bad)
 
 
 class TestPayloadStaysInTheEngine:

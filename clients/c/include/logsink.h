@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define LOGSINK_VERSION "0.1.0"
+#define LOGSINK_VERSION "0.1.0" /* = logsink/_version.py; the Makefile fails the build if not */
 
 #define LOGSINK_TRANSPORT_VMSPLICE 1 /* zero-copy: pages are lent to the daemon until it releases them */
 #define LOGSINK_TRANSPORT_COPY 2     /* write(): segments are free again right away */

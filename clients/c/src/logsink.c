@@ -33,6 +33,7 @@ API int logsink_opts_init(struct logsink_opts *opts)
 API int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out)
 {
     struct ls_producer_opts o;
+    ls_producer_opts_init(&o); /* defaults for what struct logsink_opts does not carry */
     if (opts) {
         o.transport = opts->transport;
         o.segment_size = opts->segment_size;
