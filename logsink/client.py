@@ -93,6 +93,13 @@ class Client:
     Over TCP with ``transport="zerocopy"``, ``zc_copied_switch`` completions in a row that the kernel
     reports as copied anyway (always so on loopback) turn MSG_ZEROCOPY off for the connection
     (default 32; 0 = never).
+    With ``reconnect=True`` (the default) a daemon that goes away (restarted, killed, stopping)
+    does not end the client: it reconnects by itself with backoff (50 ms doubling to 2 s) and
+    resends every batch the daemon had not released, in order. Records written meanwhile wait in
+    the arena (``on_full`` applies once it is full); ``flush()`` waits, up to its timeout, for
+    the reconnect and the releases. Delivery is at-least-once: see docs/architecture.md,
+    "Reconnect and delivery guarantees". ``reconnect=False`` fails fast instead: ConnectionError
+    on every call once the daemon is gone.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class Client:
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
         expected_uid: int | None = None,
         zc_copied_switch: int | None = None,
+        reconnect: bool = True,
     ):
         try:
             protocol.validate_stream_name(stream)
@@ -156,6 +164,8 @@ class Client:
         self._opts.expected_uid = -1 if expected_uid is None else expected_uid
         if zc_copied_switch is not None:  # TCP zerocopy: COPIED completions in a row that turn it off
             self._opts.zc_copied_switch = zc_copied_switch
+        self.reconnect = bool(reconnect)
+        self._opts.reconnect = 1 if reconnect else 0
         self._p = ffi.NULL
         self._closed = False
         self._open()
@@ -287,13 +297,21 @@ class Client:
                 "segment_size", "segments", "pipe_size", "released_through", "handed_over_through", "pinned_segments",
                 "batches", "records", "bytes", "dropped_records", "failed_batches", "waits_for_release",
                 "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
+                "reconnects", "resent_batches", "resent_bytes", "lost_batches",
             )},
+            "disconnected_seconds": st.disconnected_us / 1e6,
+            "connected": bool(st.connected),
         }
 
     @property
     def connected(self) -> bool:
-        """False once the daemon went away, refused us, or announced its shutdown."""
-        return not self._closed and lib.ls_producer_usable(self._p) in (0, -errno.ECHILD)
+        """True while the daemon takes our batches: False while reconnecting (``reconnect=True``), and
+        for good once it refused us, or went away or announced its shutdown (``reconnect=False``)."""
+        if self._closed:
+            return False
+        st = ffi.new("struct ls_producer_stats *")
+        ret = lib.ls_producer_stats(self._p, st)
+        return ret == -errno.ECHILD or (ret == 0 and bool(st.connected))
 
     def __enter__(self) -> Client:
         return self

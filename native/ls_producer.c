@@ -1,8 +1,16 @@
 /* ls_producer.c - a logsink producer in C (see ls_producer.h); a port of logsink/client.py.
  *
  * Locking: one mutex (p->lock) guards every field below "state"; p->cond is broadcast whenever
- * `released`, `broken` or `stopping` change. Handovers run with the lock held (as in client.py),
- * so batches enter the pipe in seq order.
+ * `released`, `broken`, `stopping` or `conn` change. Handovers run with the lock held (as in
+ * client.py), so batches enter the pipe in seq order.
+ *
+ * Batches and reconnects: a full segment becomes a batch with the next producer-wide number
+ * (`seq`, never reset) and joins the queue `q`; the queue's first `qsent` entries went out on the
+ * current connection, numbered 1, 2, 3... there (`wire`: the daemon numbers per connection). A
+ * RELEASE pops entries whose wire number it covers; `released` is the producer-wide number below
+ * the oldest entry left. When the connection is lost, the background thread reconnects with
+ * backoff and sends the whole queue again, renumbered, before anything new (docs/architecture.md,
+ * "Reconnect and delivery guarantees").
  */
 #define _GNU_SOURCE
 #include "ls_producer.h"
@@ -56,6 +64,36 @@ static void register_atfork(void)
 
 enum msg_kind { M_HELLO, M_WELCOME, M_RELEASE, M_ERROR, M_SHUTDOWN, M_STATUS };
 
+/* The connection, as the writers see it. */
+enum conn_state {
+    CONN_UP,       /* batches go out as they fill */
+    CONN_DRAINING, /* the daemon said SHUTDOWN: our pipe is closed, RELEASEs still come, then EOF */
+    CONN_DOWN,     /* lost: the background thread reconnects; batches wait in the queue */
+};
+
+/* Reconnect backoff: 50 ms doubling to 2 s, each wait jittered to 50-100 % so producers restarted
+ * together do not reconnect in lockstep. */
+#define BACKOFF_FIRST_MS 50
+#define BACKOFF_MAX_MS 2000
+
+/* A connection's parts, set up without the lock (by open, or by the background thread while the
+ * producer is CONN_DOWN) and then installed by install_conn_locked. */
+struct conn_parts {
+    int sock, pipe_w, pipe_size, zc_ok;
+    uint32_t capacity;
+    int64_t producer_id;
+    char engine[32];
+};
+
+/* A batch handed to the daemon and not yet released (or waiting for a connection). */
+struct batch {
+    uint64_t seq;       /* producer-wide number */
+    uint64_t wire_last; /* the connection's number of its (last) frame; valid for the first qsent */
+    int32_t seg;        /* arena segment, or -1: moved by splice_from, not in the arena */
+    uint32_t len, nrec; /* payload bytes (after the segment's 32-byte header) and records */
+    int sent_before;    /* went out (at least partly) on an earlier connection */
+};
+
 struct ls_producer {
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -65,16 +103,29 @@ struct ls_producer {
     /* configuration (immutable after open) */
     char stream[LS_MAX_STREAM_NAME + 1];
     int transport, on_full, timeout_ms, flush_interval_ms;
-    uint32_t segment_size, segments, capacity; /* capacity: payload bytes per segment */
+    uint32_t segment_size, segments, capacity; /* capacity: payload bytes per batch (this connection) */
     int pipe_size;
     int64_t producer_id;   /* from WELCOME: the daemon's id for us (status shows it) */
     char engine[32];       /* from WELCOME: the daemon's engine */
     int sock, event_fd;
+    int wake_fd;           /* eventfd: wakes the background thread (close, connection lost) */
+    int reconnect;         /* opts.reconnect */
+    int64_t expected_uid;
+    char path[108];        /* the socket path or tcp:// address, for reconnects */
+    uint32_t base_capacity; /* segment_size - 32: what capacity is before the pipe and max_batch cut it */
     char *arena;
     size_t arena_size;
     /* state (under lock) */
     int pipe_w;            /* -1 once closed */
-    uint64_t *seg_seq;     /* seq a segment was handed over as; 0 = free */
+    uint64_t *seg_seq;     /* seq a segment was handed over as and is pinned until; 0 = free */
+    struct batch *q;       /* unreleased batches, oldest first: q[qhead .. qhead+qlen) */
+    uint32_t qhead, qlen, qcap, qsent;
+    uint64_t wire;         /* last frame number used on this connection */
+    int conn;              /* enum conn_state */
+    int64_t down_since_ms; /* when the connection stopped being CONN_UP */
+    uint64_t down_total_ms;
+    char refused_code[64]; /* the ERROR code that answered our last HELLO */
+    unsigned rand_state;
     uint32_t cur;          /* the ring position: last segment taken */
     int active;            /* cur is being filled (not yet handed over) */
     uint32_t pos, nrec;    /* payload bytes and records in the current segment */
@@ -106,6 +157,9 @@ struct ls_producer {
     size_t rx_len, rx_cap;
     struct ls_mp_doc doc;
 };
+
+static int connect_once(struct ls_producer *p, struct conn_parts *c);
+static void install_conn_locked(struct ls_producer *p, struct conn_parts *c);
 
 /* -- small helpers ------------------------------------------------------------------------------ */
 
@@ -244,11 +298,11 @@ static int zc_reap_locked(struct ls_producer *p)
 /* Send a whole segment (header + payload) on the TCP connection. With zerocopy the segment stays
  * pinned until the completions cover the ids its sends consumed. */
 static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, uint32_t records, uint64_t seq,
-                               uint32_t segidx)
+                               uint32_t segidx, int allow_zc)
 {
     ls_frame_fill(seg, len, records, seq);
     size_t total = LS_FRAME_HEADER_SIZE + (size_t)len, done = 0;
-    int zc = p->transport == LS_TRANSPORT_ZEROCOPY && p->zc_on && total >= ZC_MIN_SEND;
+    int zc = allow_zc && p->transport == LS_TRANSPORT_ZEROCOPY && p->zc_on && total >= ZC_MIN_SEND;
     int64_t deadline = deadline_after(p->timeout_ms);
     uint32_t ids = 0;
     while (done < total) {
@@ -285,8 +339,7 @@ static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, u
         p->zc_next += ids;
         p->seg_zc[segidx] = ids ? p->zc_next : 0;
     } else {
-        p->st.copied_sends++;
-        p->seg_zc[segidx] = 0;
+        p->st.copied_sends++; /* (seg_zc keeps what an earlier zerocopy send of this segment needs) */
     }
     return 0;
 }
@@ -340,6 +393,7 @@ int ls_producer_opts_init(struct ls_producer_opts *opts)
     opts->flush_interval_ms = LS_DEFAULT_FLUSH_INTERVAL_MS;
     opts->expected_uid = -1;
     opts->zc_copied_switch = LS_DEFAULT_ZC_COPIED_SWITCH;
+    opts->reconnect = 1;
     return 0;
 }
 
@@ -439,7 +493,7 @@ static void consume_frame(struct ls_producer *p)
 }
 
 /* Receive what the socket has into rx. Returns bytes read (> 0), 0 on EOF, -errno. */
-static int recv_some(struct ls_producer *p)
+static int recv_some(struct ls_producer *p, int sock)
 {
     if (p->rx_cap - p->rx_len < RECV_CHUNK) {
         /* Bounded: rx never holds more than one incomplete frame (<= 4 + LS_MAX_CONTROL_MESSAGE)
@@ -453,7 +507,7 @@ static int recv_some(struct ls_producer *p)
         p->rx = rx;
         p->rx_cap = cap;
     }
-    ssize_t r = recv(p->sock, p->rx + p->rx_len, RECV_CHUNK, MSG_DONTWAIT);
+    ssize_t r = recv(sock, p->rx + p->rx_len, RECV_CHUNK, MSG_DONTWAIT);
     if (r < 0)
         return -errno;
     p->rx_len += (size_t)r;
@@ -465,7 +519,7 @@ static int recv_some(struct ls_producer *p)
 /* ls_handover (or, with splice_in >= 0, ls_splice_batch from that pipe) without letting SIGPIPE
  * kill the process (see ls_producer.h). */
 static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *seg, uint32_t len, uint32_t records,
-                                   uint64_t seq)
+                                   uint64_t seq, int transport)
 {
     sigset_t pipe_set, old, pending;
     sigemptyset(&pipe_set);
@@ -476,7 +530,7 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
     if (!was_blocked && sigpending(&pending) == 0)
         was_pending = sigismember(&pending, SIGPIPE); /* someone else's: leave it alone */
     int ret = splice_in >= 0 ? ls_splice_batch(p->pipe_w, splice_in, len, records, seq, p->timeout_ms)
-                             : ls_handover(p->pipe_w, seg, len, records, seq, p->transport, p->timeout_ms);
+                             : ls_handover(p->pipe_w, seg, len, records, seq, transport, p->timeout_ms);
     if (ret == -EPIPE && !was_blocked && !was_pending) {
         struct timespec zero = {0, 0};
         while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)
@@ -485,11 +539,6 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
     if (!was_blocked)
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     return ret;
-}
-
-static int handover_nosigpipe(struct ls_producer *p, void *seg, uint32_t len, uint32_t records, uint64_t seq)
-{
-    return handover_nosigpipe_from(p, -1, seg, len, records, seq);
 }
 
 static int usable_locked(struct ls_producer *p)
@@ -503,51 +552,188 @@ static int usable_locked(struct ls_producer *p)
     return 0;
 }
 
+static void wake_background(struct ls_producer *p)
+{
+    uint64_t one = 1;
+    if (write(p->wake_fd, &one, sizeof one) < 0) { /* non-blocking; a pending wake is enough */
+    }
+}
+
+/* The connection stopped being usable (the daemon died, closed, or said a retriable ERROR). With
+ * reconnect: end our data direction (a partial batch is discarded by the daemon and resent by
+ * us), keep every unreleased batch queued, and let the background thread reconnect. Lock held. */
+static void go_down_locked(struct ls_producer *p, const char *why)
+{
+    if (p->conn == CONN_DOWN)
+        return;
+    if (p->conn == CONN_UP)
+        p->down_since_ms = now_ms();
+    p->conn = CONN_DOWN;
+    close_pipe_locked(p);
+    snprintf(p->last_error, ERRLEN, "lost the logsink daemon (%s); reconnecting", why);
+    pthread_cond_broadcast(&p->cond);
+    signal_event(p);
+    wake_background(p);
+}
+
+/* A handover failed. Returns what the caller returns: without reconnect the producer is broken
+ * (-ECONNRESET, or -ETIMEDOUT for a pipe that stayed full); with reconnect 0 - the batch is
+ * queued and goes out again on the next connection. Lock held. */
+static int handover_failed_locked(struct ls_producer *p, int ret, const char *what)
+{
+    char why[ERRLEN];
+    if (ret == -ETIMEDOUT)
+        snprintf(why, sizeof why, "%s failed: the pipe stayed full for %d ms", what, p->timeout_ms);
+    else
+        snprintf(why, sizeof why, "%s failed: %s", what, strerror(-ret));
+    if (p->reconnect) {
+        go_down_locked(p, why);
+        return 0;
+    }
+    /* A partial batch may be in the pipe: the stream is out of sync, so end it (the daemon
+     * discards the partial batch) and make every later call fail loudly. */
+    close_pipe_locked(p);
+    fail_locked(p, ECONNRESET, why);
+    return ret == -ETIMEDOUT ? ret : -ECONNRESET;
+}
+
+static struct batch *q_at(struct ls_producer *p, uint32_t i)
+{
+    return &p->q[p->qhead + i];
+}
+
+/* Append a batch to the queue with the next producer-wide seq. Returns 0 or -ENOMEM. */
+static int q_push_locked(struct ls_producer *p, int32_t seg, uint32_t len, uint32_t nrec)
+{
+    if (p->qhead + p->qlen == p->qcap) {
+        if (p->qhead > 0) {
+            memmove(p->q, p->q + p->qhead, p->qlen * sizeof *p->q);
+            p->qhead = 0;
+        } else {
+            uint32_t cap = p->qcap ? p->qcap * 2 : p->segments + 8;
+            struct batch *q = realloc(p->q, cap * sizeof *q);
+            if (!q)
+                return -ENOMEM;
+            p->q = q;
+            p->qcap = cap;
+        }
+    }
+    struct batch *b = &p->q[p->qhead + p->qlen++];
+    *b = (struct batch){.seq = ++p->seq, .seg = seg, .len = len, .nrec = nrec};
+    return 0;
+}
+
+/* Everything below the oldest queued batch is dealt with. */
+static void update_released_locked(struct ls_producer *p)
+{
+    p->released = p->qlen ? q_at(p, 0)->seq - 1 : p->seq;
+}
+
+/* One frame from the arena: `len` payload bytes at `payload` (its 32-byte header goes right before
+ * it). copy_only: write(2)/plain send, so the bytes are copied before this returns. */
+static int send_frame_locked(struct ls_producer *p, char *payload, uint32_t len, uint32_t nrec, uint64_t wire,
+                             uint32_t segidx, int copy_only)
+{
+    char *hdr = payload - LS_FRAME_HEADER_SIZE;
+    if (p->is_tcp)
+        return handover_tcp_locked(p, hdr, len, nrec, wire, segidx, !copy_only);
+    int transport = copy_only ? LS_TRANSPORT_COPY : p->transport;
+    int ret = handover_nosigpipe_from(p, -1, hdr, len, nrec, wire, transport);
+    if ((ret == -ENOSYS || ret == -EPERM) && transport == LS_TRANSPORT_VMSPLICE) {
+        /* vmsplice is missing (gVisor: ENOSYS) or refused (seccomp: EPERM) before it moved a
+         * byte: step down the ladder to plain writes, for good, and say so in last_error. */
+        p->transport = LS_TRANSPORT_COPY;
+        snprintf(p->last_error, sizeof p->last_error, "vmsplice unavailable (%s): using copy", strerror(-ret));
+        ret = handover_nosigpipe_from(p, -1, hdr, len, nrec, wire, LS_TRANSPORT_COPY);
+    }
+    return ret;
+}
+
+/* Send queued batch b on the current connection. A batch filled for an earlier connection may be
+ * larger than this one takes whole (a smaller pipe, a smaller max_batch): it then goes as several
+ * frames cut at record boundaries, copied (each frame's header borrows the 32 bytes before its
+ * payload, restored once write() has copied them). Returns 0 or -errno. */
+static int send_batch_locked(struct ls_producer *p, struct batch *b)
+{
+    char *payload = p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE;
+    if (b->len <= p->capacity) {
+        int r = send_frame_locked(p, payload, b->len, b->nrec, p->wire + 1, (uint32_t)b->seg, 0);
+        if (r == 0)
+            b->wire_last = ++p->wire;
+        return r;
+    }
+    for (uint32_t off = 0; off < b->len;) {
+        uint32_t n = b->len - off;
+        if (n > p->capacity) {
+            const char *cut = memrchr(payload + off, '\n', p->capacity);
+            if (!cut)
+                return -EMSGSIZE; /* checked before the connection was taken into use */
+            n = (uint32_t)(cut - (payload + off)) + 1;
+        }
+        char saved[LS_FRAME_HEADER_SIZE];
+        memcpy(saved, payload + off - LS_FRAME_HEADER_SIZE, sizeof saved);
+        int r = send_frame_locked(p, payload + off, n, (uint32_t)ls_count_records(payload + off, n), p->wire + 1,
+                                  (uint32_t)b->seg, 1);
+        if (off)
+            memcpy(payload + off - LS_FRAME_HEADER_SIZE, saved, sizeof saved);
+        if (r < 0)
+            return r;
+        b->wire_last = ++p->wire;
+        off += n;
+    }
+    return 0;
+}
+
+/* Send every queued batch not yet sent on this connection, oldest first. Returns 0, or what
+ * handover_failed_locked says. Lock held. */
+static int pump_locked(struct ls_producer *p)
+{
+    while (p->conn == CONN_UP && p->qsent < p->qlen) {
+        struct batch *b = q_at(p, p->qsent);
+        if (p->pipe_w < 0)
+            return handover_failed_locked(p, -EPIPE, "handing a batch to the daemon");
+        int resend = b->sent_before;
+        b->sent_before = 1; /* part of it may be in the pipe whatever happens next */
+        int r = send_batch_locked(p, b);
+        if (r < 0)
+            return handover_failed_locked(p, r, "handing a batch to the daemon");
+        if (resend) {
+            p->st.resent_batches++;
+            p->st.resent_bytes += b->len;
+        }
+        p->qsent++;
+    }
+    return 0;
+}
+
+/* The current segment becomes a batch: queued, and sent at once if connected. */
 static int handover_current_locked(struct ls_producer *p)
 {
     if (!p->active || !p->pos)
         return 0;
-    if (p->pipe_w < 0) {
+    if (!p->reconnect && p->pipe_w < 0) {
         if (p->broken)
             return -p->broken;
         set_error(p, "the data pipe is closed");
         return p->stopping ? -ESHUTDOWN : -ECONNRESET;
     }
-    uint64_t seq = p->seq + 1;
-    char *base = p->arena + (size_t)p->cur * p->segment_size;
-    int ret = p->is_tcp ? handover_tcp_locked(p, base, p->pos, p->nrec, seq, p->cur)
-                        : handover_nosigpipe(p, base, p->pos, p->nrec, seq);
-    if ((ret == -ENOSYS || ret == -EPERM) && p->transport == LS_TRANSPORT_VMSPLICE) {
-        /* vmsplice is missing (gVisor: ENOSYS) or refused (seccomp: EPERM) before it moved a
-         * byte: step down the ladder to plain writes, for good, and say so in last_error. */
-        p->transport = LS_TRANSPORT_COPY;
-        snprintf(p->last_error, sizeof p->last_error, "vmsplice unavailable (%s): using copy", strerror(-ret));
-        ret = handover_nosigpipe(p, base, p->pos, p->nrec, seq);
+    if (q_push_locked(p, (int32_t)p->cur, p->pos, p->nrec) < 0) {
+        set_error(p, "out of memory queueing a batch");
+        return -ENOMEM;
     }
-    if (ret < 0) {
-        /* A partial batch may be in the pipe: the stream is out of sync, so end it (the daemon
-         * discards the partial batch) and make every later call fail loudly. */
-        close_pipe_locked(p);
-        char why[ERRLEN];
-        if (ret == -ETIMEDOUT)
-            snprintf(why, sizeof why, "handing a batch to the daemon failed: the pipe stayed full for %d ms",
-                     p->timeout_ms);
-        else
-            snprintf(why, sizeof why, "handing a batch to the daemon failed: %s", strerror(-ret));
-        fail_locked(p, ECONNRESET, why);
-        return ret == -ETIMEDOUT ? ret : -ECONNRESET;
-    }
-    p->seq = seq;
-    /* vmsplice: the pipe references the pages until the daemon releases seq. copy: free now.
-     * zerocopy: free once its completions arrive (seg_zc), whatever the daemon says. */
-    p->seg_seq[p->cur] = p->transport == LS_TRANSPORT_VMSPLICE ? seq : 0;
+    uint64_t seq = p->seq;
     p->st.batches++;
     p->st.records += p->nrec;
     p->st.bytes += p->pos;
     p->active = 0;
     p->pos = 0;
     p->nrec = 0;
-    return 0;
+    int ret = pump_locked(p);
+    /* vmsplice: the pipe references the pages until the daemon releases seq. With reconnect every
+     * transport keeps the segment until then (it may have to go again). Without: copy is free
+     * now; zerocopy once its completions arrive (seg_zc), whatever the daemon says. */
+    p->seg_seq[p->cur] = p->reconnect || p->transport == LS_TRANSPORT_VMSPLICE ? seq : 0;
+    return ret;
 }
 
 #define TAKEN 1
@@ -593,6 +779,8 @@ static int reserve_locked(struct ls_producer *p, size_t len, int nonblock, char 
     while (!p->active || p->pos + len > p->capacity) {
         if ((r = usable_locked(p)) < 0)
             return r;
+        if (len > p->capacity)
+            return -ERANGE; /* a reconnect made batches smaller while we waited: cut again */
         if ((r = handover_current_locked(p)) < 0)
             return r;
         if (deadline == -2)
@@ -647,13 +835,15 @@ static int do_write(struct ls_producer *p, const void *buf, size_t len, int nonb
         pthread_mutex_unlock(&p->lock);
         return -EINVAL;
     }
-    if (len > p->capacity) {
+    /* capacity changes (under the lock) only when a reconnect brings a smaller pipe. */
+    uint32_t cap = __atomic_load_n(&p->capacity, __ATOMIC_RELAXED);
+    if (len > cap) {
         /* Check every record fits before taking any, so -EMSGSIZE means nothing was written. */
         for (size_t s = 0, e; s < len; s = e)
-            if ((e = chunk_end(data, s, len, p->capacity)) == 0) {
+            if ((e = chunk_end(data, s, len, cap)) == 0) {
                 pthread_mutex_lock(&p->lock);
                 set_error(p, "a record longer than the segment payload (%u bytes) cannot be sent: raise segment_size",
-                          p->capacity);
+                          cap);
                 pthread_mutex_unlock(&p->lock);
                 return -EMSGSIZE;
             }
@@ -663,12 +853,19 @@ static int do_write(struct ls_producer *p, const void *buf, size_t len, int nonb
     /* Each chunk takes the lock on its own, as client.py does: records stay whole and in order,
      * but another thread's records may land between two chunks of one large write. */
     while (done < len) {
-        size_t end = chunk_end(data, done, len, p->capacity);
         pthread_mutex_lock(&p->lock);
+        size_t end = chunk_end(data, done, len, p->capacity);
         r = usable_locked(p);
+        if (r == 0 && end == 0) {
+            set_error(p, "a record longer than this connection's batch limit (%u bytes: a smaller pipe) cannot be sent",
+                      p->capacity);
+            r = -EMSGSIZE;
+        }
         if (r == 0)
             r = write_chunk_locked(p, data + done, end - done, nonblock);
         pthread_mutex_unlock(&p->lock);
+        if (r == -ERANGE)
+            continue;
         if (r < 0)
             break;
         done = end;
@@ -711,7 +908,7 @@ int ls_producer_write_log_json(struct ls_producer *p, double created, const char
     size_t ts_len;
     /* Reserve the worst case (every byte escaped as \u00XX) so rendering never runs out. */
     size_t worst = 6 * (32 + level_len + logger_len + msg_len + (exc ? exc_len : 0)) + 96;
-    if (worst > p->capacity)
+    if (worst > __atomic_load_n(&p->capacity, __ATOMIC_RELAXED))
         return -EMSGSIZE;
     pthread_mutex_lock(&p->lock);
     ts_len = format_timestamp(p, created, ts);
@@ -719,6 +916,8 @@ int ls_producer_write_log_json(struct ls_producer *p, double created, const char
     int r = usable_locked(p);
     if (r == 0)
         r = reserve_locked(p, worst, 0, &dst);
+    if (r == -ERANGE)
+        r = -EMSGSIZE; /* the batch limit shrank under us: the caller renders it itself */
     if (r == DROPPED) {
         p->st.dropped_records++;
         r = 0;
@@ -745,21 +944,35 @@ int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint
     int r = usable_locked(p);
     if (r == 0)
         r = handover_current_locked(p); /* what write() took before goes first */
-    if (r == 0 && p->pipe_w < 0) {
+    /* A spliced batch goes out now or never (it is not in the arena): wait for a connection
+     * whose queue is all sent (the background thread resends it under the lock). */
+    int64_t deadline = deadline_after(p->timeout_ms);
+    while (r == 0 && p->reconnect && (p->conn != CONN_UP || p->qsent < p->qlen) && !p->broken && !p->closed) {
+        if (cond_wait_until(p, deadline) < 0) {
+            set_error(p, "no connection to the logsink daemon within %d ms to splice a batch", p->timeout_ms);
+            r = -ETIMEDOUT;
+        }
+    }
+    if (r == 0 && (r = usable_locked(p)) == 0 && p->pipe_w < 0) {
         set_error(p, "the data pipe is closed");
         r = -ECONNRESET;
     }
     if (r == 0) {
-        uint64_t seq = p->seq + 1;
-        r = handover_nosigpipe_from(p, fd, NULL, nbytes, records, seq);
+        r = handover_nosigpipe_from(p, fd, NULL, nbytes, records, p->wire + 1, LS_TRANSPORT_COPY);
         if (r < 0) {
-            close_pipe_locked(p);
             char why[ERRLEN];
             snprintf(why, sizeof why, "splicing a batch to the daemon failed: %s", strerror(-r));
-            fail_locked(p, ECONNRESET, why);
-            r = r == -ETIMEDOUT ? r : -ECONNRESET;
+            int ret = handover_failed_locked(p, r, "splicing a batch to the daemon");
+            /* Its bytes left the input pipe: with or without reconnect they are lost. */
+            set_error(p, "%s", why);
+            r = ret < 0 ? ret : -ECONNRESET;
+        } else if (q_push_locked(p, -1, nbytes, records) < 0) {
+            set_error(p, "out of memory queueing a batch");
+            r = -ENOMEM;
         } else {
-            p->seq = seq; /* no segment: nothing to pin, the kernel copied into the pipe */
+            /* No segment: nothing to pin, the kernel copied into the pipe. */
+            q_at(p, p->qlen - 1)->wire_last = ++p->wire;
+            p->qsent++;
             p->st.batches++;
             p->st.records += records;
             p->st.bytes += nbytes;
@@ -856,6 +1069,19 @@ int ls_producer_event_fd(struct ls_producer *p)
 
 /* -- background thread ------------------------------------------------------------------------- */
 
+/* ERROR codes worth a reconnect: the daemon is stopping, full, or failed on its side. The rest
+ * (forbidden, bad-stream, auth: the answer will not change; bad-frame, bad-message, bad-fd,
+ * bad-version, too-many-fds: our bug; file-refused: the operator must fix the file; codes this
+ * client does not know) end the producer. */
+static int retriable_code(const char *code)
+{
+    static const char *const retriable[] = {"shutting-down", "too-many-producers", "internal", "producer-died"};
+    for (size_t i = 0; i < sizeof retriable / sizeof retriable[0]; i++)
+        if (strcmp(code, retriable[i]) == 0)
+            return 1;
+    return 0;
+}
+
 /* Act on one control message (p->doc). Lock held. Returns 0 or -EPROTO (why filled in). */
 static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
 {
@@ -892,18 +1118,39 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
                 }
             }
         }
-        if (through > p->released)
-            p->released = through;
+        /* `through` counts this connection's frames: pop the batches whose (last) frame it covers. */
+        while (p->qsent > 0 && q_at(p, 0)->wire_last <= through) {
+            p->qhead++;
+            p->qlen--;
+            p->qsent--;
+        }
+        if (!p->qlen)
+            p->qhead = 0;
+        update_released_locked(p);
         p->failed_pending += nfailed;
         p->st.failed_batches += nfailed;
         pthread_cond_broadcast(&p->cond);
         signal_event(p);
     } else if (kind == M_SHUTDOWN) {
-        /* Hand over what we hold and end the pipe: the daemon drains it before it exits. */
-        p->stopping = 1;
-        if (p->pos && !p->broken)
-            (void)handover_current_locked(p); /* a failure marks us broken */
-        close_pipe_locked(p);
+        /* Hand over what we hold and end the pipe: the daemon drains it before it exits. With
+         * reconnect, keep reading RELEASEs until the daemon closes, then reconnect. */
+        if (p->reconnect) {
+            if (p->conn == CONN_UP) {
+                if (p->pos && !p->broken)
+                    (void)handover_current_locked(p);
+                if (p->conn == CONN_UP) {
+                    p->conn = CONN_DRAINING;
+                    p->down_since_ms = now_ms();
+                    snprintf(p->last_error, ERRLEN, "the logsink daemon is shutting down; will reconnect");
+                }
+                close_pipe_locked(p);
+            }
+        } else {
+            p->stopping = 1;
+            if (p->pos && !p->broken)
+                (void)handover_current_locked(p); /* a failure marks us broken */
+            close_pipe_locked(p);
+        }
         pthread_cond_broadcast(&p->cond);
         signal_event(p);
     } else if (kind == M_ERROR) {
@@ -911,6 +1158,10 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
         snprintf(msg, sizeof msg, "the logsink daemon closed this producer: %s: %s",
                  str_of(d, ls_mp_map_get(d, 0, "code"), code, sizeof code),
                  str_of(d, ls_mp_map_get(d, 0, "reason"), reason, sizeof reason));
+        if (p->reconnect && retriable_code(code)) {
+            go_down_locked(p, msg);
+            return 0;
+        }
         if (!p->broken && !p->closed) {
             p->broken = ECONNRESET;
             snprintf(p->last_error, ERRLEN, "%s", msg);
@@ -942,6 +1193,159 @@ static int drain_frames_locked(struct ls_producer *p)
     return 0;
 }
 
+/* The connection ended or failed under us: reconnect, or (reconnect = 0) break for good. */
+static void conn_lost_locked(struct ls_producer *p, const char *why)
+{
+    if (p->reconnect && !p->closed)
+        go_down_locked(p, p->conn == CONN_DRAINING ? "the daemon shut down" : why);
+    else
+        lost_locked(p, why);
+}
+
+/* How long a dead TCP connection may take to post its zerocopy completions before we give up on
+ * the segments it references (after the abort below they come at once; a wedged NIC queue could
+ * hold them). */
+#define ZC_TEARDOWN_WAIT_MS 10000
+
+/* Close the lost connection. Lock held; may drop it while waiting for zerocopy completions. */
+static void teardown_locked(struct ls_producer *p)
+{
+    if (p->sock >= 0) {
+        /* RELEASEs the daemon sent before it went: fewer batches to resend. */
+        while (!p->broken && recv_some(p, p->sock) > 0)
+            if (drain_frames_locked(p) < 0)
+                break;
+        close_pipe_locked(p);
+        if (p->is_tcp && p->zc_done != p->zc_next) {
+            /* A page a zerocopy send referenced must not be rewritten (the resend renumbers its
+             * header) before the kernel lets go of it: abort the connection (connect AF_UNSPEC
+             * purges the send queue) and wait for the completions that follow. */
+            struct sockaddr sa = {.sa_family = AF_UNSPEC};
+            (void)!connect(p->sock, &sa, sizeof sa);
+            int64_t deadline = now_ms() + ZC_TEARDOWN_WAIT_MS;
+            for (;;) {
+                (void)zc_reap_locked(p);
+                if (p->closed || p->zc_done == p->zc_next)
+                    break;
+                if (now_ms() > deadline) {
+                    fail_locked(p, ECONNRESET,
+                                "a lost TCP connection never completed its zerocopy sends: the segments they "
+                                "reference cannot be reused safely");
+                    break;
+                }
+                pthread_mutex_unlock(&p->lock);
+                struct pollfd pfd = {.fd = p->sock, .events = 0}; /* POLLERR: the error queue */
+                (void)poll(&pfd, 1, 100);
+                pthread_mutex_lock(&p->lock);
+            }
+        }
+        close(p->sock);
+        p->sock = -1;
+    }
+    p->rx_len = 0;
+}
+
+/* Every record of the queued batches fits a batch of `cap` bytes (a batch larger than cap is cut
+ * at record boundaries). Returns 0, or the length of a record that does not fit. */
+static uint32_t queue_unfit_locked(struct ls_producer *p, uint32_t cap)
+{
+    for (uint32_t i = 0; i < p->qlen; i++) {
+        struct batch *b = q_at(p, i);
+        if (b->seg < 0 || b->len <= cap)
+            continue;
+        const char *payload = p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE;
+        for (uint32_t off = 0; b->len - off > cap;) {
+            const char *cut = memrchr(payload + off, '\n', cap);
+            if (!cut) {
+                const char *end = memchr(payload + off, '\n', b->len - off);
+                return end ? (uint32_t)(end - (payload + off)) + 1 : b->len - off;
+            }
+            off = (uint32_t)(cut - payload) + 1;
+        }
+    }
+    return 0;
+}
+
+/* Batches moved by splice_from are not in the arena: a lost connection took them. Say so (flush
+ * reports -EIO) and drop them from the queue. */
+static void drop_spliced_locked(struct ls_producer *p)
+{
+    uint32_t keep = 0;
+    for (uint32_t i = 0; i < p->qlen; i++) {
+        struct batch *b = q_at(p, i);
+        if (b->seg >= 0) {
+            p->q[p->qhead + keep++] = *b;
+            continue;
+        }
+        p->st.lost_batches++;
+        p->st.failed_batches++;
+        if (p->failed_pending++ == 0)
+            snprintf(p->failed_first, ERRLEN,
+                     "seq %llu: lost: %u records moved by splice were in flight when the connection was lost",
+                     (unsigned long long)b->seq, b->nrec);
+    }
+    p->qlen = keep;
+    update_released_locked(p);
+}
+
+/* CONN_DOWN: reconnect with backoff, then resend the queue. Returns with the producer CONN_UP,
+ * broken (a non-retriable refusal) or closed. Lock held; dropped while waiting and connecting. */
+static void reconnect_locked(struct ls_producer *p)
+{
+    teardown_locked(p);
+    int backoff = BACKOFF_FIRST_MS;
+    while (!p->closed && !p->broken) {
+        int wait = backoff / 2 + (int)(rand_r(&p->rand_state) % (unsigned)(backoff / 2 + 1));
+        pthread_mutex_unlock(&p->lock);
+        struct pollfd pfd = {.fd = p->wake_fd, .events = POLLIN};
+        uint64_t v;
+        if (poll(&pfd, 1, wait) > 0 && read(p->wake_fd, &v, sizeof v) < 0) {
+        }
+        struct conn_parts c;
+        int r = __atomic_load_n(&p->closed, __ATOMIC_RELAXED) ? -ECANCELED : connect_once(p, &c);
+        pthread_mutex_lock(&p->lock);
+        uint32_t unfit = 0;
+        if (r == 0 && (p->closed || p->broken || (unfit = queue_unfit_locked(p, c.capacity)) != 0)) {
+            close(c.sock);
+            close(c.pipe_w);
+            if (p->closed || p->broken)
+                break;
+            set_error(NULL,
+                      "a waiting record of %u bytes does not fit this connection's batches of %u bytes (a smaller "
+                      "pipe: the uid's pipe-user-pages-soft budget?)",
+                      unfit, c.capacity);
+            r = -EMSGSIZE;
+        }
+        if (r == 0) {
+            drop_spliced_locked(p);
+            install_conn_locked(p, &c);
+            p->st.reconnects++;
+            p->down_total_ms += (uint64_t)(now_ms() - p->down_since_ms);
+            p->last_error[0] = '\0';
+            (void)pump_locked(p); /* the resend: every unreleased batch, in order, renumbered */
+            if (p->conn == CONN_UP) {
+                (void)drain_frames_locked(p); /* anything that came right after WELCOME */
+                pthread_cond_broadcast(&p->cond);
+                signal_event(p);
+                return;
+            }
+            teardown_locked(p); /* lost again during the resend */
+            backoff = BACKOFF_FIRST_MS;
+            continue;
+        }
+        if (r == -ECANCELED)
+            break;
+        if (r == -EACCES || r == -EPERM || (r == -ECONNREFUSED && p->refused_code[0] && !retriable_code(p->refused_code))) {
+            /* The answer will not change: forbidden, a squatter on the socket path, auth, ... */
+            fail_locked(p, ECONNRESET, tls_open_error);
+            signal_event(p);
+            break;
+        }
+        snprintf(p->last_error, ERRLEN, "lost the logsink daemon; reconnecting: %.400s", tls_open_error);
+        backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
+    }
+}
+
 static void *background(void *arg)
 {
     struct ls_producer *p = arg;
@@ -951,45 +1355,53 @@ static void *background(void *arg)
     for (;;) {
         if (p->closed || p->broken)
             break;
+        if (p->conn == CONN_DOWN) {
+            reconnect_locked(p);
+            continue;
+        }
         int wait = -1;
         if (interval > 0) {
             wait = interval;
-            if (p->active && p->pos) {
+            if (p->conn == CONN_UP && p->active && p->pos) {
                 int64_t left = p->filled_at_ms + interval - now_ms();
                 if (left <= 0) {
-                    (void)handover_current_locked(p); /* a failure marks us broken */
+                    (void)handover_current_locked(p); /* a failure marks us broken or down */
                     continue;
                 }
                 wait = (int)left;
             }
         }
+        int sock = p->sock; /* only this thread replaces it */
         pthread_mutex_unlock(&p->lock);
-        struct pollfd pfd = {.fd = p->sock, .events = POLLIN};
-        int pr = poll(&pfd, 1, wait);
+        struct pollfd pfd[2] = {{.fd = sock, .events = POLLIN}, {.fd = p->wake_fd, .events = POLLIN}};
+        int pr = poll(pfd, 2, wait);
         int got = 0;
-        if (pr > 0 && (pfd.revents & (POLLIN | POLLHUP)))
-            got = recv_some(p); /* only this thread touches rx after open */
+        uint64_t v;
+        if (pr > 0 && pfd[1].revents && read(p->wake_fd, &v, sizeof v) < 0) {
+        }
+        if (pr > 0 && (pfd[0].revents & (POLLIN | POLLHUP)))
+            got = recv_some(p, sock); /* only this thread touches rx after open */
         else if (pr > 0)
-            got = -EAGAIN; /* only the error queue: zerocopy completions */
+            got = -EAGAIN; /* the error queue (zerocopy completions), or only a wakeup */
         pthread_mutex_lock(&p->lock);
         if (p->closed)
             break;
-        if (p->is_tcp && pr > 0 && (pfd.revents & POLLERR)) {
+        if (p->is_tcp && pr > 0 && (pfd[0].revents & POLLERR)) {
             if (zc_reap_locked(p) < 0) {
-                lost_locked(p, "the TCP connection to the logsink daemon failed");
+                conn_lost_locked(p, "the TCP connection to the logsink daemon failed");
                 continue;
             }
             signal_event(p);
         }
         if (pr < 0 && errno != EINTR) {
-            lost_locked(p, "polling the control socket failed");
+            conn_lost_locked(p, "polling the control socket failed");
         } else if (pr > 0) {
             if (got == 0) {
-                lost_locked(p, "the logsink daemon closed the connection");
+                conn_lost_locked(p, "the logsink daemon closed the connection");
             } else if (got < 0 && got != -EAGAIN && got != -EINTR) {
                 char msg[ERRLEN];
                 snprintf(msg, sizeof msg, "control socket error: %s", strerror(-got));
-                lost_locked(p, msg);
+                conn_lost_locked(p, msg);
             } else if (got > 0)
                 (void)drain_frames_locked(p);
         }
@@ -1008,6 +1420,8 @@ static void destroy(struct ls_producer *p, int in_child)
         close(p->pipe_w);
     if (p->event_fd >= 0)
         close(p->event_fd);
+    if (p->wake_fd >= 0)
+        close(p->wake_fd);
     /* In a forked child the arena is not mapped (MADV_DONTFORK): its range may hold the child's
      * own memory by now, so never unmap it there. */
     if (p->arena && !in_child)
@@ -1019,6 +1433,7 @@ static void destroy(struct ls_producer *p, int in_child)
     }
     free(p->seg_seq);
     free(p->seg_zc);
+    free(p->q);
     free(p->rx);
     ls_mp_doc_free(&p->doc);
     free(p);
@@ -1029,7 +1444,7 @@ static const char *transport_name(int t)
     return t == LS_TRANSPORT_VMSPLICE ? "vmsplice" : t == LS_TRANSPORT_ZEROCOPY ? "zerocopy" : "copy";
 }
 
-static int send_hello(struct ls_producer *p, int rfd)
+static int send_hello(struct ls_producer *p, int sock, int rfd, int pipe_size)
 {
     uint8_t buf[1024];
     struct ls_mp_enc e;
@@ -1051,7 +1466,7 @@ static int send_hello(struct ls_producer *p, int rfd)
     ls_mp_put_cstr(&e, "segment_size");
     ls_mp_put_uint(&e, p->segment_size);
     ls_mp_put_cstr(&e, "pipe_size");
-    ls_mp_put_int(&e, p->pipe_size);
+    ls_mp_put_int(&e, pipe_size);
     if (token) {
         ls_mp_put_cstr(&e, "token");
         ls_mp_put_cstr(&e, token);
@@ -1061,7 +1476,7 @@ static int send_hello(struct ls_producer *p, int rfd)
         return (int)n;
     if (rfd < 0) { /* TCP: no fd to pass */
         for (size_t done = 0; done < (size_t)n;) {
-            ssize_t r = send(p->sock, buf + done, (size_t)n - done, MSG_NOSIGNAL);
+            ssize_t r = send(sock, buf + done, (size_t)n - done, MSG_NOSIGNAL);
             if (r < 0 && errno == EINTR)
                 continue;
             if (r < 0)
@@ -1085,8 +1500,8 @@ static int send_hello(struct ls_producer *p, int rfd)
     memcpy(CMSG_DATA(c), &rfd, sizeof rfd);
     size_t done = 0;
     while (done < (size_t)n) {
-        ssize_t r = done ? send(p->sock, buf + done, (size_t)n - done, MSG_NOSIGNAL)
-                         : sendmsg(p->sock, &msg, MSG_NOSIGNAL); /* the fd rides on the first byte */
+        ssize_t r = done ? send(sock, buf + done, (size_t)n - done, MSG_NOSIGNAL)
+                         : sendmsg(sock, &msg, MSG_NOSIGNAL); /* the fd rides on the first byte */
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
@@ -1096,9 +1511,10 @@ static int send_hello(struct ls_producer *p, int rfd)
     return 0;
 }
 
-/* Wait for the answer to HELLO. Returns 0 (WELCOME), -ECONNREFUSED (ERROR), -ETIMEDOUT, -EPROTO,
- * -ECONNRESET (closed); tls_open_error says which. */
-static int await_welcome(struct ls_producer *p, const char *path)
+/* Wait for the answer to HELLO. Returns 0 (WELCOME), -ECONNREFUSED (ERROR: its code in
+ * p->refused_code), -EACCES (ERROR forbidden), -ETIMEDOUT, -EPROTO, -ECONNRESET (closed),
+ * -ECANCELED (the producer is being closed); tls_open_error says which. */
+static int await_welcome(struct ls_producer *p, struct conn_parts *c, const char *path)
 {
     int64_t deadline = now_ms() + LS_CONNECT_TIMEOUT_MS;
     char why[256];
@@ -1108,16 +1524,16 @@ static int await_welcome(struct ls_producer *p, const char *path)
             int kind = check_message(&p->doc, why, sizeof why);
             if (kind == M_WELCOME) {
                 const struct ls_mp_node *id = &p->doc.nodes[ls_mp_map_get(&p->doc, 0, "producer")];
-                p->producer_id = id->type == LS_MP_UINT ? (int64_t)id->v.u : id->v.i;
-                str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "engine"), p->engine, sizeof p->engine);
+                c->producer_id = id->type == LS_MP_UINT ? (int64_t)id->v.u : id->v.i;
+                str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "engine"), c->engine, sizeof c->engine);
                 /* The daemon refuses a batch larger than it can hold whole before writing it (a
                  * stalled producer must never hold a stream): obey its max_batch. */
                 int mb = ls_mp_map_get(&p->doc, 0, "max_batch");
                 if (is_int(&p->doc, mb)) {
                     const struct ls_mp_node *n = &p->doc.nodes[mb];
                     int64_t v = n->type == LS_MP_UINT ? (n->v.u > INT64_MAX ? INT64_MAX : (int64_t)n->v.u) : n->v.i;
-                    if (v >= 1 && v < (int64_t)p->capacity)
-                        p->capacity = (uint32_t)v;
+                    if (v >= 1 && v < (int64_t)c->capacity)
+                        c->capacity = (uint32_t)v;
                 }
                 consume_frame(p);
                 return 0;
@@ -1127,6 +1543,8 @@ static int await_welcome(struct ls_producer *p, const char *path)
                 set_error(NULL, "logsink daemon at %s refused stream '%s': %s: %s", path, p->stream,
                           str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "code"), code, sizeof code),
                           str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "reason"), reason, sizeof reason));
+                snprintf(p->refused_code, sizeof p->refused_code, "%s", code);
+                consume_frame(p);
                 /* forbidden: the access rules say no; retrying will not help, unlike a busy daemon */
                 return strcmp(code, "forbidden") == 0 ? -EACCES : -ECONNREFUSED;
             }
@@ -1143,13 +1561,17 @@ static int await_welcome(struct ls_producer *p, const char *path)
             set_error(NULL, "logsink daemon at %s did not answer HELLO within %d ms", path, LS_CONNECT_TIMEOUT_MS);
             return -ETIMEDOUT;
         }
-        struct pollfd pfd = {.fd = p->sock, .events = POLLIN};
-        int pr = poll(&pfd, 1, (int)left);
+        struct pollfd pfd[2] = {{.fd = c->sock, .events = POLLIN}, {.fd = p->wake_fd, .events = POLLIN}};
+        int pr = poll(pfd, 2, (int)left);
         if (pr < 0 && errno != EINTR)
             return -errno;
-        if (pr <= 0)
+        if (pr > 0 && pfd[1].revents && __atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
+            set_error(NULL, "the producer was closed while connecting");
+            return -ECANCELED;
+        }
+        if (pr <= 0 || !pfd[0].revents)
             continue;
-        r = recv_some(p);
+        r = recv_some(p, c->sock);
         if (r == 0 || r == -ECONNRESET) {
             set_error(NULL, "logsink daemon at %s closed the connection during HELLO", path);
             return -ECONNRESET;
@@ -1162,7 +1584,7 @@ static int await_welcome(struct ls_producer *p, const char *path)
 }
 
 /* Connect to tcp://HOST:PORT, enable SO_ZEROCOPY (zerocopy transport), send HELLO (no fd). */
-static int open_tcp(struct ls_producer *p, const char *address)
+static int open_tcp(struct ls_producer *p, const char *address, struct conn_parts *c)
 {
     char host[256], port[16];
     const char *rest = address + 6, *colon = strrchr(rest, ':');
@@ -1194,7 +1616,7 @@ static int open_tcp(struct ls_producer *p, const char *address)
         struct timeval tv = {.tv_sec = LS_CONNECT_TIMEOUT_MS / 1000, .tv_usec = LS_CONNECT_TIMEOUT_MS % 1000 * 1000};
         (void)setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         if (connect(s, ai->ai_addr, ai->ai_addrlen) == 0) {
-            p->sock = s;
+            c->sock = s;
             r = 0;
             break;
         }
@@ -1207,21 +1629,113 @@ static int open_tcp(struct ls_producer *p, const char *address)
         return r;
     }
     int one = 1;
-    (void)setsockopt(p->sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (p->transport == LS_TRANSPORT_ZEROCOPY) {
-        if (ls_zc_enable(p->sock) == 0)
-            p->zc_on = 1;
-        else
-            p->st.zc_switched_to_copy = 1; /* the kernel refuses: every send goes copied */
-    }
-    p->pipe_w = dup(p->sock); /* the "data pipe" of a TCP producer: closing it ends the data direction */
-    p->pipe_size = 0;
-    if (p->pipe_w < 0 || (r = send_hello(p, -1)) < 0) {
-        r = p->pipe_w < 0 ? -errno : r;
+    (void)setsockopt(c->sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* (zc_ok = 0: the kernel refuses, every send goes copied) */
+    c->zc_ok = p->transport == LS_TRANSPORT_ZEROCOPY && ls_zc_enable(c->sock) == 0;
+    c->pipe_w = dup(c->sock); /* the "data pipe" of a TCP producer: closing it ends the data direction */
+    c->pipe_size = 0;
+    if (c->pipe_w < 0 || (r = send_hello(p, c->sock, -1, 0)) < 0) {
+        r = c->pipe_w < 0 ? -errno : r;
         set_error(NULL, "logsink daemon at %s dropped the connection during HELLO: %s", address, strerror(-r));
         return r;
     }
     return 0;
+}
+
+static int check_daemon_uid(int sock, const char *path, int64_t expected_uid);
+
+/* Connect to the local daemon at path, create the data pipe and send HELLO with its read end. */
+static int open_unix(struct ls_producer *p, const char *path, struct conn_parts *c)
+{
+    int r;
+    c->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->sock < 0) {
+        r = -errno;
+        set_error(NULL, "socket(AF_UNIX) failed: %s", strerror(-r));
+        return r;
+    }
+    /* AF_UNIX connect and sendmsg honour SO_SNDTIMEO: a daemon with a full backlog cannot hang us. */
+    struct timeval tv = {.tv_sec = LS_CONNECT_TIMEOUT_MS / 1000, .tv_usec = LS_CONNECT_TIMEOUT_MS % 1000 * 1000};
+    (void)setsockopt(c->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strcpy(addr.sun_path, path);
+    while ((r = connect(c->sock, (struct sockaddr *)&addr, sizeof addr)) < 0 && errno == EINTR)
+        ;
+    if (r < 0) {
+        r = errno == EAGAIN ? -ETIMEDOUT : -errno;
+        set_error(NULL,
+                  "cannot reach the logsink daemon at %s: %s; start it with `logsink serve` or point LOGSINK_SOCKET "
+                  "at its socket",
+                  path, strerror(-r));
+        return r;
+    }
+    if ((r = check_daemon_uid(c->sock, path, p->expected_uid)) < 0)
+        return r;
+    int rfd;
+    if ((r = ls_pipe_create(LS_DEFAULT_PIPE_SIZE, &rfd, &c->pipe_w, &c->pipe_size)) < 0) {
+        set_error(NULL, "creating the data pipe failed: %s", strerror(-r));
+        return r;
+    }
+    /* A batch (header + payload) must fit the pipe whole: the daemon starts writing a batch only
+     * once all of it is queued, so a producer that stalls mid-batch holds nobody but itself.
+     * Past the uid's pipe budget the pipe is 2 pages: batches shrink with it. */
+    if ((uint32_t)c->pipe_size < p->segment_size)
+        c->capacity = (uint32_t)c->pipe_size - LS_FRAME_HEADER_SIZE;
+    r = send_hello(p, c->sock, rfd, c->pipe_size);
+    close(rfd); /* the daemon holds the read end now */
+    if (r < 0) {
+        set_error(NULL, "logsink daemon at %s dropped the connection during HELLO: %s", path, strerror(-r));
+        return r;
+    }
+    return 0;
+}
+
+/* One connection attempt: connect, HELLO, WELCOME. On failure nothing stays open. Uses p->rx and
+ * p->doc (owned by open, then by the background thread). Returns 0 or -errno (tls_open_error). */
+static int connect_once(struct ls_producer *p, struct conn_parts *c)
+{
+    memset(c, 0, sizeof *c);
+    c->sock = c->pipe_w = -1;
+    c->capacity = p->base_capacity;
+    p->rx_len = 0;
+    p->refused_code[0] = '\0';
+    int r = p->is_tcp ? open_tcp(p, p->path, c) : open_unix(p, p->path, c);
+    if (r == 0)
+        r = await_welcome(p, c, p->path);
+    if (r == 0 && fcntl(c->sock, F_SETFL, fcntl(c->sock, F_GETFL) | O_NONBLOCK) < 0) {
+        r = -errno;
+        set_error(NULL, "setting up the control socket failed: %s", strerror(-r));
+    }
+    if (r < 0) {
+        if (c->sock >= 0)
+            close(c->sock);
+        if (c->pipe_w >= 0)
+            close(c->pipe_w);
+        c->sock = c->pipe_w = -1;
+    }
+    return r;
+}
+
+/* Take a fresh connection into use. Lock held (or no other thread yet). */
+static void install_conn_locked(struct ls_producer *p, struct conn_parts *c)
+{
+    p->sock = c->sock;
+    p->pipe_w = c->pipe_w;
+    p->pipe_size = c->pipe_size;
+    __atomic_store_n(&p->capacity, c->capacity, __ATOMIC_RELAXED);
+    p->producer_id = c->producer_id;
+    memcpy(p->engine, c->engine, sizeof p->engine);
+    /* A new socket counts zerocopy notifications from 0. */
+    p->zc_on = c->zc_ok && !p->st.zc_switched_to_copy;
+    if (p->is_tcp && p->transport == LS_TRANSPORT_ZEROCOPY && !c->zc_ok)
+        p->st.zc_switched_to_copy = 1; /* the kernel refuses: every send goes copied */
+    p->zc_next = p->zc_done = 0;
+    p->zc_npending = 0;
+    p->zc_copied_run = 0;
+    memset(p->seg_zc, 0, p->segments * sizeof *p->seg_zc);
+    p->wire = 0;
+    p->qsent = 0;
+    p->conn = CONN_UP;
 }
 
 static int check_opts(const struct ls_producer_opts *o)
@@ -1330,9 +1844,11 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     struct ls_producer *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
-    p->sock = p->pipe_w = p->event_fd = -1;
+    p->sock = p->pipe_w = p->event_fd = p->wake_fd = -1;
     p->fork_gen = __atomic_load_n(&fork_generation, __ATOMIC_RELAXED);
     snprintf(p->stream, sizeof p->stream, "%s", stream);
+    snprintf(p->path, sizeof p->path, "%s", path);
+    p->is_tcp = tcp;
     p->transport = o.transport ? o.transport : LS_TRANSPORT_VMSPLICE;
     p->on_full = o.on_full;
     p->timeout_ms = o.timeout_ms < 0 ? -1 : o.timeout_ms;
@@ -1340,7 +1856,11 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     p->zc_switch = o.zc_copied_switch;
     p->segment_size = o.segment_size;
     p->segments = o.segments;
-    p->capacity = o.segment_size - LS_FRAME_HEADER_SIZE;
+    p->reconnect = o.reconnect != 0;
+    p->expected_uid = o.expected_uid;
+    p->base_capacity = o.segment_size - LS_FRAME_HEADER_SIZE;
+    p->capacity = p->base_capacity;
+    p->rand_state = (unsigned)getpid() ^ (unsigned)now_ms() ^ (unsigned)(uintptr_t)p;
     p->cur = o.segments - 1; /* the first segment taken is 0 */
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -1355,64 +1875,12 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         destroy(p, 0);
         return -ENOMEM;
     }
-    if (tcp) {
-        p->is_tcp = 1;
-        if ((r = open_tcp(p, path)) < 0) {
-            destroy(p, 0);
-            return r;
-        }
-        goto connected;
-    }
-    p->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (p->sock < 0) {
-        r = -errno;
-        set_error(NULL, "socket(AF_UNIX) failed: %s", strerror(-r));
+    struct conn_parts c;
+    if ((r = connect_once(p, &c)) < 0) {
         destroy(p, 0);
         return r;
     }
-    /* AF_UNIX connect and sendmsg honour SO_SNDTIMEO: a daemon with a full backlog cannot hang us. */
-    struct timeval tv = {.tv_sec = LS_CONNECT_TIMEOUT_MS / 1000, .tv_usec = LS_CONNECT_TIMEOUT_MS % 1000 * 1000};
-    (void)setsockopt(p->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    strcpy(addr.sun_path, path);
-    while ((r = connect(p->sock, (struct sockaddr *)&addr, sizeof addr)) < 0 && errno == EINTR)
-        ;
-    if (r < 0) {
-        r = errno == EAGAIN ? -ETIMEDOUT : -errno;
-        set_error(NULL,
-                  "cannot reach the logsink daemon at %s: %s; start it with `logsink serve` or point LOGSINK_SOCKET "
-                  "at its socket",
-                  path, strerror(-r));
-        destroy(p, 0);
-        return r;
-    }
-    if ((r = check_daemon_uid(p->sock, path, o.expected_uid)) < 0) {
-        destroy(p, 0);
-        return r;
-    }
-    int rfd;
-    if ((r = ls_pipe_create(LS_DEFAULT_PIPE_SIZE, &rfd, &p->pipe_w, &p->pipe_size)) < 0) {
-        set_error(NULL, "creating the data pipe failed: %s", strerror(-r));
-        destroy(p, 0);
-        return r;
-    }
-    /* A batch (header + payload) must fit the pipe whole: the daemon starts writing a batch only
-     * once all of it is queued, so a producer that stalls mid-batch holds nobody but itself.
-     * Past the uid's pipe budget the pipe is 2 pages: batches shrink with it. */
-    if ((uint32_t)p->pipe_size < p->segment_size)
-        p->capacity = (uint32_t)p->pipe_size - LS_FRAME_HEADER_SIZE;
-    r = send_hello(p, rfd);
-    close(rfd); /* the daemon holds the read end now */
-    if (r < 0) {
-        set_error(NULL, "logsink daemon at %s dropped the connection during HELLO: %s", path, strerror(-r));
-        destroy(p, 0);
-        return r;
-    }
-connected:
-    if ((r = await_welcome(p, path)) < 0) {
-        destroy(p, 0);
-        return r;
-    }
+    install_conn_locked(p, &c); /* no other thread yet */
     p->arena_size = (size_t)o.segments * o.segment_size;
     void *arena;
     if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
@@ -1422,7 +1890,8 @@ connected:
     }
     p->arena = arena;
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (p->event_fd < 0 || fcntl(p->sock, F_SETFL, fcntl(p->sock, F_GETFL) | O_NONBLOCK) < 0) {
+    p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->event_fd < 0 || p->wake_fd < 0) {
         r = -errno;
         set_error(NULL, "setting up the producer failed: %s", strerror(-r));
         destroy(p, 0);
@@ -1466,11 +1935,11 @@ int ls_producer_close_within(struct ls_producer *p, int timeout_ms)
     pthread_mutex_unlock(&p->lock);
     int ret = do_flush ? ls_producer_flush(p, p->timeout_ms) : 0;
     pthread_mutex_lock(&p->lock);
-    p->closed = 1;
+    __atomic_store_n(&p->closed, 1, __ATOMIC_RELAXED); /* also read by a connect in progress */
     close_pipe_locked(p);
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->lock);
-    shutdown(p->sock, SHUT_RDWR); /* wakes the background thread's poll */
+    wake_background(p); /* its poll, a reconnect's backoff or HELLO wait */
     if (p->thread_started)
         pthread_join(p->thread, NULL);
     destroy(p, 0);
@@ -1491,6 +1960,8 @@ int ls_producer_stats(struct ls_producer *p, struct ls_producer_stats *out)
     out->segment_size = p->segment_size;
     out->segments = p->segments;
     out->pipe_size = (uint64_t)p->pipe_size;
+    out->connected = p->conn == CONN_UP && !p->broken && !p->stopping;
+    out->disconnected_us = 1000 * (p->down_total_ms + (p->conn != CONN_UP ? (uint64_t)(now_ms() - p->down_since_ms) : 0));
     pthread_mutex_unlock(&p->lock);
     return 0;
 }

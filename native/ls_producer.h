@@ -17,9 +17,12 @@
  *   -EINVAL      bad argument (stream name, options, a write not ending in '\n')
  *   -EMSGSIZE    one record is longer than a segment's payload (segment_size - 32)
  *   -ETIMEDOUT   timeout_ms passed waiting for a release or for pipe space
- *   -ECONNRESET  the producer is broken: the daemon sent ERROR, closed the connection or sent
- *                garbage, or a handover failed; ls_producer_last_error() says which
- *   -ESHUTDOWN   the daemon said SHUTDOWN: what was written is handed over, no more writes
+ *   -ECONNRESET  the producer is broken: the daemon sent a non-retriable ERROR (forbidden,
+ *                bad-stream, auth, bad-frame, ...) or garbage; with opts.reconnect = 0 also when
+ *                it closed the connection or a handover failed; ls_producer_last_error() says which
+ *   -ESHUTDOWN   (opts.reconnect = 0) the daemon said SHUTDOWN: what was written is handed over,
+ *                no more writes. With reconnect (the default) a lost daemon is no error: the
+ *                producer reconnects by itself and calls wait (bounded by timeout_ms) meanwhile.
  *   -EIO         (flush) the daemon reported batches it could not write (e.g. disk full)
  *   -ECHILD      called in a forked child: a producer belongs to the process that opened it
  *                (the connection is shared with the parent; open a new producer in the child)
@@ -70,6 +73,13 @@ struct ls_producer_opts {
     /* TCP zerocopy: this many COPIED completions in a row turn zerocopy off; 0 = never.
      * Default LS_DEFAULT_ZC_COPIED_SWITCH. */
     uint32_t zc_copied_switch;
+    /* 1 (default): when the daemon goes away (killed, restarted, SHUTDOWN, a retriable ERROR) the
+     * background thread reconnects with backoff (50 ms doubling to 2 s, jittered) and resends
+     * every batch the daemon had not released, in order; records written meanwhile wait in the
+     * arena (on_full applies when it is full). Segments stay pinned until RELEASE on every
+     * transport (copy too) so they can be resent. 0: fail fast, as before (-ECONNRESET /
+     * -ESHUTDOWN for good). docs/architecture.md "Reconnect and delivery guarantees". */
+    int reconnect;
 };
 
 struct ls_producer_stats {
@@ -92,6 +102,13 @@ struct ls_producer_stats {
     uint64_t zc_enobufs;          /* sends that hit ENOBUFS (optmem) and went copied */
     uint64_t copied_sends;        /* segments sent copied (copy transport, small, or after the switch) */
     uint64_t zc_switched_to_copy; /* 1 once a run of COPIED completions turned zerocopy off */
+    /* Reconnects (opts.reconnect): */
+    uint64_t reconnects;          /* connections re-established after the first */
+    uint64_t resent_batches;      /* batches sent again on a new connection (unreleased at the loss) */
+    uint64_t resent_bytes;        /* ... their payload bytes */
+    uint64_t disconnected_us;     /* total time without a usable connection (the current gap included) */
+    uint64_t connected;           /* 1 while connected (0 while reconnecting or after SHUTDOWN) */
+    uint64_t lost_batches;        /* splice_from batches a lost connection took with it (not in the arena) */
 };
 
 struct ls_producer;

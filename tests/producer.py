@@ -10,6 +10,10 @@ Config keys: ``socket``, ``stream``, ``tag`` (record prefix), ``mode``, ``count`
 - ``flush-then-wait``: write ``count`` records, flush, print ``flushed``, wait for stdin to close.
 - ``until-stdin``: print ``ready`` after the first records, write records until stdin closes,
   then flush and print the client's stats as JSON plus ``count`` (records written).
+- ``continuous``: write records 0, 1, 2... until stdin closes (or ``max_seconds`` pass), riding
+  out daemon restarts (the client reconnects by itself); print ``ready`` once the first records
+  are flushed. Last line: JSON with ``count`` (records written), ``max_write_seconds`` (the
+  longest single write: how long the arena kept us waiting) and the client's stats.
 - ``raw-die-mid-batch``: by hand, HELLO, one whole batch of ``count`` records (waits for its
   RELEASE), then a header and half the payload of the next batch; prints ``half`` and sleeps until
   killed.
@@ -103,6 +107,28 @@ def main() -> int:
         stats = client.stats()
         client.close()
         print(json.dumps({"count": n, **stats}), flush=True)
+        return 0
+    if mode == "continuous":
+        import select
+
+        n = 0
+        longest = 0.0
+        deadline = time.monotonic() + cfg.get("max_seconds", 120)
+        while time.monotonic() < deadline:
+            for _ in range(200):
+                t0 = time.monotonic()
+                client.write(record(tag, n))
+                longest = max(longest, time.monotonic() - t0)
+                n += 1
+            if n == 200:
+                client.flush(timeout=60)
+                print("ready", flush=True)
+            if select.select([sys.stdin], [], [], 0)[0]:
+                break
+        client.flush(timeout=120)
+        stats = client.stats()
+        client.close()
+        print(json.dumps({"count": n, "max_write_seconds": longest, **stats}), flush=True)
         return 0
     if mode == "flush-then-wait":
         for rec in make_records(tag, cfg["count"]):

@@ -37,13 +37,15 @@ CDEF = """
 #define LS_ON_FULL_BLOCK 0
 #define LS_ON_FULL_DROP 1
 struct ls_producer_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full;
-                          int timeout_ms; int flush_interval_ms; int64_t expected_uid; uint32_t zc_copied_switch; };
+                          int timeout_ms; int flush_interval_ms; int64_t expected_uid; uint32_t zc_copied_switch; int reconnect; };
 struct ls_producer_stats { uint64_t batches; uint64_t records; uint64_t bytes; uint64_t dropped_records;
                            uint64_t failed_batches; uint64_t released_through; uint64_t handed_over_through;
                            uint64_t pinned_segments; uint64_t segment_size; uint64_t segments;
                            uint64_t pipe_size; uint64_t waits_for_release;
                            uint64_t zc_sends; uint64_t zc_completed; uint64_t zc_copied; uint64_t zc_enobufs;
-                           uint64_t copied_sends; uint64_t zc_switched_to_copy; };
+                           uint64_t copied_sends; uint64_t zc_switched_to_copy;
+                           uint64_t reconnects; uint64_t resent_batches; uint64_t resent_bytes;
+                           uint64_t disconnected_us; uint64_t connected; uint64_t lost_batches; };
 struct ls_producer;
 int ls_producer_opts_init(struct ls_producer_opts *opts);
 int ls_validate_stream_name(const char *stream);
@@ -554,11 +556,78 @@ class TestFullArena:
         assert_file(d.log("app"), {"e": accepted})
 
 
+def _restart(d) -> None:
+    """Start the same daemon command again (same --dir and --socket), as a restart after a crash."""
+    d._stderr.close()
+    d.start()
+
+
+class TestReconnect:
+    def test_producer_resends_unreleased_batches_to_the_restarted_daemon(self, daemon, producer):
+        """Batches handed to a daemon that is stopped and then SIGKILLed reach the restarted daemon, each once."""
+        d = daemon("readwrite")
+        pr = producer("app", d.sock, segment_size=4096, segments=8, flush_interval_ms=0)
+        d.sigstop()
+        wait_for(lambda: proc_state(d.pid) == "T", 10, "the daemon to stop")
+        recs = make_records("r", 80)
+        for r in recs:
+            assert pr.write(r) == 0
+        handed = pr.stats()["handed_over_through"]
+        assert handed >= 2
+        d.proc.kill()
+        d.proc.wait()
+        d.stopped = False
+        wait_for(lambda: pr.stats()["connected"] == 0, 10, "the producer to notice")
+        assert pr.write(b"r:99999999:while-away\n") == 0  # taken into the arena: no error while reconnecting
+        _restart(d)
+        assert pr.flush(20000) == 0, pr.last_error()
+        st = pr.stats()
+        assert st["reconnects"] == 1 and st["connected"] == 1 and st["resent_batches"] == handed
+        assert st["disconnected_us"] > 0
+        assert_file(d.log("app"), {"r": recs + [b"r:99999999:while-away\n"]})
+
+    def test_liblogsink_reconnects_by_default_and_fails_fast_with_reconnect_0(self, c_build, daemon):
+        """liblogsink: logsink_opts_init sets reconnect=1 (a restart is ridden out); reconnect=0 gives -ECONNRESET."""
+        from cffi import FFI
+
+        build, _ = c_build
+        ffi = FFI()
+        ffi.cdef(LIBLOGSINK_CDEF)
+        lib = ffi.dlopen(str(build / "liblogsink.so"))
+        d = daemon("readwrite")
+        handles = {}
+        for mode in (1, 0):
+            opts = ffi.new("struct logsink_opts *")
+            lib.logsink_opts_init(opts)
+            assert opts.reconnect == 1
+            opts.reconnect, opts.segment_size, opts.segments, opts.timeout_ms = mode, 4096, 2, 5000
+            out = ffi.new("struct logsink **")
+            assert lib.logsink_open(f"c{mode}".encode(), d.sock.encode(), opts, out) == 0
+            handles[mode] = out[0]
+            assert lib.logsink_write(out[0], b"c:00000000:before\n", 18) == 0 and lib.logsink_flush(out[0], 10000) == 0
+        d.proc.kill()
+        d.proc.wait()
+        st = ffi.new("struct logsink_stats *")
+        wait_for(lambda: lib.logsink_stats(handles[1], st) == 0 and st.connected == 0, 10, "the handle to notice")
+        _restart(d)
+        assert lib.logsink_write(handles[1], b"c:00000001:after\n", 17) == 0
+        assert lib.logsink_flush(handles[1], 20000) == 0
+        assert lib.logsink_stats(handles[1], st) == 0 and st.reconnects == 1 and st.connected == 1
+        assert d.log("c1").read_bytes() == b"c:00000000:before\nc:00000001:after\n"
+        rc = 0
+        for _ in range(2000):
+            rc = lib.logsink_write(handles[0], b"y" * 99 + b"\n", 100)
+            if rc:
+                break
+        assert rc == -errno.ECONNRESET, rc
+        assert lib.logsink_close(handles[0]) == 0 and lib.logsink_close(handles[1]) == 0
+
+
 class TestDaemonEnds:
     def test_shutdown_hands_over_then_writes_are_eshutdown(self, daemon, producer):
-        """On SHUTDOWN the held segment lands; later writes are -ESHUTDOWN."""
+        """reconnect=0: on SHUTDOWN the held segment lands; later writes are -ESHUTDOWN."""
         d = daemon("readwrite")
-        pr = producer("app", d.sock, flush_interval_ms=0)
+        pr = producer("app", d.sock, flush_interval_ms=0, reconnect=0)
         recs = make_records("s", 50)
         for r in recs:
             assert pr.write(r) == 0
@@ -568,9 +637,9 @@ class TestDaemonEnds:
         assert_file(d.log("app"), {"s": recs})
 
     def test_killed_daemon_is_econnreset(self, daemon, producer):
-        """When the daemon vanishes, writes and flush fail with -ECONNRESET (no SIGPIPE kills us)."""
+        """reconnect=0: when the daemon vanishes, writes and flush fail with -ECONNRESET (no SIGPIPE kills us)."""
         d = daemon("readwrite")
-        pr = producer("app", d.sock, segment_size=4096, segments=2, timeout_ms=2000)
+        pr = producer("app", d.sock, segment_size=4096, segments=2, timeout_ms=2000, reconnect=0)
         assert pr.write(b"x\n") == 0 and pr.flush() == 0
         d.proc.kill()
         d.proc.wait()
@@ -760,7 +829,7 @@ class TestScriptedDaemon:
             try:
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 # caller's thread: the third 4 KiB segment's handover happens inside write()
-                a = Producer(native, "app", fakes[0].path, segment_size=4096, segments=2, flush_interval_ms=0)
+                a = Producer(native, "app", fakes[0].path, segment_size=4096, segments=2, flush_interval_ms=0, reconnect=0)
                 rc = 0
                 for _ in range(1000):
                     rc = a.write(b"z" * 99 + b"\n")
@@ -769,7 +838,7 @@ class TestScriptedDaemon:
                 ok = rc == -errno.ECONNRESET and "Broken pipe" in a.last_error()
                 a.close()
                 # background thread: its timed flush does the handover
-                b = Producer(native, "app", fakes[1].path, flush_interval_ms=50)
+                b = Producer(native, "app", fakes[1].path, flush_interval_ms=50, reconnect=0)
                 ok = ok and b.write(b"one\n") == 0
                 time.sleep(0.5)
                 ok = ok and b.write(b"two\n") == -errno.ECONNRESET and "Broken pipe" in b.last_error()
@@ -907,11 +976,12 @@ class TestLibrary:
 
 LIBLOGSINK_CDEF = """
 struct logsink_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full; int timeout_ms;
-                      int flush_interval_ms; int64_t expected_uid; };
+                      int flush_interval_ms; int64_t expected_uid; int reconnect; };
 struct logsink_stats { uint64_t batches, records, bytes, dropped_records, failed_batches;
                        uint64_t released_through, handed_over_through, pinned_segments;
                        uint64_t segment_size, segments, pipe_size, waits_for_release;
-                       uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy; };
+                       uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy;
+                       uint64_t reconnects, resent_batches, resent_bytes, disconnected_us, connected, lost_batches; };
 struct logsink;
 int logsink_opts_init(struct logsink_opts *opts);
 int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out);
@@ -922,12 +992,13 @@ int logsink_stats(struct logsink *ls, struct logsink_stats *out);
 """
 STATS_FIELDS = ("batches", "records", "bytes", "dropped_records", "failed_batches", "released_through",
                 "handed_over_through", "pinned_segments", "segment_size", "segments", "pipe_size", "waits_for_release",
-                "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy")
+                "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
+                "reconnects", "resent_batches", "resent_bytes", "disconnected_us", "connected", "lost_batches")
 
 
 class TestLibraryStats:
     def test_stats_fill_every_field_of_a_poisoned_struct(self, c_build, daemon):
-        """logsink_stats() writes all 18 fields: a struct pre-filled with 0xAA comes back equal to a zeroed one and sane."""
+        """logsink_stats() writes all 24 fields: a struct pre-filled with 0xAA comes back equal to a zeroed one and sane."""
         from cffi import FFI
 
         build, _ = c_build
@@ -958,6 +1029,8 @@ class TestLibraryStats:
             assert got["records"] == 500 and got["segment_size"] == 4096 and got["segments"] == 4
             assert got["released_through"] == got["handed_over_through"] == got["batches"] > 4
             # A local (unix socket) producer never sends over TCP: every TCP counter is zero.
-            assert all(got[f] == 0 for f in STATS_FIELDS[12:]), got
+            assert all(got[f] == 0 for f in STATS_FIELDS[12:18]), got
+            # Connected all along: nothing to reconnect, resend or lose.
+            assert got["connected"] == 1 and all(got[f] == 0 for f in STATS_FIELDS[18:] if f != "connected"), got
         finally:
             assert lib.logsink_close(ls) == 0

@@ -336,8 +336,8 @@ class TestLogsinkHandler:
         assert [x["message"] for x in json_lines(d.log("cl"))] == ["before close"]
 
     def test_lost_daemon_reaches_handle_error_not_the_caller(self, handler_sink, monkeypatch):
-        """With the daemon gone, logging calls handleError() (the Handler contract) and flush()/close() do not raise."""
-        d, logger, handler = handler_sink("gone")
+        """With the daemon gone (reconnect=False), logging calls handleError() (the Handler contract) and flush()/close() do not raise."""
+        d, logger, handler = handler_sink("gone", reconnect=False)
         failed: list[logging.LogRecord] = []
         monkeypatch.setattr(handler, "handleError", failed.append)
         logger.info("delivered")

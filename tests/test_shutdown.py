@@ -23,7 +23,8 @@ class TestSigtermDrain:
         d = daemon(engine, "--shutdown-grace", "5")
         busy = {
             tag: producers({"socket": d.sock, "stream": "app", "tag": tag, "mode": "until-error",
-                            "ready_after": 2000, "max_seconds": 60, "client": {"transport": transport}})
+                            "ready_after": 2000, "max_seconds": 60,
+                            "client": {"transport": transport, "reconnect": False}})  # fail fast: see when it went
             for tag in ("w0", "w1")
         }
         idle = producers({"socket": d.sock, "stream": "app", "tag": "f0", "mode": "flush-then-wait", "count": 5000},
@@ -63,7 +64,7 @@ class TestSigtermDrain:
         import logsink
 
         d = daemon("io_uring", "--shutdown-grace", "2")
-        c = logsink.Client("app", socket=d.sock, timeout=10)
+        c = logsink.Client("app", socket=d.sock, timeout=10, reconnect=False)
         recs = make_records("q", 30_000)
         for r in recs:
             c.write(r)

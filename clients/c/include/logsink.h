@@ -11,8 +11,12 @@
  * belongs to the process that opened it (in a forked child every call returns -ECHILD: open a
  * new handle there). liblogsink never lets SIGPIPE kill the process.
  *
+ * A daemon that goes away (restart, crash, SIGTERM) is no error by default: the handle reconnects
+ * by itself and resends every batch the daemon had not released (at-least-once; opts.reconnect).
+ *
  * Errors: -EINVAL (bad argument), -EMSGSIZE (a record longer than a segment), -ETIMEDOUT,
- * -ECONNRESET (the daemon ended this producer or went away), -ESHUTDOWN (the daemon is stopping),
+ * -ECONNRESET (the daemon ended this producer: a non-retriable ERROR such as forbidden; with
+ * reconnect = 0 also when it went away), -ESHUTDOWN (reconnect = 0: the daemon is stopping),
  * -EIO (flush: the daemon could not write some batches, e.g. disk full), -ECHILD (forked child),
  * -ENOENT/-ECONNREFUSED (open: no daemon listening; or it refused the stream), -EACCES (open: the
  * daemon's access rules do not let this uid write the stream), -EPERM (open: the process listening
@@ -47,6 +51,9 @@ struct logsink_opts {
     int timeout_ms;        /* longest wait for the daemon; -1 (default) = forever */
     int flush_interval_ms; /* records wait at most this long in a half-full buffer; default 200; 0 = never */
     int64_t expected_uid;  /* the uid the daemon must run as (root is always accepted); default -1: your own */
+    int reconnect;         /* 1 (default): ride out a daemon restart - reconnect with backoff, resend what it had
+                            * not released, calls wait meanwhile (bounded by timeout_ms); 0: fail fast with
+                            * -ECONNRESET / -ESHUTDOWN once the daemon is gone */
 };
 
 struct logsink_stats {
@@ -55,6 +62,8 @@ struct logsink_stats {
     uint64_t segment_size, segments, pipe_size, waits_for_release;
     /* TCP producers (socket_path "tcp://HOST:PORT", LOGSINK_TOKEN for the daemon's auth_token) */
     uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy;
+    /* reconnects (opts.reconnect) */
+    uint64_t reconnects, resent_batches, resent_bytes, disconnected_us, connected, lost_batches;
 };
 
 /* Defaults into *opts. Returns 0. */

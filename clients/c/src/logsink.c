@@ -27,6 +27,7 @@ API int logsink_opts_init(struct logsink_opts *opts)
     opts->timeout_ms = o.timeout_ms;
     opts->flush_interval_ms = o.flush_interval_ms;
     opts->expected_uid = o.expected_uid;
+    opts->reconnect = o.reconnect;
     return 0;
 }
 
@@ -42,6 +43,7 @@ API int logsink_open(const char *stream, const char *socket_path, const struct l
         o.timeout_ms = opts->timeout_ms;
         o.flush_interval_ms = opts->flush_interval_ms;
         o.expected_uid = opts->expected_uid;
+        o.reconnect = opts->reconnect;
     }
     return ls_producer_open(stream, socket_path, opts ? &o : NULL, (struct ls_producer **)out);
 }
@@ -87,6 +89,12 @@ API int logsink_stats(struct logsink *ls, struct logsink_stats *out)
     out->zc_enobufs = s.zc_enobufs;
     out->copied_sends = s.copied_sends;
     out->zc_switched_to_copy = s.zc_switched_to_copy;
+    out->reconnects = s.reconnects;
+    out->resent_batches = s.resent_batches;
+    out->resent_bytes = s.resent_bytes;
+    out->disconnected_us = s.disconnected_us;
+    out->connected = s.connected;
+    out->lost_batches = s.lost_batches;
     return 0;
 }
 
