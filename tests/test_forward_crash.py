@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from lsk_helpers import make_records, wait_for
-from peers import Rsyslog
+from peers import Rsyslog, RsyslogRelp
 from test_forward import CForwarder, forward_status, parse_newline, parse_octet, sinks, write_records  # noqa: F401 (fixture)
 
 MiB = 1 << 20
@@ -517,7 +517,16 @@ class RsyslogCollector:
         return self.peer.lines()
 
 
-COLLECTORS = {"rsyslog-tcp": RsyslogCollector}
+class RsyslogRelpCollector(RsyslogCollector):
+    """rsyslog imrelp over RELP (framing = "relp"): the cursor moves only on "rsp 200"."""
+
+    framing = "relp"
+
+    def __init__(self, root: Path):
+        self.peer = RsyslogRelp(root)
+
+
+COLLECTORS = {"rsyslog-tcp": RsyslogCollector, "rsyslog-relp": RsyslogRelpCollector}
 
 
 @pytest.fixture(params=sorted(COLLECTORS))
