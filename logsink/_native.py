@@ -12,7 +12,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "cffi; needs gcc and the Python headers)"
     ) from exc
 
-from logsink._version import __version__  # not from logsink: __init__ imports client, which imports us
+from logsink._version import __version__
 
 _built = ffi.string(lib.ls_native_version()).decode()
 if _built != __version__:  # pragma: no cover

@@ -14,7 +14,8 @@ from typing import Any
 
 import structlog
 
-from logsink import __version__, protocol
+from logsink import protocol
+from logsink._version import __version__
 from logsink.config import ENGINES, ConfigError, default_socket_path, load
 
 SERVE_HELP = """\

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from logsink.access import AccessRules, rules_from_config
+from logsink.protocol import ProtocolError, parse_tcp_address, validate_stream_name
 
 ENGINES = ("auto", "io_uring", "splice", "readwrite")
 
@@ -123,14 +128,10 @@ def load(path: str | None, overrides: dict) -> Config:
     if isinstance(cfg.listen, str):
         cfg.listen = [cfg.listen]
     for addr in cfg.listen:
-        from logsink.daemon import parse_tcp_address
-
         try:
             parse_tcp_address(addr)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    from logsink.forward import forward_from_config
-
     try:
         cfg.forwards = forward_from_config(cfg.forward, cfg.forward_cli, cfg.framing)
     except ValueError as exc:
@@ -171,8 +172,6 @@ def resolve_group(value: str | int) -> int:
             raise ConfigError(f"socket_group must be a group name or a number >= 0, got {value!r}")
         return gid
     if isinstance(value, str):
-        import grp
-
         try:
             return grp.getgrnam(value).gr_gid
         except KeyError:
@@ -182,8 +181,6 @@ def resolve_group(value: str | int) -> int:
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and 'localhost'; any other name counts as reachable from outside."""
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -200,8 +197,6 @@ def _check_hygiene(cfg: Config) -> None:
         raise ConfigError(f"allow_unauthenticated must be true or false, got {cfg.allow_unauthenticated!r}")
     if cfg.auth_token or cfg.allow_unauthenticated:
         return
-    from logsink.daemon import parse_tcp_address
-
     for addr in cfg.listen:
         host, _ = parse_tcp_address(addr)
         if not is_loopback(host):
@@ -224,3 +219,166 @@ def _check_fsync(cfg: Config) -> None:
             raise ConfigError(f"{prefix}fsync must be one of {', '.join(FSYNC_POLICIES)}, got {policy!r}")
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval <= 3600:
             raise ConfigError(f"{prefix}fsync_interval must be a number of seconds in (0, 3600], got {interval!r}")
+
+
+# -- forward settings: plain names and numbers here; logsink/forward/ maps them to the C core's ------
+FRAMINGS = ("newline", "octet-counted", "relp")
+POLICIES = ("block", "drop-oldest")
+# RELP: commands awaiting their rsp (a collector killed mid-stream may get up to this many twice).
+# The same numbers as LS_RELP_WINDOW_DEFAULT / LS_RELP_WINDOW_MAX in native/ls_forward.h (a test checks).
+RELP_WINDOW_DEFAULT = 1024
+RELP_WINDOW_MAX = 65536
+# Un-forwarded bytes a stream may hold before its policy applies: a few minutes of a busy service
+# at ~1 MB/s, small enough for any state disk.
+DEFAULT_SPOOL_MAX = 256 << 20
+# Smallest bound we accept: below a few batches the block policy would stall on every batch.
+MIN_SPOOL_MAX = 64 << 10
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ForwardConfigError(ConfigError):
+    """A forward setting that cannot be used; the message names the setting and what to write instead."""
+
+
+# -- forwards (logsink/forward/ runs them; docs/forwarding.md) --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ForwardSpec:
+    """One downstream of one stream."""
+
+    stream: str
+    address: str
+    host: str
+    port: int
+    framing: str = "newline"
+    file: bool = False          # also keep <dir>/<stream>.log (else the stream lands in a spool)
+    spool_max: int = DEFAULT_SPOOL_MAX
+    policy: str = "block"
+    window: int = RELP_WINDOW_DEFAULT  # RELP only: commands awaiting their rsp
+
+    @property
+    def key(self) -> str:
+        """``<stream>.<host>_<port>``: names the cursor file."""
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", self.host)
+        return f"{self.stream}.{host}_{self.port}"
+
+
+def parse_size(value: Any, what: str) -> int:
+    """``268435456``, ``"256M"``, ``"64KiB"``, ``"1G"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ForwardConfigError(f"{what} must be a size like 268435456 or \"256M\", got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ForwardConfigError(f"{what} must be a size like 268435456 or \"256M\" (units K, M, G), got {value!r}")
+    if n < MIN_SPOOL_MAX:
+        raise ForwardConfigError(f"{what} is {n} bytes; use at least {MIN_SPOOL_MAX} (64K)")
+    return n
+
+
+def parse_address(address: Any, what: str) -> tuple[str, int]:
+    if not isinstance(address, str):
+        raise ForwardConfigError(f"{what} must be a string like \"tcp://collector:514\", got {address!r}")
+    try:
+        return parse_tcp_address(address)
+    except ValueError as exc:
+        raise ForwardConfigError(f"{what}: {exc}") from None
+
+
+def _spec(stream: str, opts: dict[str, Any], where: str, default_framing: str) -> ForwardSpec:
+    known = {"address", "framing", "file", "spool_max", "policy", "window"}
+    for key in opts:
+        if key not in known:
+            raise ForwardConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    if "address" not in opts:
+        raise ForwardConfigError(f"{where}: address is missing (e.g. address = \"tcp://collector:514\")")
+    try:
+        validate_stream_name(stream)
+    except ProtocolError as exc:
+        raise ForwardConfigError(f"{where}: {exc.reason}") from None
+    host, port = parse_address(opts["address"], f"{where}: address")
+    framing = opts.get("framing", default_framing)
+    if framing not in FRAMINGS:
+        raise ForwardConfigError(f"{where}: framing {framing!r} is not one of {', '.join(FRAMINGS)}")
+    policy = opts.get("policy", "block")
+    if policy not in POLICIES:
+        raise ForwardConfigError(f"{where}: policy {policy!r} is not one of {', '.join(POLICIES)}")
+    keep = opts.get("file", False)
+    if not isinstance(keep, bool):
+        raise ForwardConfigError(f"{where}: file must be true or false, got {keep!r}")
+    spool_max = parse_size(opts.get("spool_max", DEFAULT_SPOOL_MAX), f"{where}: spool_max")
+    window = _window(opts, framing, where)
+    return ForwardSpec(stream, opts["address"], host, port, framing, keep, spool_max, policy, window)
+
+
+def _window(opts: dict[str, Any], framing: str, where: str) -> int:
+    if "window" not in opts:
+        return RELP_WINDOW_DEFAULT
+    if framing != "relp":
+        raise ForwardConfigError(f"{where}: window applies to framing = \"relp\" only (this forward's framing is {framing!r})")
+    value = opts["window"]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= RELP_WINDOW_MAX:
+        raise ForwardConfigError(f"{where}: window must be a number of records from 1 to {RELP_WINDOW_MAX}, got {opts['window']!r}")
+    return value
+
+
+def _parse_cli(item: str, default_framing: str) -> ForwardSpec:
+    """``STREAM=tcp://HOST:PORT[,file][,framing=F | ,F][,window=N][,policy=P][,spool_max=N]``."""
+    where = f"--forward {item!r}"
+    stream, sep, rest = item.partition("=")
+    if not sep or not stream or not rest:
+        raise ForwardConfigError(f"{where}: expected STREAM=tcp://HOST:PORT, e.g. --forward app=tcp://127.0.0.1:514")
+    address, *extras = rest.split(",")
+    opts: dict[str, Any] = {"address": address}
+    for extra in extras:
+        key, has_value, value = extra.partition("=")
+        key = key.strip().replace("-", "_")
+        if key == "file" and not has_value:
+            opts["file"] = True
+        elif key == "file":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ForwardConfigError(f"{where}: file={value!r} must be true or false")
+            opts["file"] = value.lower() in ("true", "1", "yes")
+        elif key in ("framing", "policy", "spool_max", "window") and has_value:
+            opts[key] = value
+        elif not has_value and extra.strip() in FRAMINGS:
+            opts["framing"] = extra.strip()  # the bare framing name: ,relp
+        else:
+            raise ForwardConfigError(f"{where}: unknown option {extra!r} (known: file, relp, octet-counted, newline, "
+                                     "framing=..., window=..., policy=..., spool_max=...)")
+    return _spec(stream, opts, where, default_framing)
+
+
+def forward_from_config(table: Any, cli: list[str] | None = None, framing: str | None = None) -> dict[str, list[ForwardSpec]]:
+    """The forwards of a config, by stream.
+
+    ``table`` is the TOML ``forward`` table: ``[forward.app]`` (one downstream) or ``[[forward.app]]``
+    (several) with keys address, framing, file, spool_max, policy, window (RELP). ``cli`` holds ``--forward``
+    values; ``framing`` (``--framing``) is the framing of entries that do not name one.
+    """
+    default_framing = framing or "newline"
+    if default_framing not in FRAMINGS:
+        raise ForwardConfigError(f"framing {default_framing!r} is not one of {', '.join(FRAMINGS)}")
+    specs: list[ForwardSpec] = []
+    if table:
+        if not isinstance(table, dict):
+            raise ForwardConfigError("forward must be a table of streams, e.g. [forward.app] with address = \"tcp://host:514\"")
+        for stream, entry in table.items():
+            entries = entry if isinstance(entry, list) else [entry]
+            for i, opts in enumerate(entries):
+                where = f"[forward.{stream}]" + (f" #{i + 1}" if isinstance(entry, list) else "")
+                if not isinstance(opts, dict):
+                    raise ForwardConfigError(f"{where} must be a table with address = \"tcp://HOST:PORT\", got {opts!r}")
+                specs.append(_spec(stream, opts, where, default_framing))
+    for item in cli or []:
+        specs.append(_parse_cli(item, default_framing))
+    out: dict[str, list[ForwardSpec]] = {}
+    for s in specs:
+        if any(o.host == s.host and o.port == s.port for o in out.get(s.stream, [])):
+            raise ForwardConfigError(f"stream {s.stream!r} is forwarded to {s.address} twice")
+        out.setdefault(s.stream, []).append(s)
+    return out

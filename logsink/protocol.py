@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import msgpack
@@ -239,3 +240,82 @@ def release(through: int, failed: list[list[Any]] | None = None) -> dict[str, An
 
 def error(code: str, reason: str) -> dict[str, Any]:
     return {"t": ERROR, "code": code, "reason": reason}
+
+
+# -- addresses ------------------------------------------------------------------------------------
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (``[v6]:PORT`` for IPv6; no host = loopback) -> (host, port); ValueError says what is wrong."""
+    if not address.startswith("tcp://"):
+        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
+    rest = address[len("tcp://"):]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT with a port in 1..65535")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+# -- a control connection's life, as one table ----------------------------------------------------
+class ConnState(Enum):
+    """Where a control connection is in its life (the daemon's view)."""
+
+    AWAIT_HELLO = "await-hello"  # connected: STATUS any number of times, HELLO (with its fd, locally) once
+    ADMITTING = "admitting"      # HELLO received and being checked: nothing else may arrive before WELCOME
+    PRODUCING = "producing"      # local producer welcomed: batches flow in its data pipe; STATUS still answered
+    FRAMES = "frames"            # TCP producer welcomed: the connection carries frames, the engine reads it
+    ENDED = "ended"              # the local producer's pipe ended; the connection stays open for STATUS
+    CLOSED = "closed"
+
+
+class ConnEvent(Enum):
+    """What happens to a control connection: from the peer (the first five) or from the daemon."""
+
+    HELLO = "hello"              # a HELLO message arrived
+    STATUS = "status"            # a STATUS request arrived
+    OTHER = "other"              # a message only the daemon sends (welcome, release, error, shutdown)
+    FD = "fd"                    # an fd arrived with SCM_RIGHTS
+    DATA = "data"                # bytes after HELLO, before WELCOME (a TCP producer that did not wait)
+    WELCOME = "welcome"          # the daemon admitted a local producer
+    WELCOME_TCP = "welcome-tcp"  # the daemon admitted a TCP producer: the connection switches to frames
+    PRODUCER_END = "producer-end"  # the engine ended the connection's producer
+    CLOSE = "close"              # the daemon closes the connection (refusal, EOF, shutdown)
+
+
+_S, _E = ConnState, ConnEvent
+# Every legal (state, event) -> next state. Anything absent is illegal: conn_step raises.
+CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
+    (_S.AWAIT_HELLO, _E.HELLO): _S.ADMITTING,
+    (_S.AWAIT_HELLO, _E.STATUS): _S.AWAIT_HELLO,
+    (_S.AWAIT_HELLO, _E.FD): _S.AWAIT_HELLO,  # held for the HELLO it came with
+    (_S.ADMITTING, _E.WELCOME): _S.PRODUCING,
+    (_S.ADMITTING, _E.WELCOME_TCP): _S.FRAMES,
+    (_S.PRODUCING, _E.STATUS): _S.PRODUCING,
+    (_S.PRODUCING, _E.PRODUCER_END): _S.ENDED,
+    (_S.FRAMES, _E.PRODUCER_END): _S.CLOSED,  # a TCP connection is its producer's data stream
+    (_S.ENDED, _E.STATUS): _S.ENDED,
+}
+for _state in ConnState:
+    CONN_TRANSITIONS[(_state, _E.CLOSE)] = _S.CLOSED  # the daemon may close any connection, once or more
+
+# Why an illegal transition is refused, where there is more to say than "not allowed here".
+_AFTER_HELLO = (_S.ADMITTING, _S.PRODUCING, _S.FRAMES, _S.ENDED)
+CONN_REFUSALS: dict[tuple[ConnState, ConnEvent], tuple[str, str]] = {
+    **{(s, _E.HELLO): (E_BAD_MESSAGE, "HELLO sent twice on one connection") for s in _AFTER_HELLO},
+    **{(s, _E.FD): (E_TOO_MANY_FDS, "an fd after HELLO: only HELLO carries one") for s in _AFTER_HELLO},
+    **{(s, _E.OTHER): (E_BAD_MESSAGE, "{kind!r} is not a message a client may send") for s in ConnState},
+    (_S.ADMITTING, _E.DATA): (E_BAD_MESSAGE, "data sent before WELCOME: wait for WELCOME, then send frames"),
+    (_S.ADMITTING, _E.STATUS): (E_BAD_MESSAGE, "STATUS sent before WELCOME: wait for WELCOME"),
+}
+del _S, _E, _state
+
+
+def conn_step(state: ConnState, event: ConnEvent, kind: str = "") -> ConnState:
+    """The state after ``event`` in ``state``; ProtocolError (with the code the peer is told) if illegal.
+
+    ``kind`` is the message type, for the reason given when a client sends a daemon-only message."""
+    nxt = CONN_TRANSITIONS.get((state, event))
+    if nxt is not None:
+        return nxt
+    code, reason = CONN_REFUSALS.get(
+        (state, event), (E_BAD_MESSAGE, f"{event.value} is not allowed on a connection in state {state.value}"))
+    raise ProtocolError(code, reason.format(kind=kind))

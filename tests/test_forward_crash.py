@@ -250,7 +250,7 @@ class TestCursorFile:
         try:
             mgr = forward.ForwardManager({"app": [spec]}, (str(state), state_fd), engine=None)
             ops.clear()  # creating the spool directory is not what is checked
-            mgr._write_cursor_file(spec, 123, (1, 2), "app.spool")
+            mgr.cursors.write(spec, 123, (1, 2), "app.spool")
         finally:
             os.close(mgr.spool_fd)
             os.close(state_fd)

@@ -1,32 +1,36 @@
 """The daemon's control plane (asyncio): accepts producers, routes streams, relays the engine's releases, answers status.
 
-Payload bytes never enter this module: producers' pipes go straight to the native engine
+Payload bytes never enter this package: producers' pipes go straight to the native engine
 (logsink._native), which moves batches into the stream files and reports events; this module
-turns those events into RELEASE messages and counters.
+turns those events into RELEASE messages and counters. Its parts: ``conn`` (a connection's
+transport and its place in ``protocol.CONN_TRANSITIONS``), ``admission`` (HELLO, a pure function),
+``streams`` (files), ``status``.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
-import hmac
 import os
 import signal
 import socket
 import stat
-import struct
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from logsink import __version__, access, protocol
+from logsink import protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
+from logsink._version import __version__
 from logsink.config import Config, resolve_group
-from logsink.files import DirLock, FileRefused, dir_beneath, make_dirs, open_beneath, open_dir
+from logsink.daemon import status as status_report
+from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
+from logsink.daemon.conn import AcceptGate, Conn, Producer
+from logsink.daemon.streams import StreamTable
+from logsink.files import DirLock, dir_beneath, make_dirs, open_dir
 from logsink.forward import ForwardManager
+from logsink.protocol import ConnEvent, ConnState, parse_tcp_address
 
 log = structlog.get_logger("logsink.daemon")
 
@@ -34,20 +38,6 @@ log = structlog.get_logger("logsink.daemon")
 EVENT_BATCH = 512
 # After the grace period, producers still connected get their pipes drained; this bounds that.
 DRAIN_TIMEOUT = 10.0
-# Most fds a single control-socket read may carry (HELLO carries one; more is an error we report).
-# Past this the kernel sets MSG_CTRUNC and closes nothing for us: we close what arrived.
-MAX_FDS_PER_READ = 16
-MAX_CLIENT_MESSAGE = protocol.MAX_CLIENT_MESSAGE
-# An fd that came with the first part of a HELLO is held this long for the rest; then it is closed
-# and the connection refused. (A connection may pass its own socket: held, it would never see EOF.)
-HELLO_FD_TIMEOUT = 2.0
-# At the fd limit (EMFILE/ENFILE on accept): stop reading the listener this long, doubling to the
-# max while it lasts, so the daemon waits for fds to free up instead of spinning on accept.
-ACCEPT_BACKOFF_MIN = 0.05
-ACCEPT_BACKOFF_MAX = 2.0
-# One accept_failed log line per this many seconds; the next one says how many were suppressed.
-ACCEPT_LOG_PERIOD = 10.0
-
 E_TOO_MANY_FDS, E_FD_LIMIT, E_FILE_REFUSED = protocol.E_TOO_MANY_FDS, protocol.E_FD_LIMIT, protocol.E_FILE_REFUSED
 
 FRAME_ERRORS = {
@@ -83,248 +73,12 @@ ERROR_CODES = (
 )
 
 
-@dataclass
-class Stream:
-    id: int
-    name: str
-    path: str
-    fd: int
-    inode: tuple[int, int]
-    producers: int = 0
-    dirfd: int = -1      # the directory the file is opened beneath (the daemon's, or the spool dir)
-    filename: str = ""   # its name there (one component: stream names cannot contain '/')
-    fsync: str = "never"  # never / batch (the engine syncs each batch) / interval (a timer here)
-    fsync_interval: float = 1.0
-    synced_bytes: int = 0  # interval: the stream's byte counter at the last fdatasync
-    interval_syncs: int = 0
-    sync_timer: asyncio.TimerHandle | None = None
-
-
-@dataclass
-class Producer:
-    id: int
-    stream: Stream
-    conn: "Conn | None"
-    pid: int
-    uid: int
-    transport: str
-    segment_size: int
-    released: int = 0
-    failed: list[list[Any]] = field(default_factory=list)
-    dirty: bool = False
-    removing: bool = False
-
-
-class Conn:
-    """One control connection: framing in, buffered writes out. At most one producer per connection."""
-
-    def __init__(self, daemon: "Daemon", sock: socket.socket, peer: str | None = None):
-        self.daemon = daemon
-        self.sock = sock
-        self.decoder = protocol.ControlDecoder(MAX_CLIENT_MESSAGE)
-        self.fds: list[int] = []  # at most one: the fd of a HELLO still being decoded
-        self.fd_timer: asyncio.TimerHandle | None = None  # bounds how long that fd is held
-        self.out = bytearray()
-        self.producer: Producer | None = None
-        self.closed = False
-        self.reading = True
-        self.tcp = peer is not None
-        self.peer = peer or "local"
-        if self.tcp:  # no credentials over TCP: the token (if configured) is the identity
-            self.pid, self.uid, self.gid = 0, -1, -1
-        else:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(sock.fileno(), self.on_readable)
-
-    def stop_reading(self) -> None:
-        """The engine owns the inbound side from now on (TCP producers after WELCOME)."""
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.sock.fileno())
-
-    def on_readable(self) -> None:
-        fds = array.array("i")
-        try:
-            # CLOEXEC: a passed fd must never leak into a child the daemon might start.
-            data, anc, flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_READ * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.daemon.on_conn_lost(self, f"control socket error: {exc}")
-            return
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-        if fds and not self._take_fds(list(fds), flags):
-            return
-        if not data:
-            self.daemon.on_conn_lost(self, "closed" if not self.decoder.buffered else "closed mid-message")
-            return
-        try:
-            # A TCP connection switches to batches after HELLO: decode nothing past it here.
-            for msg in self.decoder.feed(data, limit=1 if self.tcp else None):
-                self.daemon.on_message(self, msg)
-                if self.closed:
-                    return
-        except protocol.ProtocolError as exc:
-            self.daemon.reject(self, exc.code, exc.reason)
-            return
-        if self.fds and not self.decoder.buffered:
-            # Every complete message is handled and none took the fd: it came with something else.
-            self.daemon.reject(self, protocol.E_BAD_FD, "an fd came with a message that is not HELLO: only HELLO carries one (the data pipe's read end)")
-
-    def _take_fds(self, fds: list[int], flags: int) -> bool:
-        """Keep at most one fd, for the HELLO being decoded; close the rest now and refuse the connection.
-
-        The kernel hands fds over with the bytes of the sendmsg that carried them; a connection that
-        sends more, or sends them when no HELLO can claim them, would otherwise make the daemon hold
-        them (16 a message) until it hits its fd limit. Returns False if the connection was refused."""
-        why = None
-        if flags & socket.MSG_CTRUNC:
-            code, why = E_TOO_MANY_FDS, f"more than {MAX_FDS_PER_READ} fds in one message: HELLO carries exactly one"
-        elif len(fds) > 1:
-            code, why = protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}"
-        elif self.fds:
-            code, why = E_TOO_MANY_FDS, "a second fd before the first HELLO was complete: HELLO carries exactly one"
-        elif self.producer is not None or self.tcp:
-            code, why = E_TOO_MANY_FDS, "an fd after HELLO: only HELLO carries one"
-        if why is None:
-            self.fds = fds
-            self.fd_timer = self.loop.call_later(HELLO_FD_TIMEOUT, self._fd_expired)
-            return True
-        for fd in fds:
-            os.close(fd)
-        self.daemon.reject(self, code, why)
-        return False
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        self.out += protocol.encode(msg)
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            n = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self.out.clear()
-            return
-        del self.out[:n]
-        if self.out:
-            self.loop.add_writer(self.sock.fileno(), self._on_writable)
-
-    def _on_writable(self) -> None:
-        self.loop.remove_writer(self.sock.fileno())
-        if not self.closed:
-            self._flush()
-
-    def claim_fds(self) -> list[int]:
-        """The fd(s) that came with the HELLO being handled: theirs now, no longer held by this connection."""
-        if self.fd_timer is not None:
-            self.fd_timer.cancel()
-            self.fd_timer = None
-        fds, self.fds = self.fds, []
-        return fds
-
-    def _fd_expired(self) -> None:
-        self.fd_timer = None
-        if self.fds and not self.closed:
-            self.daemon.reject(self, E_TOO_MANY_FDS, f"an fd was held {HELLO_FD_TIMEOUT:g}s without the rest of its HELLO: "
-                                                     "send HELLO and its fd in one sendmsg")
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.fd_timer is not None:
-            self.fd_timer.cancel()
-            self.fd_timer = None
-        self.stop_reading()
-        self.loop.remove_writer(self.sock.fileno())
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-        if self.out:  # best effort: the last ERROR/RELEASE
-            try:
-                self.sock.setblocking(True)
-                self.sock.settimeout(0.5)
-                self.sock.sendall(self.out)
-            except OSError:
-                pass
-        self.sock.close()
-
-
-class AcceptGate:
-    """What the listeners do when accept() fails: a reserve fd to shed with, a growing pause, a quiet log."""
-
-    def __init__(self) -> None:
-        self.reserve = self._open_reserve()
-        self.delay = ACCEPT_BACKOFF_MIN
-        self.last_log = -ACCEPT_LOG_PERIOD
-        self.suppressed = 0
-        self.shed_total = 0
-
-    @staticmethod
-    def _open_reserve() -> int:
-        try:
-            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return -1
-
-    def shed(self, srv: socket.socket) -> bool:
-        """Close the reserve fd, accept and close the newest connection, take the reserve back."""
-        if self.reserve >= 0:
-            os.close(self.reserve)
-            self.reserve = -1
-        shed = False
-        try:
-            sock, _ = srv.accept()
-            sock.close()
-            shed = True
-            self.shed_total += 1
-        except OSError:
-            pass
-        self.reserve = self._open_reserve()
-        return shed
-
-    def next_delay(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, ACCEPT_BACKOFF_MAX)
-        return delay
-
-    def succeeded(self) -> None:
-        self.delay = ACCEPT_BACKOFF_MIN
-        if self.reserve < 0:
-            self.reserve = self._open_reserve()
-
-    def log_failure(self, exc: OSError) -> None:
-        now = time.monotonic()
-        if now - self.last_log < ACCEPT_LOG_PERIOD:
-            self.suppressed += 1
-            return
-        extra = {}
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            extra["hint"] = "raise the daemon's fd limit (LimitNOFILE=) or find who holds its connections open"
-        log.error("accept_failed", error=str(exc), suppressed=self.suppressed, connections_shed=self.shed_total,
-                  backoff=self.delay, **extra)
-        self.last_log, self.suppressed = now, 0
-
-    def close(self) -> None:
-        if self.reserve >= 0:
-            os.close(self.reserve)
-            self.reserve = -1
-
-
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.socket_path = cfg.resolved_socket()
         self.dir = os.path.abspath(cfg.dir)
-        self.streams: dict[str, Stream] = {}
-        self.streams_by_id: dict[int, Stream] = {}
+        self.streams: StreamTable  # set by start_engine
         self.producers: dict[int, Producer] = {}
         self.free_ids = list(range(cfg.max_producers - 1, -1, -1))
         self.conns: set[Conn] = set()
@@ -351,6 +105,7 @@ class Daemon:
         self.engine_name = ENGINE_NAMES[lib.ls_engine_kind(self.engine)]
         self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
         self.forward = ForwardManager(self.cfg.forwards, self._state_dir(), self.engine, self.cfg.file_mode, self.cfg.dir_mode)
+        self.streams = StreamTable(self.cfg, self.engine, self.dirfd, self.dir, self.forward)
 
     def _state_dir(self) -> tuple[str, int]:
         """The forward state dir (path, fd): <dir>/.state beneath the dir fd, or the configured one. -1 = none needed."""
@@ -434,7 +189,7 @@ class Daemon:
         loop.add_reader(lib.ls_engine_notify_fd(self.engine), self._on_engine_events)
         for name in self.forward.stream_names():  # replay spools left by the last run without waiting for a producer
             try:
-                self._stream(name)
+                self.streams.get(name)
             except protocol.ProtocolError as exc:
                 self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
                 log.error("stream_refused", stream=name, code=exc.code, reason=exc.reason)
@@ -450,7 +205,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
-        self.shutting_down = True
+        self.shutting_down = self.streams.stopping = True
         self.forward.stop_blocking()
         loop.remove_reader(self.listener.fileno())
         self.listener.close()
@@ -479,15 +234,7 @@ class Daemon:
         totals = self.counters_total()
         lib.ls_engine_free(self.engine)
         self.engine = ffi.NULL
-        for s in self.streams.values():
-            if s.sync_timer is not None:
-                s.sync_timer.cancel()
-            if s.fsync != "never":  # what the last interval (or a failed batch sync) left unsynced
-                try:
-                    os.fdatasync(s.fd)
-                except OSError as exc:
-                    log.error("fsync_failed", stream=s.name, file=s.path, error=str(exc))
-            os.close(s.fd)
+        self.streams.close()
         self.accept_gate.close()
         if self.lock is not None:
             self.lock.close()
@@ -594,37 +341,28 @@ class Daemon:
         kind = msg["t"]
         if kind == protocol.HELLO:
             self._hello(conn, msg)
-        elif kind == protocol.STATUS:
-            why = self._status_refusal(conn)
-            if why:
-                self.reject(conn, protocol.E_FORBIDDEN, why, request="status", gid=conn.gid)
-            else:
-                conn.send({"t": protocol.STATUS, "status": self.status()})
+            return
+        try:
+            conn.step(ConnEvent.STATUS if kind == protocol.STATUS else ConnEvent.OTHER, kind)
+        except protocol.ProtocolError as exc:
+            self.reject(conn, exc.code, exc.reason)
+            return
+        why = status_refusal(self.cfg.access_rules, conn.facts())
+        if why:
+            self.reject(conn, protocol.E_FORBIDDEN, why, request="status", gid=conn.gid)
         else:
-            self.reject(conn, protocol.E_BAD_MESSAGE, f"{kind!r} is not a message a client may send")
+            conn.send({"t": protocol.STATUS, "status": self.status()})
 
     def _hello(self, conn: Conn, msg: dict[str, Any]) -> None:
         fds = conn.claim_fds()
         try:
-            if conn.producer is not None:
-                raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "HELLO sent twice on one connection")
-            if self.shutting_down:
-                raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is shutting down and takes no new producers")
-            if self.engine_failed:
-                raise protocol.ProtocolError(protocol.E_INTERNAL, f"the daemon's engine failed ({self.engine_failed}): it takes no producers")
+            conn.step(ConnEvent.HELLO)  # HELLO once
+            facts = DaemonFacts(rules=self.cfg.access_rules, free_slots=len(self.free_ids), max_producers=self.cfg.max_producers,
+                                auth_token=self.cfg.auth_token, shutting_down=self.shutting_down, engine_failed=self.engine_failed)
+            admitted = admit_hello(msg, conn.facts(len(fds)), facts)
             if conn.tcp:
-                self._check_tcp_hello(conn, msg)
-            else:
-                if msg["transport"] not in protocol.LOCAL_TRANSPORTS:
-                    raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, f"transport {msg['transport']!r} is for TCP; on the local socket use one of {protocol.LOCAL_TRANSPORTS}")
-                if len(fds) != 1:
-                    raise protocol.ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}")
-            why = self._write_refusal(conn, msg["stream"])
-            if why:
-                raise protocol.ProtocolError(protocol.E_FORBIDDEN, why)
-            if not self.free_ids:
-                raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_producers} producer slots are in use")
-            stream = self._stream(msg["stream"])
+                conn.pid = admitted.pid  # no SO_PEERCRED over TCP: the pid it reports
+            stream = self.streams.get(admitted.stream)
             pid = self.free_ids.pop()
             if conn.tcp:
                 fds = [os.dup(conn.sock.fileno())]  # the engine reads (and closes) this one; we write on ours
@@ -652,16 +390,12 @@ class Daemon:
             conn.send(protocol.error(protocol.E_INTERNAL, str(exc)))
             self._drop_conn(conn, drain=False)
             return
-        seg = msg.get("segment_size")
-        p = Producer(
-            id=pid, stream=stream, conn=conn, pid=conn.pid, uid=conn.uid, transport=msg["transport"],
-            segment_size=seg if isinstance(seg, int) and seg > 0 else 0,
-        )
+        p = Producer(id=pid, stream=stream, conn=conn, pid=conn.pid, uid=conn.uid, transport=admitted.transport,
+                     segment_size=admitted.segment_size)
         self.producers[pid] = p
         stream.producers += 1
         conn.producer = p
-        if conn.tcp:
-            conn.stop_reading()
+        conn.step(ConnEvent.WELCOME_TCP if conn.tcp else ConnEvent.WELCOME)  # TCP: the engine reads frames from here on
         # Batches are written only once whole in the pipe (or TCP stage): tell the producer the most it
         # may send. A local client also sizes batches to its own pipe.
         max_batch = lib.ls_engine_producer_max_batch(self.engine, pid)
@@ -669,22 +403,6 @@ class Daemon:
         log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
 
     # -- access control (logsink/access.py; docs/security.md "Who may write where") ----------------
-    def _write_refusal(self, conn: Conn, stream: str) -> str | None:
-        """Why this peer may not write ``stream``, or None."""
-        rules = self.cfg.access_rules
-        if conn.tcp:
-            return access.admit_tcp(rules, stream)
-        if rules.trusted(conn.uid) or not rules.write_rules:
-            return None  # admitted whatever its groups: spare the group database lookup
-        return access.admit(rules, stream, conn.uid, access.peer_gids(conn.uid, conn.gid))
-
-    def _status_refusal(self, conn: Conn) -> str | None:
-        """Why this peer may not read status, or None."""
-        rules = self.cfg.access_rules
-        if conn.tcp or rules.trusted(conn.uid):
-            return access.may_read_status(rules, None if conn.tcp else conn.uid, frozenset())
-        return access.may_read_status(rules, conn.uid, access.peer_gids(conn.uid, conn.gid))
-
     def _log_access_policy(self) -> None:
         rules = self.cfg.access_rules
         if not rules.write_rules:
@@ -693,112 +411,13 @@ class Daemon:
             log.info("access_rules", stream_tables=sorted(rules.streams), default_table=rules.default is not None,
                      uid_grants=len(rules.uid_streams), gid_grants=len(rules.gid_streams), trust_root=rules.trust_root)
 
-    def _check_tcp_hello(self, conn: Conn, msg: dict[str, Any]) -> None:
-        if msg["transport"] not in protocol.TCP_TRANSPORTS:
-            raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, f"transport {msg['transport']!r} is local-only; over TCP use one of {protocol.TCP_TRANSPORTS}")
-        token = self.cfg.auth_token
-        if token:
-            given = msg.get("token")
-            # compare_digest: the time taken does not tell how much of a guess was right.
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
-                raise protocol.ProtocolError(protocol.E_AUTH, "missing or wrong token (set LOGSINK_TOKEN to the daemon's auth_token)")
-        if conn.decoder.buffered:
-            raise protocol.ProtocolError(protocol.E_BAD_MESSAGE, "data sent before WELCOME: wait for WELCOME, then send frames")
-        conn.pid = msg["pid"]
-
-    # -- streams and files ------------------------------------------------------------------------
-    def _open_output(self, dirfd: int, name: str, path: str) -> tuple[int, int, tuple[int, int]]:
-        """Open (create) an output file without O_APPEND (splice refuses it), repair a torn tail.
-
-        Opened beneath ``dirfd`` with no link followed and only if it is a regular file with one
-        link (logsink/files.py): a planted symlink, FIFO or hard link raises FileRefused before
-        anything is written or cut."""
-        fd = open_beneath(dirfd, name, os.O_RDWR | os.O_CREAT, self.cfg.file_mode, where=path)  # RDWR: the tail check reads
-        size = ffi.new("uint64_t *")
-        try:
-            cut = check(lib.ls_repair_tail(fd, size), "checking the tail", path)
-        except OSError:
-            os.close(fd)
-            raise
-        if cut:
-            log.warning("torn_tail_repaired", file=path, bytes_cut=cut)
-        st = os.fstat(fd)
-        return fd, size[0], (st.st_dev, st.st_ino)
-
-    def _stream(self, name: str) -> Stream:
-        s = self.streams.get(name)
-        if s is not None:
-            return s
-        if len(self.streams) >= self.cfg.max_streams:
-            raise protocol.ProtocolError(protocol.E_TOO_MANY, f"all {self.cfg.max_streams} stream slots are in use")
-        filename = protocol.validate_stream_name(name) + ".log"
-        dirfd, filename, path = self.forward.output_location(name, (self.dirfd, filename, os.path.join(self.dir, filename)))
-        try:
-            fd, size, inode = self._open_output(dirfd, filename, path)
-        except FileRefused as exc:
-            raise protocol.ProtocolError(E_FILE_REFUSED, f"stream {name!r} cannot be written: {exc.strerror}") from None
-        sid = len(self.streams)
-        check(lib.ls_engine_set_stream(self.engine, sid, fd, size), "registering the stream")
-        policy, interval = self.cfg.stream_fsync(name)
-        s = Stream(id=sid, name=name, path=path, fd=fd, inode=inode, dirfd=dirfd, filename=filename, fsync=policy,
-                   fsync_interval=interval, synced_bytes=0)
-        if policy == "batch":
-            check(lib.ls_engine_set_stream_sync(self.engine, sid, lib.LS_SYNC_BATCH), "setting fsync=batch")
-        elif policy == "interval":
-            s.sync_timer = asyncio.get_running_loop().call_later(interval, self._sync_tick, s)
-        self.streams[name] = s
-        self.streams_by_id[sid] = s
-        self.forward.stream_opened(name, sid, fd, size)
-        log.info("stream_opened", stream=name, file=path, offset=size)
-        return s
-
+    # -- streams and files (logsink/daemon/streams.py) -----------------------------------------------
     def reopen_files(self) -> None:
         """SIGHUP: after logrotate moved a file away, start a new one at the configured path."""
         if self.engine_failed:
             log.error("reopen_skipped", reason=f"the engine failed ({self.engine_failed}): restart the daemon")
             return
-        for s in self.streams.values():
-            try:
-                st = os.stat(s.filename, dir_fd=s.dirfd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == s.inode:
-                    continue
-            except FileNotFoundError:
-                pass
-            try:
-                fd, size, inode = self._open_output(s.dirfd, s.filename, s.path)
-            except OSError as exc:
-                log.error("reopen_failed", stream=s.name, file=s.path, error=str(exc))
-                continue
-            check(lib.ls_engine_set_stream(self.engine, s.id, fd, size), "switching the stream's file")
-            self.forward.stream_reopened(s.id, fd, size)
-            os.close(s.fd)
-            s.fd, s.inode = fd, inode
-            log.info("stream_reopened", stream=s.name, file=s.path)
-
-    def _sync_tick(self, s: Stream) -> None:
-        """fsync=interval: fdatasync the stream's file (in a worker thread) if it grew since the last one."""
-        s.sync_timer = None
-        if self.shutting_down or self.engine == ffi.NULL:
-            return
-        written = self._counters(lib.ls_engine_stream_counters, s.id)["bytes"]
-        loop = asyncio.get_running_loop()
-        if written == s.synced_bytes:
-            s.sync_timer = loop.call_later(s.fsync_interval, self._sync_tick, s)
-            return
-        fd = os.dup(s.fd)  # rotation may close s.fd while the thread syncs
-
-        def done(fut: asyncio.Future) -> None:
-            os.close(fd)
-            exc = fut.exception()
-            if exc is not None:
-                log.error("fsync_failed", stream=s.name, file=s.path, error=str(exc))
-            else:
-                s.synced_bytes = written
-                s.interval_syncs += 1
-            if not self.shutting_down:
-                s.sync_timer = loop.call_later(s.fsync_interval, self._sync_tick, s)
-
-        loop.run_in_executor(None, os.fdatasync, fd).add_done_callback(done)
+        self.streams.reopen()
 
     # -- engine events ----------------------------------------------------------------------------
     def _on_engine_events(self) -> None:
@@ -911,8 +530,9 @@ class Daemon:
             conn.send(protocol.release(p.released, p.failed))
             p.failed, p.dirty, p.conn = [], False, None  # said once: the touched loop must not repeat it
             conn.producer = None
-            # A TCP connection is its producer's data stream: when that ends, so does the connection.
-            if conn.tcp or kind != lib.LS_EV_PRODUCER_EOF and kind != lib.LS_EV_PRODUCER_REMOVED:
+            # The table closes a TCP connection with its producer (it is the data stream); a local one
+            # stays open for STATUS unless its producer ended on an error.
+            if conn.step(ConnEvent.PRODUCER_END) is ConnState.CLOSED or kind not in (lib.LS_EV_PRODUCER_EOF, lib.LS_EV_PRODUCER_REMOVED):
                 conn.close()
                 self.conns.discard(conn)
         p.stream.producers -= 1
@@ -921,61 +541,12 @@ class Daemon:
         if not self.producers and self._all_gone is not None:
             self._all_gone.set()
 
-    # -- status -----------------------------------------------------------------------------------
-    def _counters(self, fn: Any, ident: int | None = None) -> dict[str, int]:
-        c = ffi.new("struct ls_counters *")
-        if ident is None:
-            fn(self.engine, c)
-        else:
-            fn(self.engine, ident, c)
-        return {k: getattr(c, k) for k in ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset",
-                                           "last_seq", "holes_closed", "syncs")}
-
+    # -- status (logsink/daemon/status.py) -------------------------------------------------------------
     def counters_total(self) -> dict[str, int]:
-        c = self._counters(lib.ls_engine_total_counters)
-        del c["offset"], c["last_seq"], c["holes_closed"], c["syncs"]
-        return c
+        return status_report.totals(self.engine)
 
     def status(self) -> dict[str, Any]:
-        streams = {}
-        for s in self.streams.values():
-            c = self._counters(lib.ls_engine_stream_counters, s.id)
-            streams[s.name] = {
-                "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
-                "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
-                "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
-                "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
-            }
-        producers = []
-        for p in self.producers.values():
-            c = self._counters(lib.ls_engine_producer_counters, p.id)
-            queued = c["offset"]
-            pinned = -(-queued // p.segment_size) if p.segment_size and p.transport == "vmsplice" else 0
-            producers.append({
-                "id": p.id, "stream": p.stream.name, "pid": p.pid, "uid": p.uid, "transport": p.transport,
-                "batches": c["batches"], "bytes": c["bytes"], "records": c["records"], "released": p.released,
-                "pipe_bytes": queued, "pinned_segments": pinned,
-            })
-        return {
-            "version": __version__, "engine": self.engine_name, "fallback_reason": self.fallback_reason,
-            "engine_failed": self.engine_failed,
-            "pid": os.getpid(), "uptime": round(time.time() - self.started, 3), "dir": self.dir,
-            "socket": self.socket_path, "totals": self.counters_total(), "errors": dict(self.errors),
-            "streams": streams, "producers": producers,
-            "forwards": self.forward.status(),
-        }
-
-
-def parse_tcp_address(address: str) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` (``[v6]:PORT`` for IPv6; no host = loopback) -> (host, port)."""
-    if not address.startswith("tcp://"):
-        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
-    rest = address[len("tcp://"):]
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT with a port in 1..65535")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
+        return status_report.report(self)
 
 
 def serve(cfg: Config) -> int:

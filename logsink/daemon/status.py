@@ -1,0 +1,60 @@
+"""What ``logsink status`` shows: the engine's counters per stream, per producer and in total, and the daemon's own."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from logsink._native import ffi, lib
+from logsink._version import __version__
+
+_FIELDS = ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset",
+           "last_seq", "holes_closed", "syncs")
+
+
+def engine_counters(engine: Any, fn: Any, ident: int | None = None) -> dict[str, int]:
+    """One of the engine's ``ls_engine_*_counters`` calls (total, or of stream/producer ``ident``) as a dict."""
+    c = ffi.new("struct ls_counters *")
+    if ident is None:
+        fn(engine, c)
+    else:
+        fn(engine, ident, c)
+    return {k: getattr(c, k) for k in _FIELDS}
+
+
+def totals(engine: Any) -> dict[str, int]:
+    c = engine_counters(engine, lib.ls_engine_total_counters)
+    del c["offset"], c["last_seq"], c["holes_closed"], c["syncs"]
+    return c
+
+
+def report(d: Any) -> dict[str, Any]:
+    """The STATUS answer of daemon ``d`` (logsink/daemon/server.py's Daemon)."""
+    streams = {}
+    for s in d.streams.values():
+        c = engine_counters(d.engine, lib.ls_engine_stream_counters, s.id)
+        streams[s.name] = {
+            "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
+            "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
+            "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
+            "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
+        }
+    producers = []
+    for p in d.producers.values():
+        c = engine_counters(d.engine, lib.ls_engine_producer_counters, p.id)
+        queued = c["offset"]
+        pinned = -(-queued // p.segment_size) if p.segment_size and p.transport == "vmsplice" else 0
+        producers.append({
+            "id": p.id, "stream": p.stream.name, "pid": p.pid, "uid": p.uid, "transport": p.transport,
+            "batches": c["batches"], "bytes": c["bytes"], "records": c["records"], "released": p.released,
+            "pipe_bytes": queued, "pinned_segments": pinned,
+        })
+    return {
+        "version": __version__, "engine": d.engine_name, "fallback_reason": d.fallback_reason,
+        "engine_failed": d.engine_failed,
+        "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
+        "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
+        "streams": streams, "producers": producers,
+        "forwards": d.forward.status(),
+    }
