@@ -97,7 +97,7 @@ class TestEngineThreadFailure:
         shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
         trigger = tmp_path / "fail-now"
         d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
-        c = logsink.Client("app", socket=d.sock, flush_interval=None)
+        c = logsink.Client("app", socket=d.sock, flush_interval=None, reconnect=False)  # see the ERROR itself
         c.write(b"before\n")
         c.flush(timeout=10)
         trigger.touch()
@@ -123,7 +123,7 @@ class TestEngineThreadFailure:
         shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
         trigger = tmp_path / "fail-now"
         d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
-        c = logsink.Client("app", socket=d.sock, flush_interval=None)
+        c = logsink.Client("app", socket=d.sock, flush_interval=None, reconnect=False)  # see the ERROR itself
         c.write(b"before\n")
         c.flush(timeout=10)
         trigger.touch()
