@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     sp.add_argument("--engine", choices=ENGINES, help="data engine; auto tries io_uring, then splice, then readwrite (default: auto)")
     sp.add_argument("--config", metavar="FILE", help="TOML config file")
-    sp.add_argument("--listen", action="append", metavar="tcp://HOST:PORT", help="also accept producers over TCP here (repeatable; off by default; no host = 127.0.0.1). Set auth_token in the config to require a token")
+    sp.add_argument("--listen", action="append", metavar="tcp://HOST:PORT", help="also accept producers over TCP here (repeatable; off by default; no host = 127.0.0.1; port 0 = any free port, shown in the log and status). Set auth_token in the config to require a token")
     sp.add_argument("--forward", action="append", dest="forward_cli", metavar="STREAM=tcp://HOST:PORT[,file]",
                     help="also send stream STREAM to a collector (repeatable). Without ',file' the stream is forward-only and "
                     "spools under --state-dir while the collector is down. More options: ,relp ,window=N ,policy=block|drop-oldest ,spool_max=256M")

@@ -129,7 +129,7 @@ def load(path: str | None, overrides: dict) -> Config:
         cfg.listen = [cfg.listen]
     for addr in cfg.listen:
         try:
-            parse_tcp_address(addr)
+            parse_tcp_address(addr, listen=True)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     try:
@@ -198,7 +198,7 @@ def _check_hygiene(cfg: Config) -> None:
     if cfg.auth_token or cfg.allow_unauthenticated:
         return
     for addr in cfg.listen:
-        host, _ = parse_tcp_address(addr)
+        host, _ = parse_tcp_address(addr, listen=True)
         if not is_loopback(host):
             raise ConfigError(
                 f"listen address {addr} is not loopback and no auth_token is set: anyone who can reach it could write "

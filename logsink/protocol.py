@@ -243,14 +243,18 @@ def error(code: str, reason: str) -> dict[str, Any]:
 
 
 # -- addresses ------------------------------------------------------------------------------------
-def parse_tcp_address(address: str) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` (``[v6]:PORT`` for IPv6; no host = loopback) -> (host, port); ValueError says what is wrong."""
+def parse_tcp_address(address: str, listen: bool = False) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (``[v6]:PORT`` for IPv6; no host = loopback) -> (host, port); ValueError says what is wrong.
+
+    ``listen``: an address to bind, where port 0 means "any free port" (the daemon logs and shows the
+    one it got); an address to connect to needs a real port."""
     if not address.startswith("tcp://"):
         raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
     rest = address[len("tcp://"):]
     host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT with a port in 1..65535")
+    lowest = 0 if listen else 1
+    if not sep or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ValueError(f"address {address!r} must look like tcp://HOST:PORT with a port in {lowest}..65535")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 

@@ -28,7 +28,7 @@ import pytest
 from conftest import START_TIMEOUT, Daemon as DaemonProc
 from lsk_helpers import wait_for
 from logsink import protocol
-from logsink.access import AccessRules, Principals, admit, admit_tcp, may_read_status, peer_gids, rules_from_config
+from logsink.access import AccessRules, Principals, admit, admit_tcp, may_read_status, peer_gids
 from logsink.config import ConfigError, default_socket_path, load
 
 NOBODY = 65534
@@ -611,12 +611,9 @@ def c_build(tmp_path_factory):
 
 class TestTcpProducers:
     def _tcp_daemon(self, daemon, tmp_path, config: str):
-        from peers import free_port
-
-        port = free_port()
-        d = daemon("readwrite", "--listen", f"tcp://127.0.0.1:{port}", "--config", write_config(tmp_path / "tcp.toml", config))
-        wait_for(lambda: _accepts(port), STATUS_TIMEOUT, f"the daemon to listen on 127.0.0.1:{port}")
-        return d, port
+        d = daemon("readwrite", "--listen", "tcp://127.0.0.1:0", "--config", write_config(tmp_path / "tcp.toml", config))
+        (address,) = d.status()["listen"]  # port 0: the daemon picked it (no port bound, closed and reused)
+        return d, int(address.rsplit(":", 1)[1])
 
     def test_tcp_streams_limit_what_tcp_producers_write(self, daemon, tmp_path):
         """With tcp_streams = ["web.*"] a TCP Client writes web.1 and gets PermissionError (forbidden) on app."""

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 
 import pytest
 
 from conftest import finish_producer
 from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, wait_for
-from peers import free_port
 
 # The C producer's thresholds (native/ls_producer.c), repeated here to build the workloads.
 ZC_MIN_SEND = 10 << 10      # smaller sends go copied
@@ -23,16 +21,11 @@ STATUS_TIMEOUT = 10.0
 
 # -- helpers ------------------------------------------------------------------------------------------
 def tcp_daemon(daemon, engine: str, *extra: str):
-    """A daemon listening on a free loopback port; returns (daemon, "tcp://127.0.0.1:PORT")."""
-    port = free_port()
-    d = daemon(engine, "--listen", f"tcp://127.0.0.1:{port}", *extra)
-
-    def accepts() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-
-    wait_for(accepts, START_TIMEOUT, f"the daemon to listen on 127.0.0.1:{port}")
-    return d, f"tcp://127.0.0.1:{port}"
+    """A daemon listening on a loopback port it picked (port 0; no port is bound, closed and reused);
+    returns (daemon, "tcp://127.0.0.1:PORT") with the port read back from its status."""
+    d = daemon(engine, "--listen", "tcp://127.0.0.1:0", *extra)
+    (address,) = d.status()["listen"]
+    return d, address
 
 
 def segment_groups(tag: str, at_least: int, segment_size: int, last_min: int) -> list[bytes]:
@@ -422,7 +415,7 @@ class TestTransportChoice:
         import logsink
 
         with pytest.raises(ValueError, match="vmsplice.*'zerocopy', 'copy'.*TCP"):
-            logsink.Client("app", address=f"tcp://127.0.0.1:{free_port()}", transport="vmsplice")
+            logsink.Client("app", address="tcp://127.0.0.1:9", transport="vmsplice")  # refused before any connect
 
     def test_c_producer_refuses_zerocopy_on_a_unix_socket(self, tmp_path):
         """The C producer itself refuses LS_TRANSPORT_ZEROCOPY for a socket path with -EINVAL and says why."""

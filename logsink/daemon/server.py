@@ -255,7 +255,7 @@ class Daemon:
 
     # -- connections ------------------------------------------------------------------------------
     def open_tcp_listener(self, address: str) -> socket.socket:
-        host, port = parse_tcp_address(address)
+        host, port = parse_tcp_address(address, listen=True)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         srv = socket.socket(family, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -55,6 +55,7 @@ def report(d: Any) -> dict[str, Any]:
         "engine_failed": d.engine_failed,
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
+        "listen": [f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in getattr(d, "tcp_listeners", [])],
         "streams": streams, "producers": producers,
         "forwards": d.forward.status(),
     }
