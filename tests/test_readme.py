@@ -101,7 +101,7 @@ PYTHON = [s for s in ALL if s.lang == "python"]
 SHELL = [step for s in ALL if s.lang in ("sh", "shell", "bash") for step in shell_steps(s)]
 TOML = [s for s in ALL if s.lang == "toml"]
 TEXT = [s for s in ALL if s.lang == "text"]
-KNOWN_LANGS = {"python", "sh", "shell", "bash", "toml", "text", "c"}  # c: clients/c's own tests build it
+KNOWN_LANGS = {"python", "sh", "shell", "bash", "toml", "text"}
 
 
 def snippet_env(d) -> dict[str, str]:
