@@ -34,6 +34,8 @@ SKIPPED = {
     ".venv/bin/pip install -q -e .": "installs this checkout, which the suite runs from (the wheel build is tested in test_wheel.py)",
     ".venv/bin/pip install -q -e '.[test]'": "installs this checkout with the test extras, which the suite runs from",
     ".venv/bin/pytest": "runs the suite this test is part of",
+    ".venv/bin/pip wheel . -w dist": "builds wheels: tests/test_wheel.py runs it in a copy of the tree",
+    ".venv/bin/pip install --no-index --find-links dist logsink": "tests/test_wheel.py installs from such a dist/ into a fresh venv",
     "tail -F logs/app.log": "follows the file until interrupted",
     "journalctl -f | .venv/bin/logsink pipe journal": "follows the journal until interrupted",
     "tail -F /var/log/x | .venv/bin/logsink pipe x": "follows a file until interrupted",
