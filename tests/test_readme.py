@@ -42,6 +42,8 @@ SKIPPED = {
 }
 # Steps that start the daemon and run until stopped: run in the background, fed a record, stopped.
 DAEMON_STEPS = {".venv/bin/logsink serve"}
+# ``logsink`` as the command word of a step (not .venv/bin/logsink, not a package name argument).
+BARE_LOGSINK = re.compile(r"(^|[|;&(]\s*)logsink(\s|$)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class TestReadmeBlocks:
 
     def test_shell_blocks_never_call_a_bare_logsink(self):
         """Shell steps call ``.venv/bin/logsink``, which the README's own install provides (a bare ``logsink`` is not on PATH)."""
-        bare = [s.code for s in SHELL if re.search(r"(^|[\s|;&(])logsink\s", s.code)]
+        bare = [s.code for s in SHELL if BARE_LOGSINK.search(s.code)]
         assert not bare, f"README shell steps with a bare logsink: {bare}"
 
     @pytest.mark.parametrize("snippet", PYTHON, ids=lambda s: s.id)
@@ -235,3 +237,5 @@ class TestReadmeParser:
         assert venv_mapped(".venv/bin/python -c 1") == f"{sys.executable} -c 1"
         with pytest.raises(AssertionError):
             readme_blocks("```sh\nnever closed\n")
+        assert BARE_LOGSINK.search("logsink status") and BARE_LOGSINK.search("tail -F x | logsink pipe x")
+        assert not BARE_LOGSINK.search(".venv/bin/logsink status") and not BARE_LOGSINK.search("pip install -f dist logsink")
