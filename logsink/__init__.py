@@ -1,5 +1,6 @@
 """logsink: a high-rate logging sink for Linux. Producers hand whole pages of log lines to the daemon without copying."""
 
+import importlib as _importlib
 from typing import TYPE_CHECKING, Any
 
 from logsink._version import __version__
@@ -9,6 +10,11 @@ if TYPE_CHECKING:
     from logsink.client import Client
 
 __all__ = ["AsyncClient", "Client", "__version__"]
+
+# Public submodules, reachable as ``logsink.<name>`` after a bare ``import logsink`` (PEP 562): each is
+# imported on first use, so ``import logsink`` does not pull in structlog, the daemon or the CLI.
+_SUBMODULES = frozenset({"access", "aio", "bench", "cli", "client", "config", "daemon", "files", "forward",
+                         "logging", "pipe", "protocol", "structlog"})
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +28,10 @@ def __getattr__(name: str) -> Any:
         from logsink.aio import AsyncClient
 
         return AsyncClient
-    raise AttributeError(f"module 'logsink' has no attribute {name!r}")
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")  # also binds it here: later lookups skip this
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES | {"Client", "AsyncClient"})
