@@ -559,7 +559,9 @@ class TestCrashWithRealCollector:
         with open(spool, "ab") as fh:  # a batch the killed daemon had half written
             fh.write(b"b0:torn-batch-half-written")
         d2 = daemon("splice", *collector.forward_args(), log_dir=log_dir)
-        assert any(e.get("event") == "torn_tail_repaired" for e in d2.stderr_events()), d2.stderr()
+        # The spool is opened (and its tail repaired) as the daemon starts, maybe just after its socket accepts.
+        wait_for(lambda: any(e.get("event") == "torn_tail_repaired" for e in d2.stderr_events()), 20,
+                 "the restarted daemon to repair the spool's torn tail")
         collector.start()
         wait_for(lambda: len(collector.lines()) >= 20_000 + 5_000, 60, "the replay to be under way", interval=0.005)
         sigkill(d2)  # mid-replay
