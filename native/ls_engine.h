@@ -29,7 +29,7 @@
 #define LS_EV_BATCH_FAILED 2    /* batch seq was not written (err = -errno from the file); payload discarded */
 #define LS_EV_PRODUCER_EOF 3    /* pipe closed cleanly between batches; producer slot is free again */
 #define LS_EV_PRODUCER_DIED 4   /* pipe closed mid-batch (bytes = bytes of the partial batch discarded) */
-#define LS_EV_BAD_FRAME 5       /* a frame header failed validation (err = LS_EFRAME_*); producer stopped */
+#define LS_EV_BAD_FRAME 5       /* a batch broke the protocol (err = an LS_EFRAME_ or LS_EBATCH_ verdict, > 0); producer stopped */
 #define LS_EV_PRODUCER_ERROR 6  /* reading the pipe failed (err = -errno); producer stopped */
 #define LS_EV_PRODUCER_REMOVED 7 /* answer to ls_engine_remove_producer(); slot free again */
 /* The file was truncated under batch seq (copytruncate): the batch was moved down to the new end;
@@ -42,11 +42,12 @@
  * no batch moves any more. producer_id and stream_id are UINT32_MAX. */
 #define LS_EV_ENGINE_FAILED 10
 
-/* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, -1..-4): what the
- * engine found wrong with a batch. The producer is stopped; nothing of the batch stays in the file. */
-#define LS_EBATCH_TOO_BIG (-5)    /* payload larger than the producer's pipe (or stage) holds whole */
-#define LS_EBATCH_NO_NEWLINE (-6) /* the batch's last byte is not '\n': it would glue the next record */
-#define LS_EBATCH_VANISHED (-7)   /* queued payload left the pipe mid-batch (the producer read it back) */
+/* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, 1001..1004): what the
+ * engine found wrong with a batch. Verdicts, not -errno (they share no number with one). The
+ * producer is stopped; nothing of the batch stays in the file. */
+#define LS_EBATCH_TOO_BIG 1005    /* payload larger than the producer's pipe (or stage) holds whole */
+#define LS_EBATCH_NO_NEWLINE 1006 /* the batch's last byte is not '\n': it would glue the next record */
+#define LS_EBATCH_VANISHED 1007   /* queued payload left the pipe mid-batch (the producer read it back) */
 
 struct ls_event {
     uint32_t kind;
