@@ -1943,24 +1943,24 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->lock, NULL);
 
+    /* From here every failure ends at `fail`: destroy() releases whatever was set up so far (the
+     * fds are -1 and the pointers NULL until then). */
+    struct conn_parts c;
+    void *arena;
+    sigset_t all, old;
     p->seg_seq = calloc(o.segments, sizeof *p->seg_seq);
     p->seg_zc = calloc(o.segments, sizeof *p->seg_zc);
     if (!p->seg_seq || !p->seg_zc) {
-        destroy(p, 0);
-        return -ENOMEM;
+        r = -ENOMEM;
+        goto fail;
     }
-    struct conn_parts c;
-    if ((r = connect_once(p, &c)) < 0) {
-        destroy(p, 0);
-        return r;
-    }
+    if ((r = connect_once(p, &c)) < 0)
+        goto fail; /* connect_once said why */
     install_conn_locked(p, &c); /* no other thread yet */
     p->arena_size = (size_t)o.segments * o.segment_size;
-    void *arena;
     if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
         set_error(NULL, "mapping the segment arena (%zu bytes) failed: %s", p->arena_size, strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     p->arena = arena;
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1968,24 +1968,25 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     if (p->event_fd < 0 || p->wake_fd < 0) {
         r = -errno;
         set_error(NULL, "setting up the producer failed: %s", strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     /* The background thread runs with every signal blocked: signals go to the application's
      * threads, and a SIGPIPE from a handover it makes stays pending there, harmless. */
-    sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     r = -pthread_create(&p->thread, NULL, background, p);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (r < 0) {
         set_error(NULL, "starting the producer thread failed: %s", strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     p->thread_started = 1;
     *out = p;
     return 0;
+
+fail:
+    destroy(p, 0);
+    return r;
 }
 
 int ls_producer_close(struct ls_producer *p)
