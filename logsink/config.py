@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from logsink.access import AccessRules, rules_from_config
+from logsink.errors import ConfigError  # the one ConfigError (re-exported: logsink.config.ConfigError)
 
 ENGINES = ("auto", "io_uring", "splice", "readwrite")
 
@@ -89,10 +90,6 @@ class Config:
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
-
-
-class ConfigError(ValueError):
-    """A config file or flag value that cannot be used; the message says which and why."""
 
 
 def load(path: str | None, overrides: dict) -> Config:

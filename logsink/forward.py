@@ -26,6 +26,7 @@ import structlog
 
 from logsink import protocol
 from logsink._native import check, ffi, lib
+from logsink.errors import ConfigError
 from logsink.files import FileRefused, dir_beneath, open_beneath, read_beneath
 
 log = structlog.get_logger("logsink.forward")
@@ -62,7 +63,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-class ForwardConfigError(ValueError):
+class ForwardConfigError(ConfigError):
     """A forward setting that cannot be used; the message names the setting and what to write instead."""
 
 
