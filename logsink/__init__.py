@@ -13,7 +13,7 @@ __all__ = ["AsyncClient", "Client", "__version__"]
 
 # Public submodules, reachable as ``logsink.<name>`` after a bare ``import logsink`` (PEP 562): each is
 # imported on first use, so ``import logsink`` does not pull in structlog, the daemon or the CLI.
-_SUBMODULES = frozenset({"access", "aio", "bench", "cli", "client", "config", "daemon", "files", "forward",
+_SUBMODULES = frozenset({"access", "aio", "bench", "cli", "client", "config", "daemon", "errors", "files", "forward",
                          "logging", "pipe", "protocol", "structlog"})
 
 

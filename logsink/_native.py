@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 try:
     from logsink._core import ffi, lib  # type: ignore[import-not-found]
@@ -13,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from logsink._version import __version__
+from logsink.errors import error_for
 
 _built = ffi.string(lib.ls_native_version()).decode()
 if _built != __version__:  # pragma: no cover
@@ -28,8 +28,7 @@ ENGINE_KINDS = {name: kind for kind, name in ENGINE_NAMES.items()}
 
 
 def check(ret: int, what: str, filename: str | None = None) -> int:
-    """Return ``ret`` if >= 0; else raise OSError(errno, "<what>: <strerror>")."""
+    """Return ``ret`` if >= 0; else raise OSError(errno, "<what>: <strerror>") (errors.error_for)."""
     if ret < 0:
-        err = -ret
-        raise OSError(err, f"{what}: {os.strerror(err)}", filename)
+        raise error_for(ret, what, filename=filename)
     return ret

@@ -26,6 +26,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from logsink import protocol
+from logsink.errors import ConfigError
 
 STREAM_TABLE_KEYS = ("allow_gids", "allow_uids")
 # Keys of a [stream.NAME] table that are stream settings, not access rules (logsink/config.py).
@@ -120,7 +121,7 @@ def rules_from_config(access: Mapping[str, Any] | None, stream: Mapping[str, Any
                       streams_default: Mapping[str, Any] | None, daemon_uid: int | None = None) -> AccessRules:
     """Parse the ``[access]``, ``[stream.NAME]`` and ``[streams_default]`` tables; names -> numbers.
 
-    Raises ValueError naming the key and the value that is wrong.
+    Raises ConfigError (a ValueError) naming the key and the value that is wrong.
     """
     access = _table(access or {}, "access")
     stream = _table(stream or {}, "stream")
@@ -130,7 +131,7 @@ def rules_from_config(access: Mapping[str, Any] | None, stream: Mapping[str, Any
         try:
             protocol.validate_stream_name(name)
         except protocol.ProtocolError as exc:
-            raise ValueError(f"[stream.{name}]: {exc.reason}") from None
+            raise ConfigError(f"[stream.{name}]: {exc.reason}") from None
         table = {k: v for k, v in _table(table, f"stream.{name}").items() if k not in STREAM_SETTING_KEYS}
         if table:  # a table with only settings grants nothing and turns no rules on
             streams[name] = _principals(table, f"stream.{name}")
@@ -141,7 +142,7 @@ def rules_from_config(access: Mapping[str, Any] | None, stream: Mapping[str, Any
     gid_streams = {_gid(k, "access.gid"): _patterns(v, f"access.gid.{k}") for k, v in _table(access.get("gid", {}), "access.gid").items()}
     trust_root = access.get("trust_root", True)
     if not isinstance(trust_root, bool):
-        raise ValueError(f"access.trust_root must be true or false, got {trust_root!r}")
+        raise ConfigError(f"access.trust_root must be true or false, got {trust_root!r}")
     tcp = access.get("tcp_streams")
     return AccessRules(
         daemon_uid=os.geteuid() if daemon_uid is None else daemon_uid,
@@ -161,20 +162,20 @@ def rules_from_config(access: Mapping[str, Any] | None, stream: Mapping[str, Any
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{where} must be a table ([{where}] ...), got {value!r}")
+        raise ConfigError(f"{where} must be a table ([{where}] ...), got {value!r}")
     return value
 
 
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
-        raise ValueError(f"{where} must be a list, got {value!r}")
+        raise ConfigError(f"{where} must be a list, got {value!r}")
     return value
 
 
 def _known(table: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
     for key in table:
         if key not in keys:
-            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
 
 
 def _principals(table: Mapping[str, Any], where: str) -> Principals:
@@ -187,7 +188,7 @@ def _principals(table: Mapping[str, Any], where: str) -> Principals:
 
 def _patterns(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise ValueError(f"{where} must be a list of stream name patterns (fnmatch: \"web.*\"), got {value!r}")
+        raise ConfigError(f"{where} must be a list of stream name patterns (fnmatch: \"web.*\"), got {value!r}")
     return tuple(value)
 
 
@@ -206,13 +207,13 @@ def _uid(value: Any, where: str) -> int:
     n = _number(value)
     if n is None:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{where}: {value!r} is neither a user name nor a uid")
+            raise ConfigError(f"{where}: {value!r} is neither a user name nor a uid")
         try:
             return pwd.getpwnam(value).pw_uid
         except KeyError:
-            raise ValueError(f"{where}: unknown user {value!r} (not in the passwd database): use an existing name or a number") from None
+            raise ConfigError(f"{where}: unknown user {value!r} (not in the passwd database): use an existing name or a number") from None
     if not 0 <= n < 2**32 - 1:
-        raise ValueError(f"{where}: {n} is not a valid uid (0 .. 4294967294)")
+        raise ConfigError(f"{where}: {n} is not a valid uid (0 .. 4294967294)")
     return n
 
 
@@ -220,11 +221,11 @@ def _gid(value: Any, where: str) -> int:
     n = _number(value)
     if n is None:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{where}: {value!r} is neither a group name nor a gid")
+            raise ConfigError(f"{where}: {value!r} is neither a group name nor a gid")
         try:
             return grp.getgrnam(value).gr_gid
         except KeyError:
-            raise ValueError(f"{where}: unknown group {value!r} (not in the group database): use an existing name or a number") from None
+            raise ConfigError(f"{where}: unknown group {value!r} (not in the group database): use an existing name or a number") from None
     if not 0 <= n < 2**32 - 1:
-        raise ValueError(f"{where}: {n} is not a valid gid (0 .. 4294967294)")
+        raise ConfigError(f"{where}: {n} is not a valid gid (0 .. 4294967294)")
     return n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import errno
 import os
 import threading
 import weakref
@@ -12,6 +13,7 @@ from typing import Any
 
 from logsink import protocol
 from logsink.client import DEFAULT_SEGMENT_SIZE, EXIT_FLUSH_TIMEOUT, Client
+from logsink.errors import error_for
 
 # Live clients: their queues are drained at interpreter exit (before client.py closes the Clients:
 # atexit runs this module's hook first), and reset in a forked child.
@@ -170,7 +172,7 @@ class AsyncClient:
             try:
                 await asyncio.wait_for(room, left)
             except asyncio.TimeoutError:
-                raise TimeoutError(f"stream {self.stream!r}: the daemon took no records for {c.timeout} s") from None
+                raise error_for(errno.ETIMEDOUT, "write", f"stream {self.stream!r}: the daemon took no records for {c.timeout} s") from None
 
     def _wake_room(self) -> None:
         """On the loop: every waiting write() looks again (one wakeup per drained batch, for all of them)."""
@@ -191,7 +193,7 @@ class AsyncClient:
         try:
             await asyncio.wait_for(asyncio.shield(req.future), timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"{kind} of stream {self.stream!r} not confirmed within {timeout} s") from None
+            raise error_for(errno.ETIMEDOUT, kind, f"{kind} of stream {self.stream!r} not confirmed within {timeout} s") from None
 
     async def flush(self, timeout: float | None = None) -> None:
         """Return once every record written before this call is in the stream's file."""

@@ -17,6 +17,7 @@ import structlog
 from logsink import protocol
 from logsink._version import __version__
 from logsink.config import ENGINES, ConfigError, default_socket_path, load
+from logsink.errors import exception_for_code
 
 SERVE_HELP = """\
 Run the logsink daemon. Producers connect to the control socket (or over TCP, with --listen)
@@ -166,9 +167,10 @@ def _query_status(path: str, timeout: float = 10.0, expected_uid: int | None = N
                 if msg["t"] == protocol.STATUS:
                     return msg["status"]
                 if msg["t"] == protocol.ERROR:
-                    if msg["code"] == protocol.E_FORBIDDEN:
-                        raise PermissionError(f"the daemon at {path} refused status (forbidden): {msg['reason']}")
-                    raise ConnectionError(f"the daemon refused: {msg['code']}: {msg['reason']}")
+                    code, reason = msg["code"], msg["reason"]
+                    text = (f"the daemon at {path} refused status (forbidden): {reason}" if code == protocol.E_FORBIDDEN
+                            else f"the daemon refused: {code}: {reason}")
+                    raise exception_for_code(code, text)
 
 
 def _print_status(st: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from logsink import protocol
 from logsink._native import ffi, lib
+from logsink.errors import error_for
 
 # The C producer's defaults (native/ls_producer.h), repeated for documentation and the benchmark:
 # 4 segments of 1 MiB on huge pages; a half-full segment goes out after 0.2 s.
@@ -179,8 +180,9 @@ class Client:
         if ret < 0:
             why = ffi.string(lib.ls_producer_last_error(ffi.NULL)).decode(errors="replace")  # says what to do
             if ret in (-errno.EPERM, -errno.EACCES):  # an impostor daemon, or the access rules said no
-                raise PermissionError(why or os.strerror(-ret))
-            raise ConnectionError(why or f"cannot connect to the logsink daemon: {os.strerror(-ret)}")
+                raise error_for(ret, "connect", why or os.strerror(-ret))
+            # Any other failure to connect (a timeout too) is a ConnectionError: there is no daemon to talk to.
+            raise error_for(ret, "connect", why or f"cannot connect to the logsink daemon: {os.strerror(-ret)}", kind=ConnectionError)
         self._p = out[0]
         engine = ffi.new("char[32]")
         self.producer_id = lib.ls_producer_info(self._p, engine, 32)
@@ -198,18 +200,21 @@ class Client:
         self._open()
 
     def _error(self, ret: int, what: str) -> Exception:
-        """The Python exception for a -errno from the C producer."""
+        """The Python exception for a -errno from the C producer (errors.error_for), with the C side's
+        last_error as its message, or a sentence of ours where it has none."""
         err = -ret
         why = ffi.string(lib.ls_producer_last_error(self._p)).decode(errors="replace") if self._p != ffi.NULL else ""
-        if err == errno.ETIMEDOUT:
-            return TimeoutError(why or f"{what} of stream {self.stream!r} timed out after {self.timeout} s")
-        if err == errno.ESHUTDOWN:
-            return ConnectionError(why or f"the logsink daemon is shutting down; stream {self.stream!r} takes no more records")
-        if err in (errno.ECONNRESET, errno.EPIPE, errno.ECONNREFUSED):
-            return ConnectionError(why or f"the logsink daemon is gone ({what})")
-        if err in (errno.EINVAL, errno.EMSGSIZE):
-            return ValueError(why or os.strerror(err))
-        return OSError(err, f"{what}: {why or os.strerror(err)}")
+        if not why:
+            why = {
+                errno.ETIMEDOUT: f"{what} of stream {self.stream!r} timed out after {self.timeout} s",
+                errno.ESHUTDOWN: f"the logsink daemon is shutting down; stream {self.stream!r} takes no more records",
+                errno.ECONNRESET: f"the logsink daemon is gone ({what})",
+                errno.EPIPE: f"the logsink daemon is gone ({what})",
+                errno.ECONNREFUSED: f"the logsink daemon is gone ({what})",
+                errno.EINVAL: os.strerror(err),
+                errno.EMSGSIZE: os.strerror(err),
+            }.get(err, "")
+        return error_for(err, what, why)
 
     def _handle(self) -> Any:
         if self._closed:
@@ -269,7 +274,7 @@ class Client:
             why = ffi.string(lib.ls_producer_last_error(self._p)).decode(errors="replace")
             raise OSError(errno.EIO, f"the logsink daemon could not write part of stream {self.stream!r}: {why}")
         if ret == -errno.ETIMEDOUT:
-            raise TimeoutError(f"flush of stream {self.stream!r} not confirmed within {timeout} s")
+            raise error_for(ret, "flush", f"flush of stream {self.stream!r} not confirmed within {timeout} s")
         if ret < 0:
             raise self._error(ret, "flush")
 
@@ -283,7 +288,7 @@ class Client:
         p, self._p = self._p, ffi.NULL
         ret = lib.ls_producer_close_within(p, _ms(timeout))
         if ret < 0 and ret not in (-errno.ECHILD, -errno.ESHUTDOWN, -errno.ECONNRESET, -errno.ETIMEDOUT):
-            raise OSError(-ret, f"closing stream {self.stream!r}: {os.strerror(-ret)}")
+            raise error_for(ret, f"closing stream {self.stream!r}")
 
     def stats(self) -> dict[str, Any]:
         st = ffi.new("struct ls_producer_stats *")

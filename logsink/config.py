@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from logsink.access import AccessRules, rules_from_config
+from logsink.errors import ConfigError  # the one ConfigError (re-exported: logsink.config.ConfigError)
 from logsink.protocol import ProtocolError, parse_tcp_address, validate_stream_name
 
 ENGINES = ("auto", "io_uring", "splice", "readwrite")
@@ -94,10 +95,6 @@ class Config:
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
-
-
-class ConfigError(ValueError):
-    """A config file or flag value that cannot be used; the message says which and why."""
 
 
 def load(path: str | None, overrides: dict) -> Config:

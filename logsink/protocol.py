@@ -34,7 +34,8 @@ MAX_CLIENT_MESSAGE = 64 << 10
 MAX_BATCH_PAYLOAD = 64 << 20
 # Stream names become file names: keep them portable and unable to escape the output directory.
 MAX_STREAM_NAME = 64
-_STREAM_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+STREAM_NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+_STREAM_NAME_RE = re.compile(f"[{re.escape(STREAM_NAME_CHARS)}]{{1,{MAX_STREAM_NAME}}}")
 
 # -- frame header ---------------------------------------------------------------------------------
 FRAME_MAGIC = b"LSK1"
@@ -73,6 +74,12 @@ E_INTERNAL = "internal"            # the daemon could not set the producer up (i
 E_TOO_MANY_FDS = "too-many-fds"    # fds beyond the one HELLO carries (or more than a read can hold)
 E_FILE_REFUSED = "file-refused"    # the stream's file is a symlink, FIFO, directory, hard link, ...
 E_FD_LIMIT = "fd-limit"            # (counter only) accept failed: the daemon (or the system) is out of fds
+
+# ERROR codes after which a producer reconnects (the daemon is stopping, full, or failed on its
+# side). Every other code ends the producer: the answer will not change (forbidden, bad-stream,
+# auth), it is the producer's bug (bad-frame, bad-message, ...), or the operator must act
+# (file-refused); so does a code the producer does not know.
+RETRIABLE_CODES = (E_SHUTTING_DOWN, E_TOO_MANY, E_INTERNAL, E_PRODUCER_DIED)
 
 
 class ProtocolError(ValueError):
@@ -131,6 +138,8 @@ def unpack_frame_header(data: bytes, max_payload: int = MAX_BATCH_PAYLOAD) -> Fr
 
 # -- control messages -----------------------------------------------------------------------------
 # Required keys and their types, per message type. Unknown extra keys are ignored (forward compat).
+# native/gen_protocol.py turns this table (and the constants above) into native/ls_protocol_gen.h,
+# which the C producer checks messages with: keep it a plain literal of int and str.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     HELLO: {"v": int, "stream": str, "pid": int, "transport": str},
     WELCOME: {"v": int, "producer": int, "engine": str},
@@ -139,6 +148,11 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     SHUTDOWN: {},
     STATUS: {},
 }
+
+
+def _is_int(val: Any) -> bool:
+    """A msgpack integer: bool is a separate msgpack type, although Python makes it an int."""
+    return isinstance(val, int) and not isinstance(val, bool)
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -159,14 +173,14 @@ def check_message(msg: Any) -> dict[str, Any]:
         raise ProtocolError(E_BAD_MESSAGE, f"unknown control message type {kind!r}")
     for key, typ in schema.items():
         val = msg.get(key)
-        if not isinstance(val, typ) or isinstance(val, bool) and typ is int:
+        if not (_is_int(val) if typ is int else isinstance(val, typ)):
             raise ProtocolError(E_BAD_MESSAGE, f"{kind} message needs {key!r} of type {typ.__name__}, got {val!r}")
     if kind == RELEASE:
         if msg["through"] < 0:
             raise ProtocolError(E_BAD_MESSAGE, f"release 'through' must be >= 0, got {msg['through']}")
         failed = msg.get("failed", [])
         if not isinstance(failed, list) or not all(
-            isinstance(f, list) and len(f) == 3 and isinstance(f[0], int) and isinstance(f[1], str) and isinstance(f[2], str)
+            isinstance(f, list) and len(f) == 3 and _is_int(f[0]) and isinstance(f[1], str) and isinstance(f[2], str)
             for f in failed
         ):
             raise ProtocolError(E_BAD_MESSAGE, "release 'failed' must be a list of [seq, code, reason]")

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import runpy
 
 from cffi import FFI
 
@@ -24,6 +25,16 @@ CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 
 # The Python-visible API is exactly what these headers declare: the cdef is generated from them
 # (so a struct can never differ between C and Python), plus the frame constants and the version.
+# The C side of the protocol (native/ls_protocol_gen.h) is generated from logsink/protocol.py:
+# regenerate it before compiling, so this build never uses a stale table (gen_protocol.py says why
+# the header is also committed; a tree without protocol.py builds with the committed one).
+_GEN = runpy.run_path(str(HERE / "gen_protocol.py"))
+if _GEN["PROTOCOL"].exists():
+    _GEN["main"]([])
+# Python sees the message kinds (enum ls_msg_kind) as the generated header declares them.
+_MSG_KINDS = re.search(r"^enum ls_msg_kind \{.*?^\};", (HERE / "ls_protocol_gen.h").read_text(), re.M | re.S)
+assert _MSG_KINDS, "native/ls_protocol_gen.h declares no enum ls_msg_kind: rerun native/gen_protocol.py"
+
 HEADERS = ("ls_engine.h", "ls_transport.h", "ls_producer.h", "ls_forward.h", "ls_render.h", "ls_files.h")
 EXTRA_CDEF = """
 #define LS_EFRAME_MAGIC ...
@@ -32,8 +43,9 @@ EXTRA_CDEF = """
 #define LS_EFRAME_RECORDS ...
 #define LS_FRAME_HEADER_SIZE ...
 #define LS_MAX_BATCH_PAYLOAD ...
+#define LS_FRAME_VERDICT_BASE ...
 const char *ls_native_version(void);
-"""
+""" + _MSG_KINDS.group(0)
 _DEFINE = re.compile(r"^#define\s+([A-Z][A-Z0-9_]*)\s+\S")
 
 

@@ -29,7 +29,7 @@
 #define LS_EV_BATCH_FAILED 2    /* batch seq was not written (err = -errno from the file); payload discarded */
 #define LS_EV_PRODUCER_EOF 3    /* pipe closed cleanly between batches; producer slot is free again */
 #define LS_EV_PRODUCER_DIED 4   /* pipe closed mid-batch (bytes = bytes of the partial batch discarded) */
-#define LS_EV_BAD_FRAME 5       /* a frame header failed validation (err = LS_EFRAME_*); producer stopped */
+#define LS_EV_BAD_FRAME 5       /* a batch broke the protocol (err = an LS_EFRAME_ or LS_EBATCH_ verdict, > 0); producer stopped */
 #define LS_EV_PRODUCER_ERROR 6  /* reading the pipe failed (err = -errno); producer stopped */
 #define LS_EV_PRODUCER_REMOVED 7 /* answer to ls_engine_remove_producer(); slot free again */
 /* The file was truncated under batch seq (copytruncate): the batch was moved down to the new end;
@@ -42,11 +42,12 @@
  * no batch moves any more. producer_id and stream_id are UINT32_MAX. */
 #define LS_EV_ENGINE_FAILED 10
 
-/* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, -1..-4): what the
- * engine found wrong with a batch. The producer is stopped; nothing of the batch stays in the file. */
-#define LS_EBATCH_TOO_BIG (-5)    /* payload larger than the producer's pipe (or stage) holds whole */
-#define LS_EBATCH_NO_NEWLINE (-6) /* the batch's last byte is not '\n': it would glue the next record */
-#define LS_EBATCH_VANISHED (-7)   /* queued payload left the pipe mid-batch (the producer read it back) */
+/* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, 1001..1004): what the
+ * engine found wrong with a batch. Verdicts, not -errno (they share no number with one). The
+ * producer is stopped; nothing of the batch stays in the file. */
+#define LS_EBATCH_TOO_BIG 1005    /* payload larger than the producer's pipe (or stage) holds whole */
+#define LS_EBATCH_NO_NEWLINE 1006 /* the batch's last byte is not '\n': it would glue the next record */
+#define LS_EBATCH_VANISHED 1007   /* queued payload left the pipe mid-batch (the producer read it back) */
 
 struct ls_event {
     uint32_t kind;
@@ -76,50 +77,63 @@ struct ls_engine;
 
 /* Create an engine of `kind`; LS_ENGINE_AUTO tries io_uring, then splice, then readwrite.
  * `max_producers` and `max_streams` size the slot tables (ids are 0..max-1).
- * `max_batch` bounds payload_len (a larger header is a bad frame). */
+ * `max_batch` bounds payload_len (a larger header is a bad frame). Returns 0 and *out, -EINVAL
+ * (unknown kind, a zero size, max_batch over LS_MAX_BATCH_PAYLOAD), -ENOMEM, -EMFILE/-ENFILE (its
+ * eventfds), or the chosen backend's setup error (e.g. -EPERM/-ENOSYS from io_uring_setup when
+ * kind is LS_ENGINE_IO_URING; AUTO steps down instead and ls_engine_fallback_reason says why). */
 int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32_t max_batch,
                   struct ls_engine **out);
-/* The engine actually running (LS_ENGINE_IO_URING, _SPLICE or _READWRITE). */
+/* The engine actually running (LS_ENGINE_IO_URING, _SPLICE or _READWRITE); -EINVAL for NULL. */
 int ls_engine_kind(struct ls_engine *e);
 /* Why AUTO stepped down the ladder, e.g. "io_uring_setup: Operation not permitted" ("" if not). */
 const char *ls_engine_fallback_reason(struct ls_engine *e);
-/* An fd that is readable while events are pending (an eventfd). */
+/* An fd that is readable while events are pending (an eventfd); -EINVAL for NULL. */
 int ls_engine_notify_fd(struct ls_engine *e);
 
 /* Output: stream `id` writes to `fd` (opened without O_APPEND) starting at `offset`. The engine
  * does not own fd: the caller closes it after ls_engine_set_stream(e, id, -1, 0) returns. Replacing
- * the fd (rotation) takes effect between batches; the call waits for the in-flight batch. */
+ * the fd (rotation) takes effect between batches; the call waits for the in-flight batch.
+ * Returns 0, -EINVAL (id out of range), or the engine thread's -errno if it failed meanwhile. */
 int ls_engine_set_stream(struct ls_engine *e, uint32_t id, int fd, uint64_t offset);
 
 /* Durability of stream `id`'s batches: LS_SYNC_NEVER (default: RELEASE once in the page cache) or
  * LS_SYNC_BATCH (RELEASE only after an fdatasync that started after the batch landed; a failed sync
- * fails the batch). Takes effect from the next batch. */
+ * fails the batch). Takes effect from the next batch. Returns 0 or -EINVAL (id or sync). */
 #define LS_SYNC_NEVER 0
 #define LS_SYNC_BATCH 1
 int ls_engine_set_stream_sync(struct ls_engine *e, uint32_t id, int sync);
 
 /* paused=1: batches already started finish, no new one starts (producers wait, pipes fill, and
- * their clients block or drop by their own policy). paused=0 resumes. For a full spool. */
+ * their clients block or drop by their own policy). paused=0 resumes. For a full spool.
+ * Returns 0 or -EINVAL (id out of range). */
 int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused);
 
 /* Producer `id` feeds stream `stream_id` through the pipe read end `pipe_fd`; the engine owns the
- * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED). */
+ * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED).
+ * Returns 0; -EINVAL (id or stream_id out of range), -ENOTTY (pipe_fd is not a pipe), -EBADF (a
+ * pipe's write end), -EBUSY (slot id in use), -ENOENT (stream_id has no file); fstat/fcntl/epoll
+ * errors as -errno. On failure the caller still owns pipe_fd. */
 int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd);
 /* Producer `id` feeds stream `stream_id` from a connected stream socket (TCP): after the control
  * plane read HELLO, the socket carries frames exactly as a pipe does. The payload moves socket ->
  * engine-owned stage pipe -> file by splice. The engine owns sock_fd's read side and closes it when
- * the producer ends; the caller keeps a dup() for writing RELEASE/ERROR. */
+ * the producer ends; the caller keeps a dup() for writing RELEASE/ERROR. Returns 0 or the errors
+ * of ls_engine_add_producer, with -ENOTSOCK for a non-socket instead of -ENOTTY/-EBADF, and the
+ * stage pipe's -EMFILE/-ENFILE. */
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd);
 /* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by
- * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). */
+ * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). Returns 0, -EINVAL (id out of
+ * range) or -ENOENT (no such producer: it ended already). */
 int ls_engine_remove_producer(struct ls_engine *e, uint32_t id, int drain);
 
 /* The largest payload_len producer `id` may send (its pipe or stage pipe must hold a whole batch
- * before the engine starts writing it), or -errno. For WELCOME's max_batch. */
+ * before the engine starts writing it), -EINVAL (id out of range) or -ENOENT (no such producer).
+ * For WELCOME's max_batch. */
 int ls_engine_producer_max_batch(struct ls_engine *e, uint32_t id);
 
-/* Copy up to `max` pending events into `out`; returns how many. Clears the notify fd. */
+/* Copy up to `max` pending events into `out`; returns how many (>= 0, never an error). Clears the
+ * notify fd. */
 int ls_engine_poll_events(struct ls_engine *e, struct ls_event *out, int max);
 /* 1 (once) if an event could not be queued (out of memory) since the last call: the caller must
  * reconcile every producer from ls_engine_producer_counters() (last_seq; -ENOENT = it ended). */
@@ -127,6 +141,8 @@ int ls_engine_events_lost(struct ls_engine *e);
 /* 0, or the -errno that ended the engine thread (LS_EV_ENGINE_FAILED was sent). */
 int ls_engine_failed(struct ls_engine *e);
 
+/* Counters of stream `id`, producer `id`, or the whole engine. Return 0, -EINVAL (id out of
+ * range), or for a producer -ENOENT (its slot is free: it ended). */
 int ls_engine_stream_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);
 int ls_engine_producer_counters(struct ls_engine *e, uint32_t id, struct ls_counters *out);
 int ls_engine_total_counters(struct ls_engine *e, struct ls_counters *out);

@@ -102,11 +102,13 @@ struct ls_forward;
 
 /* A forwarder reading `file_fd` from `cursor` (a record boundary) with `framing` (LS_FWD_*). It
  * reopens the file through /proc/self/fd for a file position of its own (lseek(SEEK_HOLE)), or
- * dup()s it; O_RDONLY is enough. No socket yet, end = cursor. */
+ * dup()s it; O_RDONLY is enough. No socket yet, end = cursor. Returns 0 and *out, -EINVAL (unknown
+ * framing), -ENOMEM, or the reopen/dup's -errno (-EBADF, -EMFILE, ...). */
 int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward **out);
 /* Attach a connected, nonblocking stream socket (the caller keeps owning it), or -1 to detach.
  * Detaching (or replacing) a socket first rewinds to what its peer ACKed (see above), so call it
- * BEFORE closing the old socket. */
+ * BEFORE closing the old socket. Returns 0, or -EINVAL for a RELP forwarder given a socket (use
+ * ls_forward_relp_attach). */
 int ls_forward_set_socket(struct ls_forward *f, int sock_fd);
 /* Bytes up to `end` are complete records in the file. -ERANGE if `end` < the last end (the file
  * was truncated under us: ls_forward_reset). */
@@ -129,16 +131,20 @@ int64_t ls_forward_skip_zeros(struct ls_forward *f);
  * SIOCOUTQ and a scan of at most one send window). For persisting the cursor on a clean stop. */
 int64_t ls_forward_sync_acked(struct ls_forward *f);
 /* Read from another file (rotation) or start over in the same one (it was truncated), at
- * `cursor`. Forgets the in-flight window. file_fd is dup()ed; -1 keeps the current file. */
+ * `cursor`. Forgets the in-flight window. file_fd is dup()ed; -1 keeps the current file. Returns 0
+ * or the reopen/dup's -errno (the forwarder then keeps its old file). */
 int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor);
+/* A snapshot of the counters. Returns 0. */
 int ls_forward_counters(struct ls_forward *f, struct ls_forward_counters *out);
 
 /* RELP (framing LS_FWD_RELP only, else -EINVAL). The window: 1..LS_RELP_WINDOW_MAX commands in
- * flight; set it while no socket is attached. */
+ * flight; set it while no socket is attached. Returns 0, -EINVAL (not RELP, or window outside
+ * 1..LS_RELP_WINDOW_MAX), -EBUSY (a socket is attached), -ENOMEM. */
 int ls_forward_relp_window(struct ls_forward *f, uint32_t window);
 /* Attach a socket on which the caller completed the `open` handshake; syslog commands start at
  * `next_txnr` (1..LS_RELP_TXNR_MAX, normally 2). Replaces ls_forward_set_socket(f, fd) for RELP;
- * detaching is ls_forward_set_socket(f, -1) as for the other framings (rewinds to acked_cursor). */
+ * detaching is ls_forward_set_socket(f, -1) as for the other framings (rewinds to acked_cursor).
+ * Returns 0 or -EINVAL (not RELP, no socket, or next_txnr out of range). */
 int ls_forward_relp_attach(struct ls_forward *f, int sock_fd, uint32_t next_txnr);
 /* Read and apply the collector's responses now on the socket, never blocking. Returns the records
  * acknowledged by this call (>= 0) once the socket has nothing more to read; otherwise the
@@ -152,7 +158,9 @@ int ls_forward_relp_attach(struct ls_forward *f, int sock_fd, uint32_t next_txnr
  * -ENOTCONN without a socket. Acknowledgements read before the end still count. */
 int64_t ls_forward_relp_read(struct ls_forward *f);
 /* Send `close` (only with nothing in flight: -EBUSY otherwise). Returns its txnr; its rsp makes
- * ls_forward_relp_read return -ESHUTDOWN. -EAGAIN if the socket cannot take the 20 bytes now. */
+ * ls_forward_relp_read return -ESHUTDOWN. -EAGAIN if the socket cannot take the 20 bytes now;
+ * -EINVAL (not RELP), -ENOTCONN (no socket), -EIO (sent in part: the session is unusable), or
+ * send's -errno. */
 int64_t ls_forward_relp_close(struct ls_forward *f);
 /* The last refusal or protocol error, as text ("500 ..." from the collector, or what was wrong
  * with its frame), NUL-terminated in buf. Returns its length. */

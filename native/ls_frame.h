@@ -1,7 +1,8 @@
 /* ls_frame.h - the 32-byte batch frame header, shared by the engine and the producer transport.
  *
  * The reference for these bytes is logsink/protocol.py (pack_frame_header/unpack_frame_header);
- * docs/protocol.md describes them. All fields little-endian.
+ * the constants come from it (ls_protocol_gen.h) and tests/test_conformance.py runs the same
+ * headers through both checks. docs/protocol.md describes them. All fields little-endian.
  *
  *   off size field
  *   0   4    magic "LSK1"
@@ -19,11 +20,13 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LS_FRAME_MAGIC "LSK1"
-#define LS_FRAME_VERSION 1
-#define LS_FRAME_HEADER_SIZE 32
-/* Mirrors protocol.MAX_BATCH_PAYLOAD: a bad header cannot make us splice gigabytes. */
-#define LS_MAX_BATCH_PAYLOAD (64u << 20)
+#include "ls_protocol_gen.h"
+
+#define LS_FRAME_MAGIC LS_PROTO_FRAME_MAGIC
+#define LS_FRAME_VERSION LS_PROTO_VERSION
+#define LS_FRAME_HEADER_SIZE LS_PROTO_FRAME_HEADER_SIZE
+/* protocol.MAX_BATCH_PAYLOAD: a bad header cannot make us splice gigabytes. */
+#define LS_MAX_BATCH_PAYLOAD LS_PROTO_MAX_BATCH_PAYLOAD
 
 struct ls_frame_header {
     char magic[4];
@@ -52,11 +55,16 @@ static inline void ls_frame_fill(void *dst, uint32_t payload_len, uint32_t recor
     memcpy(dst, &h, sizeof h);
 }
 
-/* Returns 0 if the header is valid, else a negative LS_EFRAME_* code (same checks as the Python). */
-#define LS_EFRAME_MAGIC (-1)
-#define LS_EFRAME_VERSION (-2)
-#define LS_EFRAME_LENGTH (-3)
-#define LS_EFRAME_RECORDS (-4)
+/* Frame verdicts: what is wrong with a batch. Positive and from 1001 up, so that they can never be
+ * taken for (or mixed with) a -errno; they travel in LS_EV_BAD_FRAME's err (ls_engine.h adds
+ * LS_EBATCH_* after these). 0 means the header is valid. */
+#define LS_FRAME_VERDICT_BASE 1000
+#define LS_EFRAME_MAGIC (LS_FRAME_VERDICT_BASE + 1)   /* magic is not "LSK1" */
+#define LS_EFRAME_VERSION (LS_FRAME_VERDICT_BASE + 2) /* version or header_len unsupported */
+#define LS_EFRAME_LENGTH (LS_FRAME_VERDICT_BASE + 3)  /* payload_len 0 or over max_payload */
+#define LS_EFRAME_RECORDS (LS_FRAME_VERDICT_BASE + 4) /* record_count 0 or over payload_len */
+/* Returns 0 if the header is valid, else its LS_EFRAME_* verdict (the checks of
+ * protocol.unpack_frame_header, in the same order). */
 static inline int ls_frame_check(const struct ls_frame_header *h, uint32_t max_payload)
 {
     if (memcmp(h->magic, LS_FRAME_MAGIC, 4) != 0)

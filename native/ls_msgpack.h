@@ -21,8 +21,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Mirrors protocol.MAX_CONTROL_MESSAGE: a garbage length prefix cannot make us buffer GBs. */
-#define LS_MAX_CONTROL_MESSAGE (1u << 20)
+#include "ls_protocol_gen.h"
+
+/* protocol.MAX_CONTROL_MESSAGE: a garbage length prefix cannot make us buffer GBs. */
+#define LS_MAX_CONTROL_MESSAGE LS_PROTO_MAX_CONTROL_MESSAGE
 /* Control messages nest 3 deep (release.failed[i]); 32 leaves room for growth and bounds the
  * decoder's recursion. */
 #define LS_MP_MAX_DEPTH 32

@@ -62,8 +62,6 @@ static void register_atfork(void)
     (void)pthread_atfork(NULL, NULL, on_fork_child);
 }
 
-enum msg_kind { M_HELLO, M_WELCOME, M_RELEASE, M_ERROR, M_SHUTDOWN, M_STATUS };
-
 /* The connection, as the writers see it. */
 enum conn_state {
     CONN_UP,       /* batches go out as they fill */
@@ -346,20 +344,22 @@ static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, u
 
 /* -- names and paths ---------------------------------------------------------------------------- */
 
+/* protocol.validate_stream_name over n bytes (a msgpack str is not NUL-terminated): 1 ..
+ * MAX_STREAM_NAME of STREAM_NAME_CHARS, not starting with '.', without "..". */
+static int stream_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > LS_PROTO_MAX_STREAM_NAME || s[0] == '.')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\0' || !strchr(LS_PROTO_STREAM_NAME_CHARS, s[i]) || (i && s[i] == '.' && s[i - 1] == '.'))
+            return 0;
+    }
+    return 1;
+}
+
 int ls_validate_stream_name(const char *s)
 {
-    if (!s)
-        return -EINVAL;
-    size_t n = strnlen(s, LS_MAX_STREAM_NAME + 1);
-    if (n == 0 || n > LS_MAX_STREAM_NAME || s[0] == '.' || strstr(s, ".."))
-        return -EINVAL;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-              c == '-'))
-            return -EINVAL;
-    }
-    return 0;
+    return s && stream_name_ok(s, strnlen(s, LS_MAX_STREAM_NAME + 1)) ? 0 : -EINVAL;
 }
 
 /* The system daemon's runtime directory (systemd's RuntimeDirectory=logsink), as config.SYSTEM_RUNTIME_DIR. */
@@ -409,23 +409,63 @@ static int is_str(const struct ls_mp_doc *d, int i)
     return i >= 0 && d->nodes[i].type == LS_MP_STR;
 }
 
-/* protocol.check_message for what a producer can receive: the map, a known "t", the required
- * keys with their types. Returns the kind or -EPROTO with `why` filled in. */
-static int check_message(const struct ls_mp_doc *d, char *why, size_t whylen)
+/* The rules of protocol.check_message beyond the schema table, for RELEASE and HELLO. */
+static const char *check_rules(const struct ls_mp_doc *d, int kind, char *why, size_t whylen)
 {
-    static const struct {
-        const char *name;
-        int kind;
-        const char *ints[3];
-        const char *strs[3];
-    } schema[] = {
-        {"hello", M_HELLO, {"v", "pid"}, {"stream", "transport"}},
-        {"welcome", M_WELCOME, {"v", "producer"}, {"engine"}},
-        {"release", M_RELEASE, {"through"}, {NULL}},
-        {"error", M_ERROR, {NULL}, {"code", "reason"}},
-        {"shutdown", M_SHUTDOWN, {NULL}, {NULL}},
-        {"status", M_STATUS, {NULL}, {NULL}},
-    };
+    if (kind == LS_MSG_RELEASE) {
+        const struct ls_mp_node *t = &d->nodes[ls_mp_map_get(d, 0, "through")];
+        if (t->type == LS_MP_INT && t->v.i < 0) {
+            snprintf(why, whylen, "release 'through' must be >= 0, got %lld", (long long)t->v.i);
+            return LS_PROTO_E_BAD_MESSAGE;
+        }
+        int f = ls_mp_map_get(d, 0, "failed"); /* optional: [[seq, code, reason], ...] */
+        if (f < 0)
+            return NULL;
+        int ok = d->nodes[f].type == LS_MP_ARRAY;
+        uint32_t e = (uint32_t)f + 1;
+        for (uint32_t i = 0; ok && i < d->nodes[f].len; i++, e = d->nodes[e].next) {
+            ok = d->nodes[e].type == LS_MP_ARRAY && d->nodes[e].len == 3 && is_int(d, (int)e + 1) &&
+                 is_str(d, (int)d->nodes[e + 1].next) && is_str(d, (int)d->nodes[d->nodes[e + 1].next].next);
+        }
+        if (!ok) {
+            snprintf(why, whylen, "release 'failed' must be a list of [seq, code, reason]");
+            return LS_PROTO_E_BAD_MESSAGE;
+        }
+    } else if (kind == LS_MSG_HELLO) {
+        const struct ls_mp_node *v = &d->nodes[ls_mp_map_get(d, 0, "v")];
+        if (v->type != LS_MP_INT || v->v.i != LS_PROTO_VERSION) {
+            if (v->type == LS_MP_INT)
+                snprintf(why, whylen, "protocol version %lld is not supported (this daemon speaks %d)",
+                         (long long)v->v.i, LS_PROTO_VERSION);
+            else
+                snprintf(why, whylen, "protocol version %llu is not supported (this daemon speaks %d)",
+                         (unsigned long long)v->v.u, LS_PROTO_VERSION);
+            return LS_PROTO_E_BAD_VERSION;
+        }
+        const struct ls_mp_node *s = &d->nodes[ls_mp_map_get(d, 0, "stream")];
+        if (!stream_name_ok(s->v.s, s->len)) {
+            snprintf(why, whylen, "stream name is invalid: use 1 to %d characters of [A-Za-z0-9._-], not starting "
+                     "with '.' and without '..'", LS_PROTO_MAX_STREAM_NAME);
+            return LS_PROTO_E_BAD_STREAM;
+        }
+        static const char *const transports[] = LS_PROTO_TRANSPORTS;
+        int t = ls_mp_map_get(d, 0, "transport");
+        for (size_t i = 0; i < sizeof transports / sizeof transports[0]; i++)
+            if (ls_mp_str_eq(d, (uint32_t)t, transports[i]))
+                return NULL;
+        snprintf(why, whylen, "transport is not one of the protocol's transports");
+        return LS_PROTO_E_BAD_MESSAGE;
+    }
+    return NULL;
+}
+
+/* protocol.check_message: the map, a known "t", the required keys with their types (the table
+ * generated from protocol._SCHEMA), then check_rules. Returns the kind (enum ls_msg_kind) or
+ * -EPROTO with `why` filled in and *code the protocol error code (E_BAD_MESSAGE, ...). */
+static int check_message(const struct ls_mp_doc *d, const char **code, char *why, size_t whylen)
+{
+    static const struct ls_msg_schema schema[] = LS_PROTO_SCHEMA;
+    *code = LS_PROTO_E_BAD_MESSAGE;
     if (d->nodes[0].type != LS_MP_MAP) {
         snprintf(why, whylen, "control message is not a map");
         return -EPROTO;
@@ -434,16 +474,19 @@ static int check_message(const struct ls_mp_doc *d, char *why, size_t whylen)
     for (size_t k = 0; k < sizeof schema / sizeof schema[0]; k++) {
         if (!ls_mp_str_eq(d, (uint32_t)(t < 0 ? UINT32_MAX : (uint32_t)t), schema[k].name))
             continue;
-        for (int j = 0; j < 3 && schema[k].ints[j]; j++)
-            if (!is_int(d, ls_mp_map_get(d, 0, schema[k].ints[j]))) {
-                snprintf(why, whylen, "%s message needs '%s' of type int", schema[k].name, schema[k].ints[j]);
+        for (const struct ls_msg_field *f = schema[k].fields; f->key; f++) {
+            int v = ls_mp_map_get(d, 0, f->key);
+            if (f->type == LS_FIELD_INT ? !is_int(d, v) : !is_str(d, v)) {
+                snprintf(why, whylen, "%s message needs '%s' of type %s", schema[k].name, f->key,
+                         f->type == LS_FIELD_INT ? "int" : "str");
                 return -EPROTO;
             }
-        for (int j = 0; j < 3 && schema[k].strs[j]; j++)
-            if (!is_str(d, ls_mp_map_get(d, 0, schema[k].strs[j]))) {
-                snprintf(why, whylen, "%s message needs '%s' of type str", schema[k].name, schema[k].strs[j]);
-                return -EPROTO;
-            }
+        }
+        const char *bad = check_rules(d, schema[k].kind, why, whylen);
+        if (bad) {
+            *code = bad;
+            return -EPROTO;
+        }
         return schema[k].kind;
     }
     snprintf(why, whylen, "unknown control message type");
@@ -490,6 +533,44 @@ static void consume_frame(struct ls_producer *p)
     size_t n = 4 + (size_t)ls_mp_frame_body_len(p->rx);
     memmove(p->rx, p->rx + n, p->rx_len - n);
     p->rx_len -= n;
+}
+
+int ls_check_control_frame(const void *buf, size_t len, char *why, size_t whylen)
+{
+    char w[256];
+    const char *code = LS_PROTO_E_BAD_MESSAGE;
+    int r;
+    if (len < 4)
+        return 0;
+    int64_t n = ls_mp_frame_body_len(buf);
+    if (n < 0) {
+        snprintf(w, sizeof w, "control frame length is outside 1..%u", LS_MAX_CONTROL_MESSAGE);
+        r = -EPROTO;
+    } else if (len < 4 + (size_t)n) {
+        return 0;
+    } else {
+        struct ls_mp_doc doc = {0};
+        r = ls_mp_decode((const char *)buf + 4, (size_t)n, &doc);
+        if (r == -ENOMEM)
+            return r;
+        if (r < 0)
+            snprintf(w, sizeof w, "control frame is not valid msgpack");
+        else
+            r = check_message(&doc, &code, w, sizeof w);
+        ls_mp_doc_free(&doc);
+    }
+    if (r < 0 && why && whylen)
+        snprintf(why, whylen, "%s: %s", code, w);
+    return r;
+}
+
+int ls_check_frame_header(const void *buf, size_t len, uint32_t max_payload)
+{
+    struct ls_frame_header h;
+    if (len != sizeof h)
+        return -EINVAL;
+    memcpy(&h, buf, sizeof h);
+    return ls_frame_check(&h, max_payload);
 }
 
 /* Receive what the socket has into rx. Returns bytes read (> 0), 0 on EOF, -errno. */
@@ -1069,13 +1150,13 @@ int ls_producer_event_fd(struct ls_producer *p)
 
 /* -- background thread ------------------------------------------------------------------------- */
 
-/* ERROR codes worth a reconnect: the daemon is stopping, full, or failed on its side. The rest
- * (forbidden, bad-stream, auth: the answer will not change; bad-frame, bad-message, bad-fd,
- * bad-version, too-many-fds: our bug; file-refused: the operator must fix the file; codes this
- * client does not know) end the producer. */
+/* ERROR codes worth a reconnect (protocol.RETRIABLE_CODES): the daemon is stopping, full, or
+ * failed on its side. The rest (forbidden, bad-stream, auth: the answer will not change;
+ * bad-frame, bad-message, bad-fd, bad-version, too-many-fds: our bug; file-refused: the operator
+ * must fix the file; codes this client does not know) end the producer. */
 static int retriable_code(const char *code)
 {
-    static const char *const retriable[] = {"shutting-down", "too-many-producers", "internal", "producer-died"};
+    static const char *const retriable[] = LS_PROTO_RETRIABLE_CODES;
     for (size_t i = 0; i < sizeof retriable / sizeof retriable[0]; i++)
         if (strcmp(code, retriable[i]) == 0)
             return 1;
@@ -1086,28 +1167,20 @@ static int retriable_code(const char *code)
 static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
 {
     const struct ls_mp_doc *d = &p->doc;
-    int kind = check_message(d, why, whylen);
+    const char *code_unused;
+    int kind = check_message(d, &code_unused, why, whylen);
     if (kind < 0)
         return kind;
-    if (kind == M_RELEASE) {
+    if (kind == LS_MSG_RELEASE) {
         const struct ls_mp_node *t = &d->nodes[ls_mp_map_get(d, 0, "through")];
         uint64_t through = t->type == LS_MP_UINT ? t->v.u : t->v.i < 0 ? 0 : (uint64_t)t->v.i;
         int f = ls_mp_map_get(d, 0, "failed");
         uint32_t nfailed = 0;
-        if (f >= 0 && d->nodes[f].type != LS_MP_NIL) {
-            /* [[seq, code, reason], ...]: batches that were NOT written. */
-            if (d->nodes[f].type != LS_MP_ARRAY) {
-                snprintf(why, whylen, "release message has 'failed' that is not a list");
-                return -EPROTO;
-            }
+        if (f >= 0) {
+            /* [[seq, code, reason], ...]: batches that were NOT written (check_message checked the shape). */
             nfailed = d->nodes[f].len;
             uint32_t e = (uint32_t)f + 1;
             for (uint32_t i = 0; i < nfailed; i++, e = d->nodes[e].next) {
-                if (d->nodes[e].type != LS_MP_ARRAY || d->nodes[e].len < 3 || !is_int(d, (int)e + 1) ||
-                    !is_str(d, (int)d->nodes[e + 1].next) || !is_str(d, (int)d->nodes[d->nodes[e + 1].next].next)) {
-                    snprintf(why, whylen, "release message has a 'failed' entry that is not [seq, code, reason]");
-                    return -EPROTO;
-                }
                 if (i == 0 && p->failed_pending == 0) {
                     char code[64], reason[256];
                     uint32_t c = d->nodes[e + 1].next, r = d->nodes[c].next;
@@ -1131,7 +1204,7 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
         p->st.failed_batches += nfailed;
         pthread_cond_broadcast(&p->cond);
         signal_event(p);
-    } else if (kind == M_SHUTDOWN) {
+    } else if (kind == LS_MSG_SHUTDOWN) {
         /* Hand over what we hold and end the pipe: the daemon drains it before it exits. With
          * reconnect, keep reading RELEASEs until the daemon closes, then reconnect. */
         if (p->reconnect) {
@@ -1153,7 +1226,7 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
         }
         pthread_cond_broadcast(&p->cond);
         signal_event(p);
-    } else if (kind == M_ERROR) {
+    } else if (kind == LS_MSG_ERROR) {
         char code[64], reason[400], msg[ERRLEN];
         snprintf(msg, sizeof msg, "the logsink daemon closed this producer: %s: %s",
                  str_of(d, ls_mp_map_get(d, 0, "code"), code, sizeof code),
@@ -1521,8 +1594,9 @@ static int await_welcome(struct ls_producer *p, struct conn_parts *c, const char
     for (;;) {
         int r = next_frame(p, why, sizeof why);
         if (r == 1) {
-            int kind = check_message(&p->doc, why, sizeof why);
-            if (kind == M_WELCOME) {
+            const char *code_unused;
+            int kind = check_message(&p->doc, &code_unused, why, sizeof why);
+            if (kind == LS_MSG_WELCOME) {
                 const struct ls_mp_node *id = &p->doc.nodes[ls_mp_map_get(&p->doc, 0, "producer")];
                 c->producer_id = id->type == LS_MP_UINT ? (int64_t)id->v.u : id->v.i;
                 str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "engine"), c->engine, sizeof c->engine);
@@ -1538,7 +1612,7 @@ static int await_welcome(struct ls_producer *p, struct conn_parts *c, const char
                 consume_frame(p);
                 return 0;
             }
-            if (kind == M_ERROR) {
+            if (kind == LS_MSG_ERROR) {
                 char code[64], reason[400];
                 set_error(NULL, "logsink daemon at %s refused stream '%s': %s: %s", path, p->stream,
                           str_of(&p->doc, ls_mp_map_get(&p->doc, 0, "code"), code, sizeof code),
@@ -1546,7 +1620,7 @@ static int await_welcome(struct ls_producer *p, struct conn_parts *c, const char
                 snprintf(p->refused_code, sizeof p->refused_code, "%s", code);
                 consume_frame(p);
                 /* forbidden: the access rules say no; retrying will not help, unlike a busy daemon */
-                return strcmp(code, "forbidden") == 0 ? -EACCES : -ECONNREFUSED;
+                return strcmp(code, LS_PROTO_E_FORBIDDEN) == 0 ? -EACCES : -ECONNREFUSED;
             }
             if (kind >= 0)
                 snprintf(why, sizeof why, "unexpected message instead of WELCOME");
@@ -1869,24 +1943,24 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->lock, NULL);
 
+    /* From here every failure ends at `fail`: destroy() releases whatever was set up so far (the
+     * fds are -1 and the pointers NULL until then). */
+    struct conn_parts c;
+    void *arena;
+    sigset_t all, old;
     p->seg_seq = calloc(o.segments, sizeof *p->seg_seq);
     p->seg_zc = calloc(o.segments, sizeof *p->seg_zc);
     if (!p->seg_seq || !p->seg_zc) {
-        destroy(p, 0);
-        return -ENOMEM;
+        r = -ENOMEM;
+        goto fail;
     }
-    struct conn_parts c;
-    if ((r = connect_once(p, &c)) < 0) {
-        destroy(p, 0);
-        return r;
-    }
+    if ((r = connect_once(p, &c)) < 0)
+        goto fail; /* connect_once said why */
     install_conn_locked(p, &c); /* no other thread yet */
     p->arena_size = (size_t)o.segments * o.segment_size;
-    void *arena;
     if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
         set_error(NULL, "mapping the segment arena (%zu bytes) failed: %s", p->arena_size, strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     p->arena = arena;
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1894,24 +1968,25 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     if (p->event_fd < 0 || p->wake_fd < 0) {
         r = -errno;
         set_error(NULL, "setting up the producer failed: %s", strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     /* The background thread runs with every signal blocked: signals go to the application's
      * threads, and a SIGPIPE from a handover it makes stays pending there, harmless. */
-    sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     r = -pthread_create(&p->thread, NULL, background, p);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (r < 0) {
         set_error(NULL, "starting the producer thread failed: %s", strerror(-r));
-        destroy(p, 0);
-        return r;
+        goto fail;
     }
     p->thread_started = 1;
     *out = p;
     return 0;
+
+fail:
+    destroy(p, 0);
+    return r;
 }
 
 int ls_producer_close(struct ls_producer *p)

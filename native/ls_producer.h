@@ -42,6 +42,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ls_protocol_gen.h"
+
 #define LS_ON_FULL_BLOCK 0
 #define LS_ON_FULL_DROP 1
 
@@ -53,7 +55,7 @@
 #define LS_DEFAULT_FLUSH_INTERVAL_MS 200
 /* How long connect + HELLO may take before the daemon counts as unreachable. */
 #define LS_CONNECT_TIMEOUT_MS 10000
-#define LS_MAX_STREAM_NAME 64
+#define LS_MAX_STREAM_NAME LS_PROTO_MAX_STREAM_NAME /* protocol.MAX_STREAM_NAME */
 /* TCP zerocopy: after this many consecutive ids come back COPIED (always, on loopback), stop
  * asking for zerocopy on the connection: the kernel documentation's advice, and it saves the
  * completion round trips. */
@@ -119,6 +121,17 @@ int ls_producer_opts_init(struct ls_producer_opts *opts);
 /* Check a stream name as protocol.validate_stream_name: 1..64 of [A-Za-z0-9._-], not starting
  * with '.', no "..". Returns 0 or -EINVAL. */
 int ls_validate_stream_name(const char *stream);
+
+/* The protocol checks on their own, for tests/test_conformance.py (which runs the same bytes through
+ * logsink/protocol.py, the reference) and for fuzzing. */
+/* The first control frame in buf[0..len) (4-byte big-endian length, msgpack map), checked as
+ * protocol.ControlDecoder + check_message do. Returns its kind (enum ls_msg_kind, > 0), 0 if buf
+ * holds less than the whole frame, -EPROTO with why = "<error code>: <reason>" (the code is
+ * protocol.E_BAD_MESSAGE, E_BAD_VERSION or E_BAD_STREAM) if it breaks the protocol, or -ENOMEM. */
+int ls_check_control_frame(const void *buf, size_t len, char *why, size_t whylen);
+/* A 32-byte batch frame header checked as protocol.unpack_frame_header does: returns 0 (valid),
+ * its verdict LS_EFRAME_* (> 0, ls_frame.h), or -EINVAL if len is not 32. */
+int ls_check_frame_header(const void *buf, size_t len, uint32_t max_payload);
 
 /* The socket path the daemon and clients agree on when none is configured, as
  * config.default_socket_path: $LOGSINK_SOCKET, else $XDG_RUNTIME_DIR/logsink.sock if that

@@ -16,12 +16,14 @@
 /* Map `size` bytes of anonymous memory for segments. Sizes of 2 MiB and up are 2 MiB-aligned and
  * advised MADV_HUGEPAGE: vmsplice then references a few huge pages instead of hundreds of 4 KiB
  * pages, which is what makes it cheaper than a copy (docs/architecture.md has the numbers). */
+/* Returns 0 and *out, or mmap's -errno (-ENOMEM). ls_arena_unmap returns 0 or -EINVAL. */
 int ls_arena_map(size_t size, void **out);
 int ls_arena_unmap(void *addr, size_t size);
 
 /* A data pipe: O_CLOEXEC, write end O_NONBLOCK, resized to `want_size` if allowed (pipe sizes
  * are charged to the uid: past pipe-user-pages-soft the kernel refuses growth, so we keep what we
- * got). *got_size receives the real capacity (F_GETPIPE_SZ). */
+ * got). *got_size receives the real capacity (F_GETPIPE_SZ). Returns 0, or -EMFILE/-ENFILE (no fd
+ * left) and other pipe2/fcntl -errno. */
 int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size);
 
 /* Write the 32-byte frame header at `seg` (the segment reserves it) and move header + payload
@@ -45,7 +47,8 @@ size_t ls_count_records(const void *buf, size_t n);
  * bytes into the scratch pipe and read them back into `buf` (a copy made only to find record
  * boundaries; the payload itself moves by ls_splice_batch). Blocks until data or EOF.
  * *avail = bytes seen (0 = EOF), *batch = length through the last '\n' (0 if none yet),
- * *records = '\n' count in the batch. Returns 0 or -errno. */
+ * *records = '\n' count in the batch. Returns 0 or -errno: tee/read/poll errors (-EINVAL: in_fd is
+ * not a pipe), -EIO (the scratch pipe gave back less than tee put in). */
 int ls_peek_records(int in_fd, int scan_r, int scan_w, char *buf, size_t max, size_t *avail, size_t *batch,
                     uint32_t *records);
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_SUBMODULES = ("structlog", "logging", "pipe", "aio", "client", "protocol", "config", "cli", "daemon",
-                     "access", "files", "forward", "bench")
+                     "access", "errors", "files", "forward", "bench")
 
 
 def run_fresh(code: str) -> str:
