@@ -39,8 +39,23 @@ from pathlib import Path
 from typing import Any
 
 from logsink_bench.harness import (
-    GB, START_TIMEOUT, BenchError, Daemon, Server, VariantResult, check_space, clear_dir, filesystem_of, make_record,
-    make_workdir, now_ns, parse_size, process_cpu_seconds, run_rounds, tcp_accepts, warm_page_cache,
+    GB,
+    START_TIMEOUT,
+    BenchError,
+    Daemon,
+    Server,
+    VariantResult,
+    check_space,
+    clear_dir,
+    filesystem_of,
+    make_record,
+    make_workdir,
+    now_ns,
+    parse_size,
+    process_cpu_seconds,
+    run_rounds,
+    tcp_accepts,
+    warm_page_cache,
 )
 
 DEFAULT_BYTES = 512 << 20

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 try:
     from logsink._core import ffi, lib  # type: ignore[import-not-found]
 except ImportError as exc:  # pragma: no cover - only on a broken install

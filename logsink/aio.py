@@ -17,7 +17,7 @@ from logsink.errors import error_for
 
 # Live clients: their queues are drained at interpreter exit (before client.py closes the Clients:
 # atexit runs this module's hook first), and reset in a forked child.
-_live: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
+_live: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 
 
 class _Request:
@@ -134,7 +134,7 @@ class AsyncClient:
         # queue first), or at once for a request or a half-full queue: one wakeup per batch.
         if size == 0 or self._queued >= self._limit // 2:
             self._work.notify()
-        elif not self._kick_pending:
+        elif not self._kick_pending and self._loop is not None:
             self._kick_pending = True
             self._loop.call_soon(self._kick)
 
@@ -171,7 +171,7 @@ class AsyncClient:
             left = None if deadline is None else deadline - loop.time()
             try:
                 await asyncio.wait_for(room, left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise error_for(errno.ETIMEDOUT, "write", f"stream {self.stream!r}: the daemon took no records for {c.timeout} s") from None
 
     def _wake_room(self) -> None:
@@ -192,7 +192,7 @@ class AsyncClient:
             self._enqueue_locked(req, 0)
         try:
             await asyncio.wait_for(asyncio.shield(req.future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise error_for(errno.ETIMEDOUT, kind, f"{kind} of stream {self.stream!r} not confirmed within {timeout} s") from None
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -227,11 +227,13 @@ class AsyncClient:
                     self._work.wait()
                 self._idle = False
                 item = self._queue.popleft()
-                batch = [item] if isinstance(item, bytes) else []
-                size = len(item) if batch else 0
+                batch: list[bytes] = [item] if isinstance(item, bytes) else []
+                size = len(batch[0]) if batch else 0
                 while batch and self._queue and isinstance(self._queue[0], bytes):
-                    size += len(self._queue[0])
-                    batch.append(self._queue.popleft())
+                    nxt = self._queue.popleft()
+                    assert isinstance(nxt, bytes)
+                    size += len(nxt)
+                    batch.append(nxt)
             if batch:
                 try:
                     client.write(b"".join(batch) if len(batch) > 1 else batch[0])
@@ -257,7 +259,7 @@ class AsyncClient:
             self._queued -= size
             wake = bool(self._room) and not self._wake_pending
             self._wake_pending |= wake
-        if wake:
+        if wake and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wake_room)
             except RuntimeError:

@@ -30,7 +30,7 @@ PAGE = 4096
 _TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY, "zerocopy": lib.LS_TRANSPORT_ZEROCOPY}
 
 # Every open Client: flushed and closed at interpreter exit, reconnected lazily in a forked child.
-_live: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_live: weakref.WeakSet[Client] = weakref.WeakSet()
 # At exit, a stopped daemon must not hang the interpreter: flush at most this long per client.
 EXIT_FLUSH_TIMEOUT = 5.0
 

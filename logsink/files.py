@@ -50,6 +50,7 @@ def _refusal(err: int, dirfd: int, name: str, where: str) -> OSError:
     if err == errno.ENXIO:
         return FileRefused(err, f"{where} is not a regular file (it is a {_kind(dirfd, name)}): remove it")
     if err == errno.EMLINK:
+        links: int | str
         try:
             links = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_nlink
         except OSError:

@@ -174,7 +174,8 @@ def check_message(msg: Any) -> dict[str, Any]:
     for key, typ in schema.items():
         val = msg.get(key)
         if not (_is_int(val) if typ is int else isinstance(val, typ)):
-            raise ProtocolError(E_BAD_MESSAGE, f"{kind} message needs {key!r} of type {typ.__name__}, got {val!r}")
+            name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise ProtocolError(E_BAD_MESSAGE, f"{kind} message needs {key!r} of type {name}, got {val!r}")
     if kind == RELEASE:
         if msg["through"] < 0:
             raise ProtocolError(E_BAD_MESSAGE, f"release 'through' must be >= 0, got {msg['through']}")

@@ -56,12 +56,12 @@ def read_constants(path: pathlib.Path = PROTOCOL) -> tuple[dict[str, object], di
             continue
         if target == "_SCHEMA":
             assert isinstance(node, ast.Dict)
-            for k, v in zip(node.keys, node.values):
+            for k, v in zip(node.keys, node.values, strict=False):
                 assert isinstance(k, ast.Name) and isinstance(v, ast.Dict), "_SCHEMA: keys are message constants"
                 name = str(env[k.id])
                 kinds[name] = k.id
                 schema[name] = {}
-                for fk, fv in zip(v.keys, v.values):
+                for fk, fv in zip(v.keys, v.values, strict=False):
                     assert isinstance(fk, ast.Constant) and isinstance(fv, ast.Name) and fv.id in _TYPES, (
                         f"_SCHEMA[{k.id}]: fields must be 'key': int or str")
                     schema[name][str(fk.value)] = fv.id

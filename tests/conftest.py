@@ -50,7 +50,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.stopped = False  # True while SIGSTOPped
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         self._stderr = open(self.stderr_path, "wb")
         env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, cwd=self.root, env=env)

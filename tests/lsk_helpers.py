@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
+from typing import Any
 
 
 class _LazyProtocol:
@@ -155,7 +155,7 @@ def _diff(got: list[bytes], want: list[bytes]) -> str:
         msg = f"{len(got)} lines, expected {len(want)}"
     else:
         msg = "same count"
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
             return msg + f"; first difference at line {i}: {a[:100]!r} != {b[:100]!r}"
     return msg + "; one is a prefix of the other"
@@ -282,7 +282,7 @@ class RawProducer:
                 data = self.sock.recv(65536)
             except ConnectionResetError:
                 data = b""
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not data:
                 self.eof = True

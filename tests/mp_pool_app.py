@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lsk_helpers import record  # noqa: E402
+
 import logsink  # noqa: E402
 from logsink.logging import LogsinkHandler  # noqa: E402
-from lsk_helpers import record  # noqa: E402
 
 KIND = os.environ["LSK_MP_KIND"]  # from the environment: spawn/forkserver workers import this module with other argv
 STREAM = os.environ["LSK_MP_STREAM"]

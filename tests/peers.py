@@ -85,7 +85,7 @@ class Peer:
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
 
-    def start(self) -> "Peer":
+    def start(self) -> Peer:
         ensure_peers()
         cmd, env = self.command()
         self._log = open(self.log, "wb")
@@ -119,7 +119,7 @@ class Peer:
         self._log.close()
         self.proc = None
 
-    def restart(self) -> "Peer":
+    def restart(self) -> Peer:
         """Start again on the same port and output file (after kill())."""
         return self.start()
 

@@ -24,9 +24,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from conftest import START_TIMEOUT, Daemon as DaemonProc
+from conftest import START_TIMEOUT
+from conftest import Daemon as DaemonProc
 from lsk_helpers import wait_for
+
 from logsink import protocol
 from logsink.access import AccessRules, Principals, admit, admit_tcp, may_read_status, peer_gids
 from logsink.config import ConfigError, default_socket_path, load
@@ -340,7 +341,7 @@ def shared_dir():
 class NobodyDaemon(DaemonProc):
     """``logsink serve`` run as uid/gid 65534: the impostor squatting a socket path."""
 
-    def start(self) -> "NobodyDaemon":
+    def start(self) -> NobodyDaemon:
         os.chown(self.root, NOBODY, NOBODY)
         os.chown(self.dir, NOBODY, NOBODY)
         exe, _ = unprivileged_python()

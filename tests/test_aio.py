@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
+from lsk_helpers import assert_file, make_records, proc_state, record, wait_for
 
 import logsink
-from lsk_helpers import assert_file, make_records, proc_state, record, wait_for
 
 # How long a stopped daemon stalls the writers in the heartbeat test, and the longest gap between two
 # 10 ms heartbeats of the loop that still counts as "not blocked" (scheduling noise on 2 shared cores).

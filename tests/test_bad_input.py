@@ -9,7 +9,6 @@ import struct
 import subprocess
 
 import pytest
-
 from conftest import finish_producer, run_producer
 from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, read_line, wait_for
 

@@ -9,7 +9,6 @@ examples (minimal, logsink-blast) end to end.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import random
 import shutil
@@ -23,8 +22,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from lsk_helpers import ENGINES, make_records, assert_file, proc_state, wait_for
+from lsk_helpers import ENGINES, assert_file, make_records, proc_state, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_DIR = ROOT / "clients" / "c"
@@ -279,7 +277,7 @@ class TestMsgpackCodec:
             "truncated-fixext", "bad-timestamp-ext"])
     def test_malformed_input_is_eproto_as_python_refuses_it(self, native, data):
         """Bytes Python's decoder (raw=False, strict_map_key=True) refuses are -EPROTO in C too."""
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - msgpack raises several types (ExtraData, ValueError, ...)
             msgpack.unpackb(data, raw=False, strict_map_key=True)
         assert c_decode(native, data) == -errno.EPROTO
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from lsk_helpers import assert_file, make_records, proc_state, wait_for
 
 STATS_KEYS = {

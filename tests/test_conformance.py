@@ -17,10 +17,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from fuzz import strategies as fs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz import strategies as fs
 from logsink import protocol
 from logsink._native import ffi, lib
 

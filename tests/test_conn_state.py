@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from lsk_helpers import RawProducer, make_records, wait_for
+
 from logsink import protocol
 from logsink.protocol import CONN_TRANSITIONS, ConnEvent, ConnState, ProtocolError, conn_step
 

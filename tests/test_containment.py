@@ -7,7 +7,6 @@ import os
 import time
 
 import pytest
-
 from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, wait_for
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import ENGINES, assert_file, make_records
 
@@ -79,7 +78,7 @@ class TestSegmentReuse:
         d = daemon(engine)
         kw = {"segments": 4, "segment_size": 4096}
         stats, _ = run_and_check(d, producers, "app", 2, N_RECORDS, kw)
-        for tag, st in stats.items():
+        for _tag, st in stats.items():
             assert st["segments"] == 4 and st["segment_size"] == 4096, st
             # each batch fits one 4 KiB segment, so the batches are at least bytes/4096: far above 4
             assert st["batches"] >= st["bytes"] // 4096, st

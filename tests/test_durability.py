@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from lsk_helpers import ENGINES, assert_file, make_records, wait_for
 
 import logsink
-from lsk_helpers import ENGINES, assert_file, make_records, wait_for
 
 
 def _write(d, stream: str, tag: str, n: int, batches: int) -> None:

@@ -7,7 +7,6 @@ import resource
 import time
 
 import pytest
-
 from lsk_helpers import ENGINES, protocol, wait_for
 
 KINDS = {"io_uring": 1, "splice": 2, "readwrite": 3}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import logsink
 from lsk_helpers import assert_file, make_records, wait_for
+
+import logsink
 
 # splice(2) into a regular file fails with EINVAL, as on a filesystem without splice_write; splices
 # into pipes and /dev/null still work (the daemon's probe and discards use those).

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import make_records, wait_for
 from peers import Rsyslog, SyslogNg
@@ -363,7 +362,7 @@ def assert_exactly_once_in_order(got: list[bytes], expected: dict[str, list[byte
     for tag, want in expected.items():
         have = by_tag.get(tag, [])
         assert len(have) == len(want), f"producer {tag}: {len(have)} records arrived, expected {len(want)}"
-        assert have == want, f"producer {tag}: records differ (first at {next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)})"
+        assert have == want, f"producer {tag}: records differ (first at {next(i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b)})"
 
 
 class TestDaemonForwarding:

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import make_records, wait_for
 from peers import Rsyslog, RsyslogRelp
 from test_forward import CForwarder, forward_status, parse_newline, parse_octet, sinks, write_records  # noqa: F401 (fixture)
@@ -166,8 +165,8 @@ class TestForwarderSkipsHoles:
         fw.connect(sink.port)
         drain(fw, end)
         # the record cut by the hole's start is gone too: its tail is zeros
-        before = [r for r, o in zip(recs, offsets) if o + len(r) <= MiB]
-        after = [r for r, o in zip(recs, offsets) if o > 2 * MiB]
+        before = [r for r, o in zip(recs, offsets, strict=False) if o + len(r) <= MiB]
+        after = [r for r, o in zip(recs, offsets, strict=False) if o > 2 * MiB]
         wait_for(lambda: len(received(sink, framing)[1]) >= len(before) + len(after), 10, "the records around the hole")
         raw, got = received(sink, framing)
         assert_no_nul(raw, "the sink")
@@ -295,7 +294,7 @@ class MeteredSink:
                     want = min(self._budget, 64 << 10)
                 try:
                     data = conn.recv(want)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not data:
                     return
@@ -441,7 +440,7 @@ class TestCrashUnderLoad:
             base = sink.nbytes
             # forwarding is under way (or the spool is done), then a varied moment later: SIGKILL
             try:
-                wait_for(lambda: sink.nbytes >= base + (256 << 10), 30, f"round {k}: forwarding", interval=0.002)
+                wait_for(lambda base=base: sink.nbytes >= base + (256 << 10), 30, f"round {k}: forwarding", interval=0.002)
             except AssertionError:
                 pass  # checked below: a round that found nothing left to send proves nothing
             time.sleep(0.03 * k)

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import RawProducer, make_records, wait_for
 
 START_TIMEOUT = 20.0
@@ -118,7 +117,7 @@ class TestFdContainment:
                 msg = raw.next_message()
             assert msg is not None and msg["t"] == protocol.ERROR and msg["code"] == "bad-fd", f"expected ERROR bad-fd, got {msg}"
             # The daemon's copy of the read end is closed: with ours closed too, the write end sees EPIPE.
-            wait_for(lambda: _pipe_reader_gone(w), 10, "the daemon to close the passed pipe")
+            wait_for(lambda w=w: _pipe_reader_gone(w), 10, "the daemon to close the passed pipe")
         finally:
             os.close(w)
             raw.close()
@@ -420,7 +419,7 @@ class TestFdRules:
                 os.close(r)
             raw.expect_error("too-many-fds")
             for _, w in pipes:
-                wait_for(lambda: _pipe_reader_gone(w), 10, "the daemon to close every passed pipe")
+                wait_for(lambda w=w: _pipe_reader_gone(w), 10, "the daemon to close every passed pipe")
         finally:
             for _, w in pipes:
                 os.close(w)

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import structlog
+from lsk_helpers import assert_file, make_records, wait_for
 
 import logsink
 import logsink.logging as lsk_logging
 import logsink.structlog as lsk_structlog
-from lsk_helpers import assert_file, make_records, wait_for
 
 FLUSH_TIMEOUT = 20.0
 SUBPROCESS_TIMEOUT = 60.0

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 TESTS_DIR = Path(__file__).resolve().parent
 RUN_TIMEOUT = 300
 

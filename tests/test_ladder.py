@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import assert_file, make_records
 
 IO_URING_DISABLED = Path("/proc/sys/kernel/io_uring_disabled")

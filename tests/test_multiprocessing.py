@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import assert_file, make_records, split_lines
 
 APP = Path(__file__).resolve().parent / "mp_pool_app.py"

@@ -6,10 +6,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
-
 from lsk_helpers import make_records
 
 PIPE = [sys.executable, "-m", "logsink", "pipe"]

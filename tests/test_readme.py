@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from lsk_helpers import status, wait_for
+from lsk_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

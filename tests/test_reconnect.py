@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import START_TIMEOUT, Daemon, finish_producer
 from lsk_helpers import assert_file, make_records, proc_state, read_line, record, wait_for
 from peers import free_port

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import make_records, wait_for
 from peers import RsyslogRelp
@@ -124,7 +123,7 @@ class CRelp:
             self.peer.settimeout(0.05)
             try:
                 data = self.peer.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             assert data, "the forwarder closed the connection"
             frames, self.rx = parse_frames(self.rx + data)
@@ -138,7 +137,7 @@ class CRelp:
         self.peer.settimeout(wait)
         try:
             return self.peer.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             return b""
 
     def answer(self, data: bytes) -> int:
@@ -207,7 +206,7 @@ class TestRelpSession:
             c.peer.settimeout(0.05)
             try:
                 got += c.peer.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 pass
         assert got == want
         cn = c.counters()
@@ -508,7 +507,7 @@ class TestRealImrelp:
             procs = start_producers(d, producers, 3, n, prefix="k")
             for k in range(kills):
                 have = len(peer.lines())
-                wait_for(lambda: len(peer.lines()) > have + 10_000, 60, f"rsyslog to receive records before kill {k + 1}")
+                wait_for(lambda have=have: len(peer.lines()) > have + 10_000, 60, f"rsyslog to receive records before kill {k + 1}")
                 assert forward_status(d)["state"] == "up"
                 peer.kill(sig)
                 wait_for(lambda: forward_status(d)["state"] == "down", 20, "the forwarder to see the collector gone")

@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import ENGINES, NUL, protocol, read_line, record, wait_for
 
@@ -48,7 +47,7 @@ class TestCopytruncate:
             # Any batch that raced the last truncation is repaired before its counters move: once
             # two more batches landed, the file must hold no hole, whatever the race did.
             done = _stream_batches(d.sock)
-            wait_for(lambda: _stream_batches(d.sock) >= done + 2, 30, "two more batches")
+            wait_for(lambda done=done: _stream_batches(d.sock) >= done + 2, 30, "two more batches")
             with open(path, "rb") as fh:  # what logrotate's copy keeps (it may end mid-batch)
                 copy = fh.read()
             assert NUL not in copy, f"round {round_}: the file holds NUL bytes at {copy.index(NUL)} of {len(copy)}"

@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import ENGINES, assert_file, make_records, read_line, record, wait_for
 
@@ -29,7 +28,7 @@ class TestSigtermDrain:
         }
         idle = producers({"socket": d.sock, "stream": "app", "tag": "f0", "mode": "flush-then-wait", "count": 5000},
                          stdin=subprocess.PIPE)
-        for tag, p in busy.items():
+        for p in busy.values():
             assert read_line(p, 30, "'ready'") == "ready"
         assert read_line(idle, 30, "'flushed'") == "flushed"
         # let the busy producers get well into their run so the pipes and arenas are full when SIGTERM hits

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from lsk_helpers import ENGINES, SPLICE_ENGINES, make_records, status, wait_for
 
 TOP_KEYS = {"engine", "fallback_reason", "pid", "dir", "socket", "totals", "errors", "streams", "producers"}

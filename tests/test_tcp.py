@@ -7,7 +7,6 @@ import socket
 import struct
 
 import pytest
-
 from conftest import finish_producer
 from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, wait_for
 

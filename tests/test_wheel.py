@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from lsk_helpers import status, wait_for
 
 import logsink
-from lsk_helpers import status, wait_for
 
 LIMIT = 64 << 10  # the file may not grow past this (RLIMIT_FSIZE: writes past it fail with EFBIG)
 

@@ -21,8 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from logsink_bench.harness import (
-    CLOCK_TICKS, GB, BenchError, Daemon, VariantResult, check_space, clear_dir, filesystem_of, make_record, make_workdir,
-    parse_list, parse_size, run_rounds, warm_page_cache,
+    CLOCK_TICKS,
+    GB,
+    BenchError,
+    Daemon,
+    VariantResult,
+    check_space,
+    clear_dir,
+    filesystem_of,
+    make_record,
+    make_workdir,
+    parse_list,
+    parse_size,
+    run_rounds,
+    warm_page_cache,
 )
 
 # -- defaults (the issue's workload) --------------------------------------------------------------
@@ -457,7 +469,7 @@ def format_table(results: list[VariantResult]) -> list[str]:
             continue
         values = row_values(res, baseline, direct)
         cells = []
-        for header, width, key, fmt in COLUMNS:
+        for _header, width, key, fmt in COLUMNS:
             if key is None:
                 cells.append(res.variant.name.ljust(width))
                 continue
@@ -474,20 +486,6 @@ def describe(workload: Workload, runs: int) -> str:
     return (f"{workload.total_bytes / GB:.2f} GB per run ({workload.total_records} records of {workload.record_size} bytes), "
             f"{workload.producers} producer(s), {workload.chunk_bytes}-byte writes ({workload.records_per_chunk} records), "
             f"medians of {runs} interleaved run(s)")
-
-
-def filesystem_of(path: Path) -> str:
-    """The type and device of the filesystem holding `path` (from /proc/mounts), e.g. 'ext4 on /dev/vda'."""
-    best, found = "", "unknown filesystem"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
-                    best, found = mnt, f"{fstype} on {dev}"
-    except OSError:
-        pass
-    return found
 
 
 def print_report(results: list[VariantResult], checks: list[Check], workload: Workload, runs: int, work: Path) -> None:

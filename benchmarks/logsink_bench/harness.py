@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 GB = 1e9  # results are in decimal GB, as disk and network rates usually are
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # unit of utime/stime in /proc/<pid>/stat

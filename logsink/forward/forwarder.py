@@ -79,7 +79,7 @@ class Forwarder:
         self._writer = False
         self._up = asyncio.Event()
         self._lost = asyncio.Event()
-        self._saved: tuple[int, int] | None = None
+        self._saved: tuple[int, tuple[int, int]] | None = None  # (offset, file identity) last written
         self._save_handle: asyncio.TimerHandle | None = None
         self._pending_switch: tuple[int, int, tuple[int, int]] | None = None  # new fd, its offset, its identity
         self._switch_timer = False
@@ -177,7 +177,7 @@ class Forwarder:
         while not self.closing:
             try:
                 sock = await self._connect()
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
                 if reason != self.last_error:
                     log.warning("forward_connect_failed", stream=self.spec.stream, downstream=self.address, error=reason, retry_in=delay)
@@ -243,6 +243,7 @@ class Forwarder:
             elif r < 0:
                 self._connection_lost(self._relp_end(r), detached=True)
             return
+        assert self.sock is not None  # a reader is only registered while connected
         try:
             data = self.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -346,6 +347,7 @@ class Forwarder:
 
     async def _relp_close(self, timeout: float) -> None:
         """RELP's close, when every command was answered: send it, wait for its rsp (or serverclose/EOF)."""
+        assert self.sock is not None
         self.loop.remove_reader(self.sock.fileno())
         r = lib.ls_forward_relp_close(self.f)
         if r < 0:

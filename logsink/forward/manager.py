@@ -27,7 +27,7 @@ log = structlog.get_logger("logsink.forward")
 class _StreamGroup:
     """The forwarders of one stream, sharing its file: pausing, and punching the spool behind them all."""
 
-    def __init__(self, mgr: "ForwardManager", name: str, sid: int, fd: int, path: str, spool: bool):
+    def __init__(self, mgr: ForwardManager, name: str, sid: int, fd: int, path: str, spool: bool):
         self.mgr = mgr
         self.name = name
         self.sid = sid

@@ -6,8 +6,8 @@ from __future__ import annotations
 import faulthandler
 
 import pytest
-
 from conftest import WATCHDOG_SECONDS
+
 from fuzz.harness import LONG, start_live_daemon
 
 

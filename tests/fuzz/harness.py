@@ -27,16 +27,16 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pytest
+from conftest import Daemon
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
-
-from conftest import Daemon
 from lsk_helpers import RawProducer, protocol, record, split_lines, wait_for
 
 FUZZ_DIR = Path(__file__).resolve().parent
@@ -182,7 +182,7 @@ def send_all(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:
             sock.sendall(view)
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise PeerGone(str(exc)) from None
-    except socket.timeout:
+    except TimeoutError:
         raise AssertionError(f"the daemon did not read our connection for {sock.gettimeout()} s") from None
 
 
@@ -274,7 +274,7 @@ class Conn:
 class Example:
     """What one example did: its connections and the bytes it aimed at each stream."""
 
-    def __init__(self, target: "Target"):
+    def __init__(self, target: Target):
         self.target = target
         self.conns: list[Conn] = []
         self.sent: dict[str, bytearray] = defaultdict(bytearray)
@@ -525,7 +525,7 @@ def predict(data: bytes, fds: int) -> Prediction:
                       bool(msgs) or decode_error is not None)
 
 
-def check_prediction(conn: "Conn", want: Prediction) -> list[str]:
+def check_prediction(conn: Conn, want: Prediction) -> list[str]:
     kinds = [m["t"] for m in conn.replies]
     codes = [m["code"] for m in conn.replies if m["t"] == protocol.ERROR]
     problems = []

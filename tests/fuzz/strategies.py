@@ -8,7 +8,6 @@ from typing import Any
 
 import msgpack
 from hypothesis import strategies as st
-
 from lsk_helpers import protocol
 
 U8, U16, U32, U64 = 2**8 - 1, 2**16 - 1, 2**32 - 1, 2**64 - 1

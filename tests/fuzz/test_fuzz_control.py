@@ -18,7 +18,7 @@ def split_anywhere(draw, data: st.SearchStrategy[bytes]) -> list[bytes]:
     """The bytes, cut into up to 6 sends at arbitrary points."""
     blob = draw(data)
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(blob) - 1)), max_size=5))) if len(blob) > 1 else []
-    return [blob[a:b] for a, b in zip([0, *cuts], [*cuts, len(blob)])]
+    return [blob[a:b] for a, b in zip([0, *cuts], [*cuts, len(blob)], strict=False)]
 
 
 control_bytes = st.lists(control_frame(), min_size=1, max_size=4).map(b"".join)

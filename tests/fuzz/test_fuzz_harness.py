@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lsk_helpers import protocol, record
 
 from fuzz.harness import FileState, Target, predict
 from fuzz.strategies import framed, pack
-from lsk_helpers import protocol, record
 
 
 class FakeLive:

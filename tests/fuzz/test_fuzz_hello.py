@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lsk_helpers import protocol
 
 from fuzz.harness import Target, check_prediction, corpus, fuzz_settings, predict
 from fuzz.strategies import framed, hello_message, named_stream, pack, whole_lines
-from lsk_helpers import protocol
 
 
 def send_hello(target: Target, frame: bytes, lines: list[bytes]) -> None:

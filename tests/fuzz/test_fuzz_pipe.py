@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from lsk_helpers import protocol
 
 from fuzz.harness import Example, Target, corpus, fuzz_settings
 from fuzz.strategies import frame_header, pipe_any_stream, pipe_lines_stream
-from lsk_helpers import protocol
 
 # A stalled batch may hold the stream at most this long: others' flush() must come back within it.
 STALL_FLUSH_TIMEOUT = 5.0

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from lsk_helpers import protocol, wait_for
 
 from fuzz.harness import IO_TIMEOUT, Conn, Example, Target, corpus, fuzz_settings, load_json_seed
 from fuzz.strategies import control_frame, framed, hello_message, pack
-from lsk_helpers import protocol, wait_for
 
 # The kinds of fd a producer can pass; "self" is the very connection it is sent on.
 FD_KINDS = ("pipe_r", "pipe_w", "file", "dir", "socket", "devnull", "eventfd", "memfd", "epoll", "self")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from lsk_helpers import protocol
 
 from fuzz.harness import Target, corpus, fuzz_settings
 from fuzz.strategies import control_frame, frame_header, framed, hello_message, named_stream, pack, pipe_any_stream, pipe_lines_stream
-from lsk_helpers import protocol
 
 FUZZ_TCP = True  # the module's daemon listens on loopback TCP as well
 
