@@ -157,6 +157,8 @@ int eng_removal_due(struct ls_engine *e, struct producer *p);
 int eng_stage_full(struct producer *p);
 void eng_drive(struct ls_engine *e, struct producer *p);
 void eng_apply_requests(struct ls_engine *e);
+/* Wake the engine thread (from the control thread): it applies requests on its next turn. */
+void eng_wake(struct ls_engine *e);
 /* Move (or discard) queued payload by read + pwrite through e->rwbuf: the readwrite engine, and a
  * stream whose file refused splice. Returns bytes, 0 (EOF) or -errno. */
 long eng_move_copy(struct ls_engine *e, struct producer *p, int discard);
