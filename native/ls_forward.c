@@ -1,21 +1,21 @@
 /* ls_forward.c - forward a stream's file to a downstream socket (see ls_forward.h for the contract).
  *
+ * This file is the forwarder itself: the cursor, reading the file (boundary searches),
+ * checkpoints and rewinding, the holes/zeros guard, drops, and the public API. A window is laid
+ * out and sent by ls_forward_plan.c; RELP's commands and responses are ls_forward_relp.c's; what
+ * they share is in ls_forward_int.h.
+ *
  * Sending goes in windows ("plans"): a run of whole records starting at the cursor, at most
  * SCAN_BUF bytes or PLAN_RECORDS records (octet-counted), or about NEWLINE_PLAN bytes (newline).
  * Each window ends at a record boundary; when it has been handed to the kernel completely, a
  * checkpoint (wire bytes sent on this connection, file offset) is recorded. On connection loss the
  * newest checkpoint the peer ACKed is the starting point for finding the exact first record it did
- * not get whole: a scan of at most one window.
- *
- * RELP sends like octet counting (a header per record, the bodies from the scan buffer or by
- * sendfile) but keeps a ring of the commands awaiting their rsp (txnr, the record's end, the wire
- * bytes through it): an "rsp 200" for the oldest moves acked_cursor to its record's end, and a lost
- * connection rewinds to acked_cursor. No SIOCOUTQ, no checkpoints: the collector says what it has.
+ * not get whole: a scan of at most one window. RELP keeps no checkpoints: a lost connection
+ * rewinds to acked_cursor, the end of the last record the collector answered for.
  */
 #define _GNU_SOURCE
-#include "ls_forward.h"
+#include "ls_forward_int.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -23,90 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/sendfile.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
-/* The scan buffer: a window of small records is one pread and one sendmsg. */
-#define SCAN_BUF (256u << 10)
-/* Records per octet-counted window: two iovecs each (prefix, body) must fit IOV_MAX (1024). */
-#define PLAN_RECORDS 511
-/* A newline window ends at the first record boundary past this many bytes (found by scanning one
- * record), so a connection loss rescans at most this much. */
-#define NEWLINE_PLAN (4u << 20)
-/* Checkpoints kept per connection; when full, every other one is dropped (coarser, still exact). */
-#define CHECKPOINTS 256
-/* A record's header: "LEN " (octet counting, at most 20 digits + space) or "TXNR syslog DATALEN "
- * (RELP, at most 9 + 8 + 9 + 1 bytes). */
-#define PREFIX_MAX 32
-/* RELP: the collector's responses are read into this ("TXNR rsp 6 200 OK\n" each). */
-#define RX_BUF (64u << 10)
 #define PUNCH_UNIT LS_SPOOL_PUNCH_UNIT
-
-enum { PIECE_MEM = 1, PIECE_FILE = 2, PIECE_PREFIX = 4, PIECE_REC_END = 8 };
-
-struct piece {
-    const char *mem;   /* PIECE_MEM */
-    uint64_t off;      /* PIECE_FILE: file offset */
-    uint32_t len;
-    uint32_t flags;
-    uint64_t rec_end;  /* PIECE_REC_END: the file offset just after the record this piece ends */
-};
-
-/* A buffer of file bytes [off, off + len). */
-struct fbuf {
-    char *p;
-    uint64_t off;
-    uint32_t len;
-};
-
-struct checkpoint {
-    uint64_t wire;  /* wire bytes handed to the kernel on this connection */
-    uint64_t file;  /* the record boundary they end at */
-};
-
-/* A RELP command awaiting its rsp. */
-struct relp_txn {
-    uint64_t rec_end;   /* the file offset after its record: acked_cursor once it is answered */
-    uint64_t wire_end;  /* wire bytes planned on this connection through this command */
-    uint32_t txnr;
-};
-
-struct ls_forward {
-    int fd, sock, framing;
-    uint64_t cursor, end;
-    uint64_t stop;      /* this window may not pass it: end, or the last record boundary before a hole */
-    uint64_t drop_to;   /* a drop requested while a window was in flight */
-    /* the current window */
-    struct piece *pieces;
-    uint32_t npieces, pi, poff;
-    uint64_t plan_end;  /* newline: the window ends here; 0 = no window */
-    int plan_active;
-    struct fbuf win;     /* the window's bytes (small records leave from here) */
-    struct fbuf search;  /* boundary searches: rewinds, drops, long records */
-    char *prefixes;  /* PREFIX_MAX bytes per record of the window */
-    /* connection */
-    uint64_t wire;
-    struct checkpoint ck[CHECKPOINTS];
-    uint32_t nck;
-    /* RELP */
-    struct relp_txn *ring;   /* `window` slots; rcount in flight from rhead (the oldest) */
-    uint32_t window, rhead, rcount;
-    uint32_t txnr_next, close_txnr;
-    int close_sent;
-    uint64_t planned_wire, acked_wire;
-    char *rx;                /* responses read, not yet parsed whole */
-    uint32_t rxlen;
-    char err[128];
-    struct ls_forward_counters c;
-};
-
-static uint32_t txnr_after(uint32_t t)
-{
-    return t >= LS_RELP_TXNR_MAX ? 1 : t + 1;
-}
 
 /* ---------------------------------------------------------------------------------------- */
 /* the file                                                                                   */
@@ -144,8 +64,8 @@ static int fill(struct ls_forward *f, struct fbuf *b, uint64_t off, uint64_t lim
 
 /* The offset just after the first '\n' in [from, limit): 1 and *out set; 0 if there is none;
  * -errno. Uses the search buffer, whose bytes stay valid (the file below `end` never changes), so
- * walking record by record reads each byte about once. */
-static int next_boundary(struct ls_forward *f, uint64_t from, uint64_t limit, uint64_t *out)
+ * walking record by record reads each byte about once. Shared: ls_forward_plan.c finds windows' ends. */
+int fwd_next_boundary(struct ls_forward *f, uint64_t from, uint64_t limit, uint64_t *out)
 {
     struct fbuf *b = &f->search;
     uint32_t chunk = 4096; /* most searches need one record: start small, grow */
@@ -251,7 +171,7 @@ static int64_t acked_boundary(struct ls_forward *f, uint64_t acked)
     }
     while (pos < f->cursor) {
         uint64_t next;
-        int r = next_boundary(f, pos, f->cursor, &next);
+        int r = fwd_next_boundary(f, pos, f->cursor, &next);
         if (r <= 0)
             return r < 0 ? r : (int64_t)pos;
         uint64_t wl = wire_len(f, next - pos);
@@ -270,8 +190,9 @@ static void plan_clear(struct ls_forward *f)
     f->plan_end = 0;
 }
 
-/* Stop using the socket: rewind to the first record its peer did not ACK whole. */
-static void detach(struct ls_forward *f)
+/* Stop using the socket: rewind to the first record its peer did not ACK whole. Shared: RELP's
+ * attach, read and close end a session with it. */
+void fwd_detach(struct ls_forward *f)
 {
     if (f->sock < 0)
         return;
@@ -372,7 +293,7 @@ static int skip_zero_run(struct ls_forward *f)
         return 0;
     if (p < f->end && in_hole && p % PUNCH_UNIT == 0) { /* mid-record: its start was punched with the rest */
         uint64_t next;
-        int r = next_boundary(f, p, f->end, &next);
+        int r = fwd_next_boundary(f, p, f->end, &next);
         if (r < 0)
             return r;
         p = r ? next : f->end;
@@ -407,139 +328,9 @@ static int guard_window(struct ls_forward *f)
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* windows                                                                                    */
+/* windows (laid out and sent by ls_forward_plan.c)                                          */
 
 static void apply_drop(struct ls_forward *f);
-
-/* Make the window hold bytes from `off`: what the last window read past its last whole record is
- * kept (moved to the front only if it holds no whole record), the rest topped up, so each byte is
- * read from the file once. Returns 0 or -errno. */
-static int window_at(struct ls_forward *f, uint64_t off)
-{
-    struct fbuf *w = &f->win;
-    uint32_t keep = 0;
-    if (off >= w->off && off < w->off + w->len) {
-        keep = (uint32_t)(w->off + w->len - off);
-        if (memchr(w->p + (off - w->off), '\n', keep))
-            return 0;
-        memmove(w->p, w->p + (off - w->off), keep); /* less than one record */
-    }
-    w->off = off;
-    w->len = keep;
-    uint64_t want = f->stop - off;
-    if (want > SCAN_BUF)
-        want = SCAN_BUF;
-    while (w->len < want) {
-        ssize_t n = pread(f->fd, w->p + w->len, want - w->len, (off_t)(off + w->len));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -ENODATA;
-        w->len += (uint32_t)n;
-        f->c.bytes_copied += (uint64_t)n;
-    }
-    return 0;
-}
-
-/* Write the header of a record of `len` bytes (its '\n' included) ending at file offset `rec_end`
- * into `pre`; RELP also takes a txnr and puts the command in flight. Returns the header's length,
- * or -EMSGSIZE for a record RELP cannot carry (DATALEN has at most 9 digits). */
-static int make_prefix(struct ls_forward *f, char *pre, uint64_t len, uint64_t rec_end)
-{
-    if (f->framing != LS_FWD_RELP)
-        return snprintf(pre, PREFIX_MAX, "%llu ", (unsigned long long)len);
-    uint64_t dlen = len - 1; /* the record's '\n' is the frame's trailer */
-    if (dlen > LS_RELP_TXNR_MAX)
-        return -EMSGSIZE;
-    uint32_t t = f->txnr_next;
-    int pl = dlen ? snprintf(pre, PREFIX_MAX, "%u syslog %llu ", t, (unsigned long long)dlen)
-                  : snprintf(pre, PREFIX_MAX, "%u syslog 0", t); /* no data: no SP before the trailer */
-    f->txnr_next = txnr_after(t);
-    f->planned_wire += (uint64_t)pl + len;
-    f->ring[(f->rhead + f->rcount) % f->window] = (struct relp_txn){rec_end, f->planned_wire, t};
-    f->rcount++;
-    return pl;
-}
-
-/* Octet-counted and RELP: lay out prefix + body pieces for the records in one scan buffer from the
- * cursor (RELP: at most the free part of the window). Returns the records planned (> 0), 0 if no
- * complete record is there, or -errno. */
-static int plan_octet(struct ls_forward *f)
-{
-    uint64_t p = f->cursor;
-    int r = window_at(f, p);
-    if (r < 0)
-        return r;
-    uint32_t n = 0, np = 0, cap = PLAN_RECORDS;
-    if (f->framing == LS_FWD_RELP && f->window - f->rcount < cap)
-        cap = f->window - f->rcount; /* > 0: pump checked */
-    const char *scan = f->win.p + (p - f->win.off), *stop = f->win.p + f->win.len;
-    if (f->win.off + f->win.len > f->stop) /* kept from the last window: not past a hole */
-        stop = f->win.p + (f->stop - f->win.off);
-    while (n < cap && scan < stop) {
-        const char *nl = memchr(scan, '\n', (size_t)(stop - scan));
-        if (!nl)
-            break;
-        uint64_t len = (uint64_t)(nl + 1 - scan);
-        char *pre = f->prefixes + (size_t)n * PREFIX_MAX;
-        int pl = make_prefix(f, pre, len, p + len); /* < SCAN_BUF: fits any framing */
-        f->pieces[np++] = (struct piece){.mem = pre, .len = (uint32_t)pl, .flags = PIECE_MEM | PIECE_PREFIX};
-        if (len >= LS_FWD_SENDFILE_MIN)
-            f->pieces[np++] = (struct piece){.off = p, .len = (uint32_t)len, .flags = PIECE_FILE | PIECE_REC_END, .rec_end = p + len};
-        else
-            f->pieces[np++] = (struct piece){.mem = scan, .len = (uint32_t)len, .flags = PIECE_MEM | PIECE_REC_END, .rec_end = p + len};
-        p += len;
-        scan = nl + 1;
-        n++;
-    }
-    if (n == 0) { /* one record longer than the scan buffer: find its end, send it with sendfile */
-        uint64_t next;
-        int found = next_boundary(f, f->win.off + f->win.len, f->stop, &next);
-        if (found <= 0)
-            return found;
-        /* The search read past the record's end; those bytes start the next window (no piece of
-         * this window points into either buffer: the body goes by sendfile). */
-        struct fbuf t = f->win;
-        f->win = f->search;
-        f->search = t;
-        uint64_t len = next - f->cursor;
-        if (len > 0x7fffffffu)
-            return -EMSGSIZE; /* sendfile moves at most 2 GiB per call; no log line is that long */
-        int pl = make_prefix(f, f->prefixes, len, next);
-        if (pl < 0)
-            return pl;
-        f->pieces[np++] = (struct piece){.mem = f->prefixes, .len = (uint32_t)pl, .flags = PIECE_MEM | PIECE_PREFIX};
-        f->pieces[np++] = (struct piece){.off = f->cursor, .len = (uint32_t)len, .flags = PIECE_FILE | PIECE_REC_END, .rec_end = next};
-        n = 1;
-        p = next;
-    }
-    f->npieces = np;
-    f->pi = f->poff = 0;
-    f->plan_end = p;
-    f->plan_active = 1;
-    return (int)n;
-}
-
-/* Newline: the window is [cursor, end) or, for a long backlog, up to the first boundary past
- * NEWLINE_PLAN bytes (one record scanned to find it). */
-static int plan_newline(struct ls_forward *f)
-{
-    uint64_t stop = f->stop;
-    if (stop - f->cursor > NEWLINE_PLAN) {
-        uint64_t next;
-        int r = next_boundary(f, f->cursor + NEWLINE_PLAN - 1, f->stop, &next);
-        if (r < 0)
-            return r;
-        if (r > 0)
-            stop = next;
-    }
-    f->plan_end = stop;
-    f->plan_active = 1;
-    return 1;
-}
 
 /* A window is handed over completely. */
 static void plan_done(struct ls_forward *f)
@@ -550,92 +341,6 @@ static void plan_done(struct ls_forward *f)
     plan_clear(f);
     if (f->drop_to > f->cursor)
         apply_drop(f);
-}
-
-/* Account `n` wire bytes of the octet-counted window as sent. */
-static void consume(struct ls_forward *f, uint64_t n)
-{
-    while (n > 0 && f->pi < f->npieces) {
-        struct piece *pc = &f->pieces[f->pi];
-        uint64_t left = pc->len - f->poff;
-        uint64_t take = n < left ? n : left;
-        f->poff += (uint32_t)take;
-        n -= take;
-        if (pc->flags & PIECE_PREFIX)
-            f->c.framing_bytes += take;
-        if (f->poff < pc->len)
-            break;
-        if (pc->flags & PIECE_REC_END) {
-            uint64_t start = f->cursor;
-            f->cursor = pc->rec_end;
-            f->c.payload_sent += pc->rec_end - start;
-            f->c.records_sent++;
-        }
-        f->pi++;
-        f->poff = 0;
-    }
-}
-
-/* Send the rest of the octet-counted window. 0 when all of it is handed over, or -errno. */
-static int send_octet(struct ls_forward *f)
-{
-    struct iovec iov[1024];
-    while (f->pi < f->npieces) {
-        struct piece *pc = &f->pieces[f->pi];
-        ssize_t n;
-        if (pc->flags & PIECE_FILE) {
-            off_t off = (off_t)(pc->off + f->poff);
-            n = sendfile(f->sock, f->fd, &off, pc->len - f->poff);
-            if (n == 0)
-                return -ENODATA;
-            if (n > 0)
-                f->c.bytes_sendfile += (uint64_t)n;
-        } else {
-            int k = 0;
-            for (uint32_t i = f->pi; i < f->npieces && k < 1024 && (f->pieces[i].flags & PIECE_MEM); i++, k++) {
-                uint32_t skip = i == f->pi ? f->poff : 0;
-                iov[k].iov_base = (void *)(f->pieces[i].mem + skip);
-                iov[k].iov_len = f->pieces[i].len - skip;
-            }
-            /* MSG_MORE only if more follows now: a RELP window that is full waits for responses,
-             * which would never come for bytes the kernel holds back */
-            int more = f->pi + (uint32_t)k < f->npieces ||
-                       (f->plan_end < f->end && !(f->framing == LS_FWD_RELP && f->rcount >= f->window));
-            struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)k};
-            n = sendmsg(f->sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL | (more ? MSG_MORE : 0));
-        }
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-        }
-        f->wire += (uint64_t)n;
-        f->c.bytes_sent += (uint64_t)n;
-        consume(f, (uint64_t)n);
-    }
-    return 0;
-}
-
-static int send_newline(struct ls_forward *f)
-{
-    while (f->cursor < f->plan_end) {
-        uint64_t want = f->plan_end - f->cursor;
-        off_t off = (off_t)f->cursor;
-        ssize_t n = sendfile(f->sock, f->fd, &off, want > (1u << 30) ? (1u << 30) : want);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-        }
-        if (n == 0)
-            return -ENODATA;
-        f->cursor += (uint64_t)n;
-        f->wire += (uint64_t)n;
-        f->c.bytes_sent += (uint64_t)n;
-        f->c.bytes_sendfile += (uint64_t)n;
-        f->c.payload_sent += (uint64_t)n;
-    }
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -698,7 +403,7 @@ int ls_forward_set_socket(struct ls_forward *f, int sock_fd)
         return 0;
     if (sock_fd >= 0 && f->framing == LS_FWD_RELP)
         return -EINVAL; /* a RELP socket needs its open handshake: ls_forward_relp_attach */
-    detach(f);
+    fwd_detach(f);
     if (sock_fd < 0)
         return 0;
     f->sock = sock_fd;
@@ -737,17 +442,17 @@ int64_t ls_forward_pump(struct ls_forward *f)
             r = guard_window(f);
             if (r < 0 || f->cursor >= f->end)
                 break;
-            r = f->framing == LS_FWD_NEWLINE ? plan_newline(f) : plan_octet(f);
+            r = f->framing == LS_FWD_NEWLINE ? fwd_plan_newline(f) : fwd_plan_octet(f);
             if (r <= 0)
                 break; /* 0: the file does not have a whole record yet (cannot happen after advance) */
         }
-        r = f->framing == LS_FWD_NEWLINE ? send_newline(f) : send_octet(f);
+        r = f->framing == LS_FWD_NEWLINE ? fwd_send_newline(f) : fwd_send_octet(f);
         if (r < 0)
             break;
         plan_done(f);
     }
     if (r < 0 && r != -EAGAIN && r != -ENODATA && r != -ENOBUFS) {
-        detach(f); /* the connection is gone: rewind to what its peer ACKed */
+        fwd_detach(f); /* the connection is gone: rewind to what its peer ACKed */
         return r;
     }
     if (f->framing != LS_FWD_RELP)
@@ -764,7 +469,7 @@ static void apply_drop(struct ls_forward *f)
     uint64_t pos = f->cursor, records = 0;
     while (pos < target) {
         uint64_t next;
-        int r = next_boundary(f, pos, f->end, &next);
+        int r = fwd_next_boundary(f, pos, f->end, &next);
         if (r <= 0)
             break;
         pos = next;
@@ -856,206 +561,6 @@ int ls_forward_counters(struct ls_forward *f, struct ls_forward_counters *out)
         checkpoint_prune(f, f->wire - f->c.unacked_bytes); /* ACKs arrive while we are idle too */
     *out = f->c;
     return 0;
-}
-
-/* ---------------------------------------------------------------------------------------- */
-/* RELP                                                                                       */
-
-int ls_forward_relp_window(struct ls_forward *f, uint32_t window)
-{
-    if (f->framing != LS_FWD_RELP || window < 1 || window > LS_RELP_WINDOW_MAX)
-        return -EINVAL;
-    if (f->sock >= 0)
-        return -EBUSY;
-    struct relp_txn *ring = realloc(f->ring, window * sizeof *ring);
-    if (!ring)
-        return -ENOMEM;
-    f->ring = ring;
-    f->window = window;
-    return 0;
-}
-
-int ls_forward_relp_attach(struct ls_forward *f, int sock_fd, uint32_t next_txnr)
-{
-    if (f->framing != LS_FWD_RELP || sock_fd < 0 || next_txnr < 1 || next_txnr > LS_RELP_TXNR_MAX)
-        return -EINVAL;
-    detach(f);
-    f->sock = sock_fd;
-    f->wire = 0;
-    f->txnr_next = next_txnr;
-    f->c.acked_cursor = f->cursor;
-    f->c.connects++;
-    return 0;
-}
-
-static int relp_protocol_error(struct ls_forward *f, const char *what)
-{
-    snprintf(f->err, sizeof f->err, "%s", what);
-    return -EPROTO;
-}
-
-/* One whole frame from the collector. 0, or the end of the session (see ls_forward_relp_read). */
-static int relp_frame(struct ls_forward *f, uint32_t txnr, const char *cmd, const char *data, uint32_t dlen)
-{
-    if (txnr == 0) /* a hint: only serverclose is defined; others are ignorable by definition */
-        return strcmp(cmd, "serverclose") == 0 ? -ECONNABORTED : 0;
-    if (strcmp(cmd, "rsp") != 0) {
-        snprintf(f->err, sizeof f->err, "the collector sent the command \"%.32s\"; a server only sends rsp", cmd);
-        return -EPROTO;
-    }
-    if (f->close_sent && f->rcount == 0 && txnr == f->close_txnr)
-        return -ESHUTDOWN;
-    if (f->rcount == 0 || txnr != f->ring[f->rhead].txnr) {
-        snprintf(f->err, sizeof f->err, "rsp for txnr %u, but the oldest command awaiting one is %s%u", txnr,
-                 f->rcount ? "txnr " : "none, next txnr ", f->rcount ? f->ring[f->rhead].txnr : f->txnr_next);
-        return -EPROTO;
-    }
-    if (dlen < 3 || memcmp(data, "200", 3) != 0 || (dlen > 3 && data[3] != ' ' && data[3] != '\n')) {
-        uint32_t n = 0;
-        while (n < dlen && n < 100 && data[n] != '\n')
-            n++;
-        snprintf(f->err, sizeof f->err, "%.*s", (int)n, data ? data : "");
-        f->c.relp_refused++;
-        return -EREMOTEIO;
-    }
-    struct relp_txn *t = &f->ring[f->rhead];
-    f->c.acked_cursor = t->rec_end;
-    f->acked_wire = t->wire_end;
-    f->rhead = (f->rhead + 1) % f->window;
-    f->rcount--;
-    f->c.relp_acked++;
-    return 0;
-}
-
-/* Apply the whole frames in the receive buffer, keep a partial last one. 0 or a session end. */
-static int relp_parse(struct ls_forward *f)
-{
-    uint32_t pos = 0;
-    int r = 0;
-    while (pos < f->rxlen && r == 0) {
-        const char *p = f->rx + pos;
-        uint32_t avail = f->rxlen - pos, i = 0, c0, d0;
-        uint32_t txnr = 0, dlen = 0;
-        char cmd[33];
-        while (i < avail && isdigit((unsigned char)p[i])) {
-            if (i == 9)
-                return relp_protocol_error(f, "a txnr of more than 9 digits");
-            txnr = txnr * 10 + (uint32_t)(p[i++] - '0');
-        }
-        if (i == avail)
-            break;
-        if (i == 0 || p[i] != ' ')
-            return relp_protocol_error(f, "a frame that does not start with TXNR SP");
-        c0 = ++i;
-        while (i < avail && isalpha((unsigned char)p[i])) {
-            if (i - c0 == 32)
-                return relp_protocol_error(f, "a command of more than 32 letters");
-            i++;
-        }
-        if (i == avail)
-            break;
-        if (i == c0 || p[i] != ' ')
-            return relp_protocol_error(f, "a frame without COMMAND SP");
-        memcpy(cmd, p + c0, i - c0);
-        cmd[i - c0] = '\0';
-        d0 = ++i;
-        while (i < avail && isdigit((unsigned char)p[i])) {
-            if (i - d0 == 9)
-                return relp_protocol_error(f, "a DATALEN of more than 9 digits");
-            dlen = dlen * 10 + (uint32_t)(p[i++] - '0');
-        }
-        if (i == avail)
-            break;
-        if (i == d0)
-            return relp_protocol_error(f, "a frame without DATALEN");
-        const char *data = NULL;
-        if (dlen == 0) {
-            if (p[i] != '\n')
-                return relp_protocol_error(f, "a frame with DATALEN 0 not followed by LF");
-            i++;
-        } else {
-            if (p[i] != ' ')
-                return relp_protocol_error(f, "a frame without SP after DATALEN");
-            if (dlen > RX_BUF / 2)
-                return relp_protocol_error(f, "a response of more than 32 KiB");
-            if (avail - i - 1 < dlen + 1)
-                break;
-            data = p + i + 1;
-            i += 1 + dlen;
-            if (p[i] != '\n')
-                return relp_protocol_error(f, "a frame whose DATA is not followed by the LF trailer");
-            i++;
-        }
-        pos += i;
-        r = relp_frame(f, txnr, cmd, data, dlen);
-    }
-    memmove(f->rx, f->rx + pos, f->rxlen - pos);
-    f->rxlen -= pos;
-    return r;
-}
-
-int64_t ls_forward_relp_read(struct ls_forward *f)
-{
-    if (f->framing != LS_FWD_RELP)
-        return -EINVAL;
-    if (f->sock < 0)
-        return -ENOTCONN;
-    uint64_t before = f->c.relp_acked;
-    int r = 0;
-    while (r == 0) {
-        ssize_t n = recv(f->sock, f->rx + f->rxlen, RX_BUF - f->rxlen, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            r = -errno;
-        } else if (n == 0) {
-            r = -EPIPE;
-        } else {
-            f->rxlen += (uint32_t)n;
-            r = relp_parse(f);
-        }
-    }
-    if (r < 0) {
-        detach(f); /* the session is over: rewind to the last record the collector answered for */
-        return r;
-    }
-    return (int64_t)(f->c.relp_acked - before);
-}
-
-int64_t ls_forward_relp_close(struct ls_forward *f)
-{
-    if (f->framing != LS_FWD_RELP)
-        return -EINVAL;
-    if (f->sock < 0)
-        return -ENOTCONN;
-    if (f->rcount || f->plan_active || f->close_sent)
-        return -EBUSY;
-    char buf[24];
-    int len = snprintf(buf, sizeof buf, "%u close 0\n", f->txnr_next);
-    ssize_t n;
-    do
-        n = send(f->sock, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    if (n < 0)
-        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-    if (n != len) { /* a torn command cannot be finished later: the session is unusable */
-        detach(f);
-        return -EIO;
-    }
-    f->close_sent = 1;
-    f->close_txnr = f->txnr_next;
-    f->txnr_next = txnr_after(f->txnr_next);
-    return f->close_txnr;
-}
-
-int ls_forward_relp_error(struct ls_forward *f, char *buf, uint32_t size)
-{
-    if (size == 0)
-        return 0;
-    int n = snprintf(buf, size, "%s", f->err);
-    return n < (int)size ? n : (int)size - 1;
 }
 
 void ls_forward_free(struct ls_forward *f)

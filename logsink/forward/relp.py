@@ -1,6 +1,6 @@
 """RELP's session handshake (librelp's doc/relp.md), the part Python does: open and the frames it reads.
 
-The per-record ``syslog`` commands and the collector's responses are C's (native/ls_forward.c).
+The per-record ``syslog`` commands and the collector's responses are C's (native/ls_forward_relp.c).
 """
 
 from __future__ import annotations
