@@ -125,6 +125,9 @@ class Client:
             raise ValueError(exc.reason) from None
         if address is not None and not address.startswith("tcp://"):
             raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
+        if transport == "shm":
+            raise NotImplementedError("transport 'shm' (a memfd arena the daemon writes with io_uring WRITE_FIXED) is not "
+                                      "implemented yet: use 'vmsplice' (the default) or 'copy'; see README 'Not yet'")
         if transport == "auto":
             transport = "zerocopy" if address else "vmsplice"
         allowed = ("zerocopy", "copy") if address else ("vmsplice", "copy")
