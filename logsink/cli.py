@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_daemon_uid(sock: socket.socket, path: str, expected_uid: int | None) -> None:
     """Refuse a daemon that runs as neither ``expected_uid`` (default: ours) nor root, as the clients do
-    (native/ls_producer.c): whoever squats a socket path in /tmp could feed us a forged status."""
+    (native/ls_producer_conn.c): whoever squats a socket path in /tmp could feed us a forged status."""
     want = os.geteuid() if expected_uid is None else expected_uid
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid not in (0, want):

@@ -109,7 +109,7 @@ def native(tmp_path_factory):
 
     cc = _compiler()
     out = tmp_path_factory.mktemp("native") / "libls_test.so"
-    srcs = [str(NATIVE / n) for n in ("ls_producer.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")]
+    srcs = [str(NATIVE / n) for n in ("ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")]
     res = subprocess.run([cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(out), *srcs, "-lpthread"],
                          capture_output=True, text=True, timeout=MAKE_TIMEOUT)
     assert res.returncode == 0, f"compiling the native producer failed:\n{res.stderr}"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_DIR = ROOT / "clients" / "c"
 MAKE_TIMEOUT = 180
 # What the Makefile compiles into liblogsink (its LIB_SRCS), relative to clients/c.
-LIB_SRCS = [f"../../native/{n}" for n in ("ls_producer.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")] + ["src/logsink.c"]
+LIB_SRCS = [f"../../native/{n}" for n in ("ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c", "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")] + ["src/logsink.c"]
 
 
 def make_var(name: str, cwd: Path = CLIENT_DIR) -> str:
