@@ -123,8 +123,9 @@ def read_beneath(dirfd: int, name: str, where: str) -> bytes | None:
         return fh.read()
 
 
-def replace_beneath(dirfd: int, name: str, data: bytes, mode: int, where: str) -> None:
-    """Write ``data`` to ``name`` beneath ``dirfd`` atomically (a temp file renamed over it)."""
+def replace_durably(dirfd: int, name: str, data: bytes, mode: int, where: str) -> None:
+    """Replace ``name`` beneath ``dirfd`` with ``data`` so that a crash (or power loss) at any point
+    leaves the old or the new contents: write a temp file, fsync it, rename it over, fsync the directory."""
     tmp = name + ".tmp"
     try:
         fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT, mode, where=where + ".tmp")
@@ -137,9 +138,11 @@ def replace_beneath(dirfd: int, name: str, data: bytes, mode: int, where: str) -
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)  # rename replaces a planted link, never follows it
+    os.fsync(dirfd)
 
 
 class DirLock:

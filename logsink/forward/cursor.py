@@ -13,31 +13,9 @@ import os
 import structlog
 
 from logsink.config import ForwardSpec
-from logsink.files import FileRefused, open_beneath, read_beneath
+from logsink.files import read_beneath, replace_durably
 
 log = structlog.get_logger("logsink.forward")
-
-
-def replace_durably(dirfd: int, name: str, data: bytes, mode: int, where: str) -> None:
-    """Replace ``name`` beneath ``dirfd`` with ``data`` so that a crash (or power loss) at any point
-    leaves the old or the new contents: write a temp file, fsync it, rename it over, fsync the directory."""
-    tmp = name + ".tmp"
-    try:
-        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT, mode, where=where + ".tmp")
-    except FileRefused:
-        # The temp name is ours alone: something planted there (a link, a FIFO) is removed, not followed.
-        os.unlink(tmp, dir_fd=dirfd)
-        fd = open_beneath(dirfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, where=where + ".tmp")
-    try:
-        os.ftruncate(fd, 0)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)  # rename replaces a planted link, never follows it
-    os.fsync(dirfd)
 
 
 class CursorStore:
