@@ -127,6 +127,11 @@ class Conn:
             data, anc, flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_READ * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            # A client that closes with a RELEASE still unread makes its kernel send RST: an ordinary
+            # close, unless it cut a message short.
+            self.daemon.on_conn_lost(self, "closed mid-message" if self.decoder.buffered else "closed")
+            return
         except OSError as exc:
             self.daemon.on_conn_lost(self, f"control socket error: {exc}")
             return
