@@ -27,6 +27,7 @@ from logsink.config import Config, resolve_group
 from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
 from logsink.daemon.conn import AcceptGate, Conn, Producer
+from logsink.daemon.notify import SystemdNotifier
 from logsink.daemon.streams import StreamTable
 from logsink.files import DirLock, dir_beneath, make_dirs, open_dir
 from logsink.forward import ForwardManager
@@ -93,6 +94,7 @@ class Daemon:
         self.socket_identity: tuple[int, int] | None = None
         self.dirfd = -1
         self.lock: DirLock | None = None
+        self.notify = SystemdNotifier()  # reads (and unsets) $NOTIFY_SOCKET: a no-op outside systemd
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start_engine(self) -> None:
@@ -199,12 +201,14 @@ class Daemon:
         self._log_access_policy()
         log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid(),
                  tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
+        self.notify.start(loop, self._notify_status, self._engine_alive)  # READY=1: the socket accepts
         await stop.wait()
         await self.shutdown()
         return 0
 
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
+        self.notify.stopping()
         self.shutting_down = self.streams.stopping = True
         self.forward.stop_blocking()
         loop.remove_reader(self.listener.fileno())
@@ -232,6 +236,7 @@ class Daemon:
             conn.close()
         loop.remove_reader(lib.ls_engine_notify_fd(self.engine))
         totals = self.counters_total()
+        self.notify.close()
         lib.ls_engine_free(self.engine)
         self.engine = ffi.NULL
         self.streams.close()
@@ -417,7 +422,22 @@ class Daemon:
         if self.engine_failed:
             log.error("reopen_skipped", reason=f"the engine failed ({self.engine_failed}): restart the daemon")
             return
-        self.streams.reopen()
+        self.notify.reloading()
+        try:
+            self.streams.reopen()
+        finally:
+            self.notify.ready()
+
+    # -- systemd (logsink/daemon/notify.py) --------------------------------------------------------
+    def _engine_alive(self) -> bool:
+        """The watchdog's question: is the engine thread still running (not failed, not freed)?"""
+        return not self.engine_failed and self.engine != ffi.NULL and lib.ls_engine_failed(self.engine) == 0
+
+    def _notify_status(self) -> str:
+        if self.engine_failed:
+            return f"engine {self.engine_name} FAILED ({self.engine_failed}): restart the daemon"
+        state = "stopping, " if self.shutting_down else ""
+        return f"{state}producers {len(self.producers)}, streams {len(self.streams)}, engine {self.engine_name}"
 
     # -- engine events ----------------------------------------------------------------------------
     def _on_engine_events(self) -> None:
@@ -509,6 +529,8 @@ class Daemon:
             del self.producers[p.id]
         if self._all_gone is not None:
             self._all_gone.set()
+        self.notify.status_now()
+
     def _producer_ended(self, p: Producer, ev: Any) -> None:
         kind = ev.kind
         conn = p.conn
