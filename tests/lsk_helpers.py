@@ -330,6 +330,27 @@ class RawProducer:
             assert msg["t"] == protocol.RELEASE, f"expected the connection to close, got {msg}"
 
 
+class RawTcpProducer(RawProducer):
+    """RawProducer over a TCP connection: HELLO carries no fd and frames follow on the same socket."""
+
+    def __init__(self, address: str, timeout: float = 15.0):
+        host, port = address[len("tcp://"):].rsplit(":", 1)
+        self.timeout = timeout
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = protocol.ControlDecoder()
+        self.queue = []
+        self.eof = False
+        self.r = self.w = None
+        self.released = 0
+
+    def hello(self, stream: str, transport: str = "copy", fds=(), **fields) -> None:
+        super().hello(stream, transport=transport, fds=(), **fields)
+
+    def write_pipe(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
 def proc_state(pid: int) -> str:
     """The one-letter state of a process from /proc (``T`` = stopped)."""
     stat = Path(f"/proc/{pid}/stat").read_text()

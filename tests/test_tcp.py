@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 import pytest
 from conftest import finish_producer
-from lsk_helpers import ENGINES, RawProducer, assert_file, make_records, protocol, wait_for
+from lsk_helpers import ENGINES, RawTcpProducer, assert_file, make_records, protocol, wait_for
 
 # The C producer's thresholds (native/ls_producer.c), repeated here to build the workloads.
 ZC_MIN_SEND = 10 << 10      # smaller sends go copied
@@ -62,27 +61,6 @@ def wait_producers_gone(d) -> None:
 
 def daemon_events(d, event: str) -> list[dict]:
     return [ev for ev in d.stderr_events() if ev.get("event") == event]
-
-
-class RawTcpProducer(RawProducer):
-    """RawProducer over a TCP connection: HELLO carries no fd and frames follow on the same socket."""
-
-    def __init__(self, address: str, timeout: float = 15.0):
-        host, port = address[len("tcp://"):].rsplit(":", 1)
-        self.timeout = timeout
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = protocol.ControlDecoder()
-        self.queue = []
-        self.eof = False
-        self.r = self.w = None
-        self.released = 0
-
-    def hello(self, stream: str, transport: str = "copy", fds=(), **fields) -> None:
-        super().hello(stream, transport=transport, fds=(), **fields)
-
-    def write_pipe(self, data: bytes) -> None:
-        self.sock.sendall(data)
 
 
 class GoodProducers:

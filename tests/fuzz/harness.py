@@ -37,7 +37,7 @@ import pytest
 from conftest import Daemon
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
-from lsk_helpers import RawProducer, protocol, record, split_lines, wait_for
+from lsk_helpers import RawProducer, RawTcpProducer, protocol, record, split_lines, wait_for
 
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"
@@ -151,21 +151,6 @@ def start_live_daemon(root: Path, tcp: bool = False) -> LiveDaemon:
 
 
 # -- raw connections ------------------------------------------------------------------------------
-class RawTcp(RawProducer):
-    """A RawProducer over TCP: no fds, frames follow HELLO on the same connection."""
-
-    def __init__(self, address: str, timeout: float = IO_TIMEOUT):
-        host, port = address[len("tcp://"):].rsplit(":", 1)
-        self.timeout = timeout
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = protocol.ControlDecoder()
-        self.queue = []
-        self.eof = False
-        self.r = self.w = None
-        self.released = 0
-
-
 class PeerGone(Exception):
     """The daemon closed its end (a refused producer): what we meant to send does not matter any more."""
 
@@ -286,7 +271,7 @@ class Example:
 
     def connect_tcp(self) -> Conn:
         assert self.target.live.address, "this module's daemon has no TCP listener (set FUZZ_TCP = True)"
-        c = Conn(RawTcp(self.target.live.address), tcp=True)
+        c = Conn(RawTcpProducer(self.target.live.address, timeout=IO_TIMEOUT), tcp=True)
         self.conns.append(c)
         return c
 
