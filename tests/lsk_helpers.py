@@ -351,6 +351,15 @@ class RawTcpProducer(RawProducer):
         self.sock.sendall(data)
 
 
+def build_shim(tmp_path: Path, name: str, source: str) -> str:
+    """Compile C ``source`` into ``tmp_path/<name>.so``, an LD_PRELOAD shim that fakes a syscall's failure."""
+    src = tmp_path / f"{name}.c"
+    src.write_text(source)
+    lib = tmp_path / f"{name}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl", "-lpthread"], check=True, timeout=60)
+    return str(lib)
+
+
 def proc_state(pid: int) -> str:
     """The one-letter state of a process from /proc (``T`` = stopped)."""
     stat = Path(f"/proc/{pid}/stat").read_text()

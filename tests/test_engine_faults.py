@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
-from lsk_helpers import assert_file, make_records, wait_for
+from lsk_helpers import assert_file, build_shim, make_records, wait_for
 
 import logsink
 
@@ -32,14 +29,6 @@ ssize_t splice(int in, loff_t *off_in, int out, loff_t *off_out, size_t len, uns
     return real(in, off_in, out, off_out, len, flags);
 }
 """
-
-
-def build_shim(tmp_path: Path, name: str, source: str) -> str:
-    src = tmp_path / f"{name}.c"
-    src.write_text(source)
-    lib = tmp_path / f"{name}.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl", "-lpthread"], check=True, timeout=60)
-    return str(lib)
 
 
 class TestSpliceRefusedByTheFile:
@@ -90,21 +79,28 @@ int epoll_wait(int ep, struct epoll_event *ev, int max, int timeout)
 """
 
 
+def fail_the_engine(daemon, tmp_path):
+    """A splice daemon whose engine thread dies (epoll_wait fails) after moving two batches of a client
+    ("before", "after"); returns (daemon, that client), the client with reconnect=False to see the ERROR."""
+    shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
+    trigger = tmp_path / "fail-now"
+    d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
+    c = logsink.Client("app", socket=d.sock, flush_interval=None, reconnect=False)
+    c.write(b"before\n")
+    c.flush(timeout=10)
+    trigger.touch()
+    c.write(b"after\n")  # wakes the engine: it moves this batch, then its next epoll_wait fails
+    c.flush(timeout=10)
+    wait_for(lambda: d.status()["engine_failed"], 10, "status to show the engine failure")
+    return d, c
+
+
 class TestEngineThreadFailure:
     def test_engine_failure_is_logged_shown_and_answered(self, daemon, tmp_path):
         """When the engine thread dies (epoll_wait fails) the daemon logs it, status shows it, producers get an ERROR, new ones are refused."""
         import pytest
 
-        shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
-        trigger = tmp_path / "fail-now"
-        d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
-        c = logsink.Client("app", socket=d.sock, flush_interval=None, reconnect=False)  # see the ERROR itself
-        c.write(b"before\n")
-        c.flush(timeout=10)
-        trigger.touch()
-        c.write(b"after\n")  # wakes the engine: it moves this batch, then its next epoll_wait fails
-        c.flush(timeout=10)
-        wait_for(lambda: d.status()["engine_failed"], 10, "status to show the engine failure")
+        d, c = fail_the_engine(daemon, tmp_path)
         assert "epoll_wait failed" in d.status()["engine_failed"]
         assert any(e.get("event") == "engine_failed" for e in d.stderr_events())
         with pytest.raises(ConnectionError, match="engine failed"):
@@ -121,16 +117,7 @@ class TestEngineThreadFailure:
         import os
         import signal
 
-        shim = build_shim(tmp_path, "epollfails", EPOLL_WAIT_FAILS_SHIM)
-        trigger = tmp_path / "fail-now"
-        d = daemon("splice", env={"LD_PRELOAD": shim, "LSK_FAIL_TRIGGER": str(trigger)})
-        c = logsink.Client("app", socket=d.sock, flush_interval=None, reconnect=False)  # see the ERROR itself
-        c.write(b"before\n")
-        c.flush(timeout=10)
-        trigger.touch()
-        c.write(b"after\n")
-        c.flush(timeout=10)
-        wait_for(lambda: d.status()["engine_failed"], 10, "the engine failure")
+        d, c = fail_the_engine(daemon, tmp_path)
         c.close()
         os.rename(d.log("app"), str(d.log("app")) + ".1")
         os.kill(d.pid, signal.SIGHUP)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lsk_helpers import build_shim
+
 TESTS_DIR = Path(__file__).resolve().parent
 RUN_TIMEOUT = 300
 
@@ -41,9 +43,7 @@ long syscall(long n, ...)
 class TestRequiresIoUring:
     def test_io_uring_tests_skip_with_the_reason_where_the_kernel_refuses_io_uring(self, tmp_path):
         """Under a shim that makes io_uring_setup fail, a parametrized [io_uring] test and one calling daemon("io_uring") are skipped with the reason, while the same test on splice and readwrite passes."""
-        src, lib = tmp_path / "no_io_uring.c", tmp_path / "no_io_uring.so"
-        src.write_text(NO_IO_URING_SHIM)
-        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True, timeout=60)
+        lib = build_shim(tmp_path, "no_io_uring", NO_IO_URING_SHIM)
         select = ("test_pipe.py::TestPipeFromAPipe::test_pipe_input_lands_byte_exact_and_moves_by_splice",
                   "test_pipe.py::TestPipeFromAPipe::test_last_line_without_newline_is_terminated_not_lost")
         res = subprocess.run(

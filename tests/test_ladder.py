@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lsk_helpers import assert_file, make_records
+from lsk_helpers import assert_file, build_shim, make_records
 
 IO_URING_DISABLED = Path("/proc/sys/kernel/io_uring_disabled")
 
@@ -58,11 +58,8 @@ class TestDaemonLadder:
 
 def run_with_shim(tmp_path: Path, name: str, shim: str, script: str) -> dict:
     """Build `shim` (C) into a preload library, run `script` under it, return the stats it prints last."""
-    src = tmp_path / f"{name}.c"
-    src.write_text(shim)
-    lib = tmp_path / f"{name}.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True, timeout=60)
-    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": str(lib)},
+    lib = build_shim(tmp_path, name, shim)
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": lib},
                          capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
     return json.loads(res.stdout.decode().strip().splitlines()[-1])

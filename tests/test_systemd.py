@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from lsk_helpers import wait_for
-from test_engine_faults import EPOLL_WAIT_FAILS_SHIM, build_shim
+from lsk_helpers import build_shim, wait_for
+from test_engine_faults import EPOLL_WAIT_FAILS_SHIM
 
 import logsink
 from logsink.daemon.notify import SystemdNotifier, notify_address, watchdog_interval
