@@ -20,7 +20,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -203,29 +203,32 @@ def _number(value: Any) -> int | None:
     return None
 
 
-def _uid(value: Any, where: str) -> int:
+# uid or gid: what the name is called, the database it is looked up in, and the lookup.
+_ID_KINDS: dict[str, tuple[str, str, Callable[[str], int]]] = {
+    "uid": ("user", "passwd", lambda name: pwd.getpwnam(name).pw_uid),
+    "gid": ("group", "group", lambda name: grp.getgrnam(name).gr_gid),
+}
+
+
+def _id(value: Any, where: str, kind: str) -> int:
+    """A uid or gid (``kind``) from a number or a name; ConfigError names the key and what to write."""
+    noun, database, lookup = _ID_KINDS[kind]
     n = _number(value)
     if n is None:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: {value!r} is neither a user name nor a uid")
+            raise ConfigError(f"{where}: {value!r} is neither a {noun} name nor a {kind}")
         try:
-            return pwd.getpwnam(value).pw_uid
+            return lookup(value)
         except KeyError:
-            raise ConfigError(f"{where}: unknown user {value!r} (not in the passwd database): use an existing name or a number") from None
+            raise ConfigError(f"{where}: unknown {noun} {value!r} (not in the {database} database): use an existing name or a number") from None
     if not 0 <= n < 2**32 - 1:
-        raise ConfigError(f"{where}: {n} is not a valid uid (0 .. 4294967294)")
+        raise ConfigError(f"{where}: {n} is not a valid {kind} (0 .. 4294967294)")
     return n
+
+
+def _uid(value: Any, where: str) -> int:
+    return _id(value, where, "uid")
 
 
 def _gid(value: Any, where: str) -> int:
-    n = _number(value)
-    if n is None:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: {value!r} is neither a group name nor a gid")
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            raise ConfigError(f"{where}: unknown group {value!r} (not in the group database): use an existing name or a number") from None
-    if not 0 <= n < 2**32 - 1:
-        raise ConfigError(f"{where}: {n} is not a valid gid (0 .. 4294967294)")
-    return n
+    return _id(value, where, "gid")
