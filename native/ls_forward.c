@@ -33,15 +33,11 @@
 
 /* Read [off, off + min(SCAN_BUF, limit - off)) into b. Returns bytes (> 0), -ENODATA if the file
  * ends first (it was truncated under us), or -errno. Counted in bytes_copied. */
-static int fill_upto(struct ls_forward *f, struct fbuf *b, uint64_t off, uint64_t limit, uint32_t max)
+int fwd_pread_all(struct ls_forward *f, char *dst, uint32_t len, uint64_t off)
 {
-    uint64_t want = limit - off;
-    if (want > max)
-        want = max;
     uint32_t have = 0;
-    b->len = 0;
-    while (have < want) {
-        ssize_t n = pread(f->fd, b->p + have, want - have, (off_t)(off + have));
+    while (have < len) {
+        ssize_t n = pread(f->fd, dst + have, len - have, (off_t)(off + have));
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -50,11 +46,23 @@ static int fill_upto(struct ls_forward *f, struct fbuf *b, uint64_t off, uint64_
         if (n == 0)
             return -ENODATA;
         have += (uint32_t)n;
+        f->c.bytes_copied += (uint64_t)n;
     }
+    return 0;
+}
+
+static int fill_upto(struct ls_forward *f, struct fbuf *b, uint64_t off, uint64_t limit, uint32_t max)
+{
+    uint64_t want = limit - off;
+    if (want > max)
+        want = max;
+    b->len = 0;
+    int r = fwd_pread_all(f, b->p, (uint32_t)want, off);
+    if (r < 0)
+        return r;
     b->off = off;
-    b->len = have;
-    f->c.bytes_copied += have;
-    return (int)have;
+    b->len = (uint32_t)want;
+    return (int)want;
 }
 
 static int fill(struct ls_forward *f, struct fbuf *b, uint64_t off, uint64_t limit)

@@ -87,6 +87,9 @@ struct ls_forward {
 /* ls_forward.c */
 
 /* The offset just after the first '\n' in [from, limit): 1 and *out set; 0 if none; -errno. */
+/* Read exactly len bytes of the file at off into dst (counted in bytes_copied). Returns 0,
+ * -ENODATA if the file ends first (it was truncated under us), or -errno. */
+int fwd_pread_all(struct ls_forward *f, char *dst, uint32_t len, uint64_t off);
 int fwd_next_boundary(struct ls_forward *f, uint64_t from, uint64_t limit, uint64_t *out);
 /* Stop using the socket: rewind the cursor to the first record its peer did not ACK whole. */
 void fwd_detach(struct ls_forward *f);

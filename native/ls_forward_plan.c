@@ -40,17 +40,11 @@ static int window_at(struct ls_forward *f, uint64_t off)
     uint64_t want = f->stop - off;
     if (want > SCAN_BUF)
         want = SCAN_BUF;
-    while (w->len < want) {
-        ssize_t n = pread(f->fd, w->p + w->len, want - w->len, (off_t)(off + w->len));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -ENODATA;
-        w->len += (uint32_t)n;
-        f->c.bytes_copied += (uint64_t)n;
+    if (w->len < want) {
+        int r = fwd_pread_all(f, w->p + w->len, (uint32_t)(want - w->len), off + w->len);
+        if (r < 0)
+            return r;
+        w->len = (uint32_t)want;
     }
     return 0;
 }
