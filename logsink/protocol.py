@@ -54,9 +54,14 @@ ERROR = "error"          # daemon -> client, the connection is refused or being 
 SHUTDOWN = "shutdown"    # daemon -> client, hand over what you hold and close: the daemon is stopping
 STATUS = "status"        # client -> daemon asks, daemon -> client answers with the same type
 
-LOCAL_TRANSPORTS = ("vmsplice", "copy")   # over the unix socket + data pipe
+LOCAL_TRANSPORTS = ("vmsplice", "copy", "shm")  # over the unix socket + data pipe (shm: + a memfd arena)
 TCP_TRANSPORTS = ("zerocopy", "copy")      # over TCP: frames follow HELLO on the same connection
-TRANSPORTS = ("vmsplice", "zerocopy", "copy")
+TRANSPORTS = ("vmsplice", "zerocopy", "copy", "shm")
+# transport "shm": HELLO carries two fds, the data pipe's read end and then the arena (a memfd sealed
+# with F_SEAL_SHRINK). Batches stay in the arena; the pipe carries 32-byte descriptors: frame headers
+# with FRAME_FLAG_SHM set and the payload's byte offset in the arena in the last 8 bytes.
+FRAME_FLAG_SHM = 1
+HELLO_FDS_SHM = 2
 
 # Error codes carried in ERROR messages (and counted by the daemon under the same names).
 E_BAD_MESSAGE = "bad-message"      # undecodable frame or unknown/ill-typed message

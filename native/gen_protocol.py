@@ -104,6 +104,8 @@ def render(path: pathlib.Path = PROTOCOL) -> str:
         f"#define LS_PROTO_STREAM_NAME_CHARS {_c_str(str(c['STREAM_NAME_CHARS']))}",
         f"#define LS_PROTO_FRAME_MAGIC {_c_str(c['FRAME_MAGIC'])}",  # type: ignore[arg-type]
         f"#define LS_PROTO_FRAME_HEADER_SIZE {c['FRAME_HEADER_SIZE']}",
+        "/* transport \"shm\": a frame header with this flag is a descriptor of a batch in the arena. */",
+        f"#define LS_PROTO_FRAME_FLAG_SHM {c['FRAME_FLAG_SHM']}",
         "",
         "/* Transports a HELLO may name. */",
         "#define LS_PROTO_TRANSPORTS {" + ", ".join(_c_str(t) for t in c["TRANSPORTS"]) + "}",  # type: ignore[union-attr]

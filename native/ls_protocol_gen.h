@@ -14,9 +14,11 @@
 #define LS_PROTO_STREAM_NAME_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 #define LS_PROTO_FRAME_MAGIC "LSK1"
 #define LS_PROTO_FRAME_HEADER_SIZE 32
+/* transport "shm": a frame header with this flag is a descriptor of a batch in the arena. */
+#define LS_PROTO_FRAME_FLAG_SHM 1
 
 /* Transports a HELLO may name. */
-#define LS_PROTO_TRANSPORTS {"vmsplice", "zerocopy", "copy"}
+#define LS_PROTO_TRANSPORTS {"vmsplice", "zerocopy", "copy", "shm"}
 
 /* ERROR codes (protocol.E_*). */
 #define LS_PROTO_E_BAD_MESSAGE "bad-message"
