@@ -27,7 +27,12 @@ DEFAULT_SEGMENTS = 4
 DEFAULT_FLUSH_INTERVAL = 0.2
 PAGE = 4096
 
-_TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY, "zerocopy": lib.LS_TRANSPORT_ZEROCOPY}
+_TRANSPORT_IDS = {
+    "vmsplice": lib.LS_TRANSPORT_VMSPLICE,
+    "copy": lib.LS_TRANSPORT_COPY,
+    "zerocopy": lib.LS_TRANSPORT_ZEROCOPY,
+    "shm": lib.LS_TRANSPORT_SHM,
+}
 
 # Every open Client: flushed and closed at interpreter exit, reconnected lazily in a forked child.
 _live: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -125,14 +130,12 @@ class Client:
             raise ValueError(exc.reason) from None
         if address is not None and not address.startswith("tcp://"):
             raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
-        if transport == "shm":
-            raise NotImplementedError("transport 'shm' (a memfd arena the daemon writes with io_uring WRITE_FIXED) is not "
-                                      "implemented yet: use 'vmsplice' (the default) or 'copy'; see README 'Not yet'")
         if transport == "auto":
             transport = "zerocopy" if address else "vmsplice"
-        allowed = ("zerocopy", "copy") if address else ("vmsplice", "copy")
+        allowed = protocol.TCP_TRANSPORTS if address else protocol.LOCAL_TRANSPORTS
         if transport not in allowed:
-            where = "over TCP" if address else "on the local socket (zerocopy is for address='tcp://...')"
+            where = ("over TCP (shm and vmsplice are for the local socket)" if address
+                     else "on the local socket (zerocopy is for address='tcp://...')")
             raise ValueError(f"transport {transport!r} is not one of 'auto', {', '.join(map(repr, allowed))} {where}")
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full {on_full!r} is not 'block' or 'drop'")
@@ -310,6 +313,16 @@ class Client:
             "disconnected_seconds": st.disconnected_us / 1e6,
             "connected": bool(st.connected),
         }
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch payload this connection takes, in bytes (a longer record cannot be sent):
+        ``segment_size - 32``, cut by the daemon's max_batch and, for vmsplice and copy, by the data
+        pipe's size. A reconnect may change it."""
+        ret = lib.ls_producer_capacity(self._handle())
+        if ret < 0:
+            raise self._error(ret, "max_batch")
+        return ret
 
     @property
     def connected(self) -> bool:

@@ -1,0 +1,333 @@
+"""The producer side of the shared-memory transport (``transport="shm"``, docs/protocol.md).
+
+A fake daemon (``ShmFakeDaemon``: a Python AF_UNIX server) takes the producer's HELLO with its two
+fds, checks the memfd arena's seals, maps it, reads the 32-byte descriptors from the data pipe and
+the payload from its own mapping, and releases when the test says so. The C producer is driven
+through logsink.Client (cffi), AsyncClient, the logging handler and ``logsink pipe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+from lsk_helpers import make_records, wait_for
+
+import logsink
+from logsink import protocol
+
+DESCRIPTOR = struct.Struct("<4sBBHIIQQ")  # the frame header layout (ls_frame.h)
+WAIT = 20.0
+
+
+@dataclass
+class Batch:
+    """One descriptor the fake daemon read, and the payload it pointed at when it was read."""
+
+    seq: int
+    offset: int
+    length: int
+    records: int
+    payload: bytes
+
+
+@dataclass
+class FakeConn:
+    """One producer connection to the fake daemon."""
+
+    sock: socket.socket
+    hello: dict
+    pipe_r: int
+    memfd: int
+    arena: mmap.mmap
+    seals: int
+    pipe_size: int
+    auto_release: bool = True
+    batches: list[Batch] = field(default_factory=list)
+    ended: bool = False  # the pipe's write end was closed (EOF)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def release(self, through: int) -> None:
+        with self.lock:
+            self.sock.sendall(protocol.encode(protocol.release(through)))
+
+    def payload_now(self, b: Batch) -> bytes:
+        """The bytes the descriptor points at, read from the mapping now (a pinned batch is unchanged)."""
+        return bytes(self.arena[b.offset:b.offset + b.length])
+
+
+class ShmFakeDaemon:
+    """Accepts shm producers one connection at a time; ``auto_release`` releases each batch once read."""
+
+    def __init__(self, path: str, max_batch: int | None = None, auto_release: bool = True):
+        self.path = path
+        self.max_batch = max_batch
+        self.auto_release = auto_release
+        self.conns: list[FakeConn] = []
+        self.errors: list[BaseException] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self._stop = False
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(WAIT)
+            dec = protocol.ControlDecoder()
+            data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+            msgs = dec.feed(data)
+            while not msgs:
+                msgs = dec.feed(conn.recv(65536))
+            hello = msgs[0]
+            assert hello["t"] == protocol.HELLO and hello["transport"] == "shm", hello
+            assert len(fds) == protocol.HELLO_FDS_SHM, f"HELLO carried {len(fds)} fds"
+            pipe_r, memfd = fds
+            size = os.fstat(memfd).st_size
+            arena = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            fc = FakeConn(conn, hello, pipe_r, memfd, arena, fcntl.fcntl(memfd, fcntl.F_GET_SEALS),
+                          fcntl.fcntl(pipe_r, fcntl.F_GETPIPE_SZ), self.auto_release)
+            extra = {"max_batch": self.max_batch} if self.max_batch else {}
+            conn.sendall(protocol.encode(protocol.welcome(len(self.conns) + 1, "fake", **extra)))
+            self.conns.append(fc)
+            self._read_descriptors(fc)
+        except BaseException as exc:  # reported by check()
+            self.errors.append(exc)
+
+    def _read_descriptors(self, fc: FakeConn) -> None:
+        while True:
+            raw = b""
+            while len(raw) < DESCRIPTOR.size:
+                chunk = os.read(fc.pipe_r, DESCRIPTOR.size - len(raw))
+                if not chunk:
+                    assert not raw, f"the pipe ended inside a descriptor ({len(raw)} bytes)"
+                    fc.ended = True
+                    os.close(fc.pipe_r)
+                    return
+                raw += chunk
+            magic, version, flags, hlen, length, records, seq, offset = DESCRIPTOR.unpack(raw)
+            assert (magic, version, flags, hlen) == (b"LSK1", 1, protocol.FRAME_FLAG_SHM, 32), raw
+            assert 0 < length and offset + length <= len(fc.arena), (offset, length, len(fc.arena))
+            b = Batch(seq, offset, length, records, bytes(fc.arena[offset:offset + length]))
+            fc.batches.append(b)
+            if fc.auto_release:
+                fc.release(seq)
+
+    def cut(self, fc: FakeConn) -> None:
+        """End a connection without releasing: the producer must reconnect and resend. (The pipe's
+        read end stays with its reader thread, which sees EOF once the producer closes its end.)"""
+        fc.sock.shutdown(socket.SHUT_RDWR)
+
+    def payload(self) -> bytes:
+        return b"".join(b.payload for c in self.conns for b in c.batches)
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+
+
+@pytest.fixture
+def fake(tmp_path):
+    made: list[ShmFakeDaemon] = []
+
+    def make(**kw) -> ShmFakeDaemon:
+        d = ShmFakeDaemon(str(tmp_path / f"f{len(made)}.sock"), **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+        d.check()
+
+
+def shm_client(d: ShmFakeDaemon, **kw) -> logsink.Client:
+    kw.setdefault("segment_size", 8192)
+    kw.setdefault("segments", 4)
+    kw.setdefault("timeout", WAIT)
+    kw.setdefault("flush_interval", None)
+    return logsink.Client("app", socket=d.path, transport="shm", **kw)
+
+
+class TestShmHello:
+    def test_hello_passes_the_pipe_then_a_sealed_memfd_of_the_arena_size(self, fake):
+        """HELLO names transport shm and carries two fds: a FIFO, then a memfd sealed against shrinking, as big as the arena."""
+        d = fake()
+        with shm_client(d, segment_size=16384, segments=3) as c:
+            wait_for(lambda: d.conns, WAIT, "the HELLO")
+            fc = d.conns[0]
+            assert stat.S_ISFIFO(os.fstat(fc.pipe_r).st_mode)
+            assert os.readlink(f"/proc/self/fd/{fc.memfd}").startswith("/memfd:logsink:app")
+            assert fc.seals & fcntl.F_SEAL_SHRINK
+            assert os.fstat(fc.memfd).st_size == 3 * 16384
+            assert fc.hello["transport"] == "shm" and fc.hello["segment_size"] == 16384
+            assert c.stats()["transport"] == "shm"
+
+    def test_data_pipe_is_one_page(self, fake):
+        """The pipe carries only descriptors: the producer shrinks it to 4096 bytes and says so in HELLO."""
+        d = fake()
+        with shm_client(d) as c:
+            wait_for(lambda: d.conns, WAIT, "the HELLO")
+            assert d.conns[0].pipe_size == 4096
+            assert d.conns[0].hello["pipe_size"] == 4096
+            assert c.pipe_size == 4096
+
+    def test_transport_shm_is_refused_over_tcp(self):
+        """shm needs the local socket: a TCP address with transport shm is a ValueError naming the choices."""
+        with pytest.raises(ValueError, match="over TCP"):
+            logsink.Client("app", address="tcp://127.0.0.1:1", transport="shm")
+
+
+class TestShmDescriptors:
+    def test_descriptors_point_at_exactly_the_written_bytes(self, fake):
+        """Each descriptor's [offset, offset+length) in the memfd holds exactly the records of its batch, in order."""
+        d = fake()
+        recs = make_records("shm", 400)
+        with shm_client(d) as c:
+            for r in recs:
+                c.write(r)
+            c.flush(timeout=WAIT)
+            batches = d.conns[0].batches
+            assert len(batches) > 4  # more batches than segments: the ring went round
+            assert [b.seq for b in batches] == list(range(1, len(batches) + 1))
+            assert all(b.records == b.payload.count(b"\n") for b in batches)
+            assert all(b.offset % 8192 == 32 for b in batches)  # after each segment's 32 header bytes
+        assert d.payload() == b"".join(recs)
+
+    def test_batches_are_not_capped_by_the_pipe_size(self, fake):
+        """A record larger than the one-page pipe goes whole: shm capacity is segment_size - 32."""
+        d = fake()
+        big = b"x" * 60000 + b"\n"
+        with shm_client(d, segment_size=65536) as c:
+            assert c.max_batch == 65536 - 32
+            c.write(big)
+            c.flush(timeout=WAIT)
+        assert [b.payload for b in d.conns[0].batches] == [big]
+
+    def test_welcome_max_batch_caps_the_batches(self, fake):
+        """WELCOME's max_batch below the segment payload is the limit: a longer record is refused, nothing sent."""
+        d = fake(max_batch=5000)
+        with shm_client(d, segment_size=65536) as c:
+            assert c.max_batch == 5000
+            with pytest.raises(ValueError, match=r"longer than this connection's batch limit \(5000 bytes: the daemon's max_batch"):
+                c.write(b"y" * 6000 + b"\n")
+            recs = make_records("cap", 100)
+            c.write(b"".join(recs))
+            c.flush(timeout=WAIT)
+        assert all(b.length <= 5000 for b in d.conns[0].batches)
+        assert d.payload() == b"".join(recs)
+
+
+class TestShmPinning:
+    def test_segments_stay_pinned_until_release(self, fake):
+        """With every segment handed over and none released, no segment is rewritten; a release frees exactly that one."""
+        d = fake(auto_release=False)
+        seg = 8192
+        with shm_client(d, segments=3, on_full="drop") as c:
+            wait_for(lambda: d.conns, WAIT, "the HELLO")
+            fc = d.conns[0]
+            for i in range(3):  # one record fills one segment
+                c.write(bytes([ord("a") + i]) * (seg - 32 - 1) + b"\n")
+            c.write(b"z\n")  # hands over the third segment, then finds every segment pinned
+            wait_for(lambda: len(fc.batches) == 3, WAIT, "three descriptors")
+            assert sorted(b.offset for b in fc.batches) == [32, seg + 32, 2 * seg + 32]
+            st = c.stats()
+            assert st["pinned_segments"] == 3 and st["dropped_records"] == 1
+            assert all(fc.payload_now(b) == b.payload for b in fc.batches)
+            fc.release(1)
+            wait_for(lambda: c.stats()["released_through"] == 1, WAIT, "the release of seq 1")
+            c.write(b"after release\n")  # lands in the segment seq 1 held
+            assert all(fc.payload_now(b) == b.payload for b in fc.batches[1:])
+            assert bytes(fc.arena[32:32 + 14]) == b"after release\n"
+            fc.auto_release = True
+            fc.release(3)
+            c.flush(timeout=WAIT)
+        last = fc.batches[3]
+        assert (last.seq, last.offset, last.payload) == (4, 32, b"after release\n")
+
+
+class TestShmReconnect:
+    def test_reconnect_passes_the_same_memfd_and_resends_renumbered(self, fake):
+        """After a lost connection the new HELLO carries the same memfd, and the unreleased batches go again from seq 1."""
+        d = fake(auto_release=False)
+        recs = make_records("rc", 60)
+        with shm_client(d) as c:
+            c.write(b"".join(recs))
+            with pytest.raises(TimeoutError):
+                c.flush(timeout=0.05)  # hands the current segment over; nothing is released
+            wait_for(lambda: d.conns, WAIT, "the HELLO")
+            first = d.conns[0]
+            wait_for(lambda: len(first.batches) == c.stats()["handed_over_through"] >= 2, WAIT, "every descriptor")
+            before = list(first.batches)
+            d.auto_release = True
+            d.cut(first)
+            wait_for(lambda: len(d.conns) == 2, WAIT, "the reconnect")
+            second = d.conns[1]
+            a, b = os.fstat(first.memfd), os.fstat(second.memfd)
+            assert (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            c.flush(timeout=WAIT)
+            assert [x.seq for x in second.batches] == list(range(1, len(before) + 1))
+            assert [(x.offset, x.payload) for x in second.batches] == [(x.offset, x.payload) for x in before]
+            assert c.stats()["reconnects"] == 1 and c.stats()["resent_batches"] == len(before)
+        assert b"".join(x.payload for x in second.batches) == b"".join(recs)
+
+
+class TestShmSpliceFrom:
+    def test_splice_from_reads_the_pipe_into_a_segment_and_hands_it_over(self, fake):
+        """splice_from on shm: the pipe's bytes become one batch in the arena, after what write() took."""
+        d = fake()
+        r, w = os.pipe()
+        try:
+            with shm_client(d) as c:
+                c.write(b"written first\n")
+                data = b"".join(make_records("sp", 20))
+                os.write(w, data)
+                c.splice_from(r, len(data), data.count(b"\n"))
+                c.flush(timeout=WAIT)
+                assert [b.payload for b in d.conns[0].batches] == [b"written first\n", data]
+                assert c.stats()["lost_batches"] == 0
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 1)  # the input pipe was drained
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def test_splice_from_larger_than_a_batch_is_emsgsize_and_reads_nothing(self, fake):
+        """nbytes over the shm capacity fails (EMSGSIZE) before any byte leaves the input pipe."""
+        d = fake()
+        r, w = os.pipe()
+        try:
+            with shm_client(d) as c:
+                os.write(w, b"q" * 9000 + b"\n")
+                with pytest.raises(ValueError, match="spliced batch of 9001 bytes is larger"):  # EMSGSIZE
+                    c.splice_from(r, 9001, 1)
+                assert len(os.read(r, 10000)) == 9001
+        finally:
+            os.close(r)
+            os.close(w)
