@@ -265,7 +265,8 @@ static int send_frame_locked(struct ls_producer *p, char *payload, uint32_t len,
 /* Send queued batch b on the current connection. A batch filled for an earlier connection may be
  * larger than this one takes whole (a smaller pipe, a smaller max_batch): it then goes as several
  * frames cut at record boundaries, copied (each frame's header borrows the 32 bytes before its
- * payload, restored once write() has copied them). Returns 0 or -errno. */
+ * payload, restored once write() has copied them). shm: one descriptor per piece, no copy and no
+ * borrowed header (the daemon may be reading the piece before). Returns 0 or -errno. */
 static int send_batch_locked(struct ls_producer *p, struct batch *b)
 {
     char *payload = p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE;
@@ -283,11 +284,13 @@ static int send_batch_locked(struct ls_producer *p, struct batch *b)
                 return -EMSGSIZE; /* checked before the connection was taken into use */
             n = (uint32_t)(cut - (payload + off)) + 1;
         }
+        int borrow = off && p->transport != LS_TRANSPORT_SHM;
         char saved[LS_FRAME_HEADER_SIZE];
-        memcpy(saved, payload + off - LS_FRAME_HEADER_SIZE, sizeof saved);
+        if (borrow)
+            memcpy(saved, payload + off - LS_FRAME_HEADER_SIZE, sizeof saved);
         int r = send_frame_locked(p, payload + off, n, (uint32_t)ls_count_records(payload + off, n), p->wire + 1,
                                   (uint32_t)b->seg, 1);
-        if (off)
+        if (borrow)
             memcpy(payload + off - LS_FRAME_HEADER_SIZE, saved, sizeof saved);
         if (r < 0)
             return r;

@@ -331,3 +331,62 @@ class TestShmSpliceFrom:
         finally:
             os.close(r)
             os.close(w)
+
+
+class TestShmSplitResend:
+    def test_a_smaller_max_batch_after_reconnect_cuts_the_resend_into_descriptors_in_place(self, fake):
+        """A batch resent to a daemon with a smaller max_batch goes as several descriptors at record boundaries,
+        pointing into the same segment (no copy), together exactly the original bytes."""
+        d = fake(auto_release=False)
+        recs = make_records("sp", 200, minlen=20, maxlen=60)
+        with shm_client(d) as c:
+            c.write(b"".join(recs))
+            with pytest.raises(TimeoutError):
+                c.flush(timeout=0.05)
+            wait_for(lambda: d.conns, WAIT, "the HELLO")
+            first = d.conns[0]
+            wait_for(lambda: len(first.batches) == c.stats()["handed_over_through"], WAIT, "every descriptor")
+            assert max(b.length for b in first.batches) > 3000
+            d.max_batch, d.auto_release = 3000, True
+            d.cut(first)
+            wait_for(lambda: len(d.conns) == 2, WAIT, "the reconnect")
+            c.flush(timeout=WAIT)
+            second = d.conns[1]
+            assert all(b.length <= 3000 and b.payload.endswith(b"\n") for b in second.batches)
+            assert len(second.batches) > len(first.batches)
+            for prev, nxt in zip(second.batches, second.batches[1:]):  # contiguous within a segment
+                if nxt.offset // 8192 == prev.offset // 8192:
+                    assert nxt.offset == prev.offset + prev.length
+        assert b"".join(b.payload for b in second.batches) == b"".join(recs)
+
+
+class TestShmFork:
+    def test_forked_child_does_not_map_the_parents_arena_and_gets_its_own(self, fake):
+        """In a forked child the parent's memfd arena is not mapped (MADV_DONTFORK); a write there opens a new
+        connection with a new memfd, and the parent's producer carries on."""
+        d = fake()
+        with shm_client(d) as c:
+            c.write(b"parent 1\n")
+            c.flush(timeout=WAIT)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through its exit status
+                code = 1
+                try:
+                    with open("/proc/self/maps") as f:  # (the fake daemon's own mapping is read-only)
+                        inherited = sum("memfd:logsink:app" in line and " rw-s " in line for line in f)
+                    c.write(b"child\n")
+                    c.flush(timeout=WAIT)
+                    code = 0 if inherited == 0 else 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+            c.write(b"parent 2\n")
+            c.flush(timeout=WAIT)
+        wait_for(lambda: len(d.conns) == 2, WAIT, "the child's connection")
+        by_pid = {conn.hello["pid"]: conn for conn in d.conns}
+        assert b"".join(b.payload for b in by_pid[os.getpid()].batches) == b"parent 1\nparent 2\n"
+        child = next(conn for p, conn in by_pid.items() if p != os.getpid())
+        assert b"".join(b.payload for b in child.batches) == b"child\n"
+        a, b = os.fstat(by_pid[os.getpid()].memfd), os.fstat(child.memfd)
+        assert a.st_ino != b.st_ino
