@@ -390,3 +390,79 @@ class TestShmFork:
         assert b"".join(b.payload for b in child.batches) == b"child\n"
         a, b = os.fstat(by_pid[os.getpid()].memfd), os.fstat(child.memfd)
         assert a.st_ino != b.st_ino
+
+
+class TestShmIntegrations:
+    def test_async_client_delivers_over_shm(self, fake):
+        """AsyncClient(transport="shm") hands its records over as shm descriptors, in order."""
+        from logsink.aio import AsyncClient
+
+        d = fake()
+        recs = make_records("aio", 300)
+
+        async def main() -> str:
+            async with AsyncClient("app", socket=d.path, transport="shm", segment_size=8192, timeout=WAIT) as c:
+                for r in recs:
+                    await c.write(r)
+                await c.flush(timeout=WAIT)
+                return c.client.stats()["transport"]
+
+        assert asyncio.run(main()) == "shm"
+        assert d.payload() == b"".join(recs)
+
+    def test_logging_handler_renders_natively_into_the_shm_arena(self, fake):
+        """LogsinkHandler on shm takes the C rendering path (write_log_json) and its JSON lines land as formatted."""
+        from logsink.logging import JsonFormatter, LogsinkHandler
+
+        d = fake()
+        h = LogsinkHandler("app", socket=d.path, transport="shm", segment_size=8192, timeout=WAIT)
+        log = logging.getLogger("shm.test")
+        log.propagate = False
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        made: list[logging.LogRecord] = []
+        h.addFilter(lambda rec: made.append(rec) or True)
+        try:
+            assert h.client.write_log_json(1700000000.5, b"info", b"direct", b"rendered in C") is True
+            for i in range(50):
+                log.info("message %d with \"quotes\" and \u00e9", i)
+            h.flush()
+        finally:
+            log.removeHandler(h)
+            h.close()
+        want = JsonFormatter().format(logging.makeLogRecord({"created": 1700000000.5, "levelname": "INFO", "name": "direct",
+                                                              "msg": "rendered in C"})).encode() + b"\n"
+        want += b"".join(JsonFormatter().format(rec).encode() + b"\n" for rec in made)
+        assert d.payload() == want
+
+    def test_structlog_factory_writes_over_shm(self, fake):
+        """A LogsinkLoggerFactory with transport="shm" delivers a structlog logger's records."""
+        from logsink.structlog import LogsinkLoggerFactory
+
+        d = fake()
+        factory = LogsinkLoggerFactory("app", socket=d.path, transport="shm", segment_size=8192, timeout=WAIT)
+        logger = factory("svc")
+        logger.msg('{"event":"one"}')
+        logger.info(b'{"event":"two"}\n')
+        logger.flush()
+        factory.client.close()
+        assert d.payload() == b'{"event":"one"}\n{"event":"two"}\n'
+
+    @pytest.mark.parametrize("from_pipe", [True, False], ids=["stdin-pipe", "stdin-file"])
+    def test_logsink_pipe_transport_shm_relays_stdin(self, fake, tmp_path, from_pipe):
+        """`logsink pipe --transport shm` relays stdin (a pipe: read into the arena; a file: copied) byte-exact over shm."""
+        d = fake()
+        data = b"".join(make_records("pipe", 20_000))
+        cmd = [sys.executable, "-m", "logsink", "pipe", "app", "--socket", d.path, "--transport", "shm"]
+        if from_pipe:
+            relay = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = relay.communicate(data, timeout=120)
+        else:
+            src = tmp_path / "in.log"
+            src.write_bytes(data)
+            with open(src, "rb") as f:
+                relay = subprocess.Popen(cmd, stdin=f, stderr=subprocess.PIPE)
+                _, err = relay.communicate(timeout=120)
+        assert relay.returncode == 0, err.decode()
+        assert d.conns[0].hello["transport"] == "shm"
+        assert d.payload() == data
