@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import signal
 import socket
 import stat
@@ -590,5 +591,19 @@ class Daemon:
         return status_report.report(self)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one: every producer holds a socket and a pipe here, and a
+    shell's or systemd's soft 1024 would cap a host at ~500 producers. Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_kept", soft=soft, hard=hard, error=str(exc))
+            return soft, soft
+    return soft, hard
+
+
 def serve(cfg: Config) -> int:
+    raise_fd_limit()
     return asyncio.run(Daemon(cfg).run())
