@@ -183,7 +183,8 @@ def _print_status(st: dict[str, Any]) -> None:
         eng += f" FAILED: {st['engine_failed']} (nothing moves: restart the daemon)"
     print(f"logsink {st['version']}  pid {st['pid']}  engine {eng}  up {st['uptime']:.0f}s")
     print(f"dir {st['dir']}  socket {st['socket']}")
-    print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, copied {t['bytes_copied']}")
+    print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, "
+          f"copied {t['bytes_copied']}, shared {t.get('bytes_shared', 0)} (shm: {st.get('shm_path', '?')})")
     print(f"\n{'STREAM':<24} {'BYTES':>14} {'RECORDS':>12} {'BATCHES':>9} {'PROD':>5} {'ERR':>5}  FILE")
     for name, s in sorted(st["streams"].items()):
         print(f"{name:<24} {s['bytes']:>14} {s['records']:>12} {s['batches']:>9} {s['producers']:>5} {s['errors']:>5}  {s['file']}")

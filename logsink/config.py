@@ -55,6 +55,9 @@ class Config:
     max_streams: int = 1024
     # Largest batch a producer may send (its segment size); mirrors protocol.MAX_BATCH_PAYLOAD.
     max_batch: int = 64 << 20
+    # Largest arena (memfd) a producer on transport "shm" may pass. The engine maps it and io_uring pins
+    # its pages while the producer is connected: max_producers x max_arena bounds that memory.
+    max_arena: int = 16 << 20
     # TCP ingest: off unless configured; an address without a host binds loopback.
     listen: list = field(default_factory=list)
     # Shared secret TCP producers must present in HELLO (clients read LOGSINK_TOKEN); "" = none.

@@ -122,6 +122,11 @@ def pack_frame_header(payload_len: int, record_count: int, seq: int, flags: int 
     return _FRAME.pack(FRAME_MAGIC, PROTOCOL_VERSION, flags, FRAME_HEADER_SIZE, payload_len, record_count, seq, 0)
 
 
+def pack_shm_descriptor(payload_len: int, record_count: int, seq: int, offset: int) -> bytes:
+    """The 32 bytes that announce a batch of ``payload_len`` bytes at ``offset`` in a shm producer's arena."""
+    return _FRAME.pack(FRAME_MAGIC, PROTOCOL_VERSION, FRAME_FLAG_SHM, FRAME_HEADER_SIZE, payload_len, record_count, seq, offset)
+
+
 def unpack_frame_header(data: bytes, max_payload: int = MAX_BATCH_PAYLOAD) -> FrameHeader:
     """Parse and validate a frame header; raise ProtocolError(E_BAD_FRAME) saying what is wrong.
 

@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -101,6 +102,8 @@ int eng_pipe_avail(int fd)
  * queues both before we read either); a stage pipe holds the payload (p->cap, set at add). */
 uint32_t eng_producer_cap(struct ls_engine *e, struct producer *p, int refresh)
 {
+    if (p->arena) /* shm: the batch is in the arena, the pipe holds only its descriptor */
+        return p->arena_len < e->max_batch ? (uint32_t)p->arena_len : e->max_batch;
     if (!p->is_sock && (refresh || !p->cap)) {
         int sz = fcntl(p->fd, F_GETPIPE_SZ);
         p->cap = sz > LS_FRAME_HEADER_SIZE ? (uint32_t)sz - LS_FRAME_HEADER_SIZE : 0;
@@ -120,6 +123,10 @@ void eng_finish(struct ls_engine *e, struct producer *p, uint32_t kind, int32_t 
         close(p->stage_w);
         p->stage_r = p->stage_w = -1;
         p->staged = 0;
+    }
+    if (p->arena) { /* unwatch dropped the ring's registration; no write reads it any more */
+        munmap((void *)p->arena, p->arena_len);
+        p->arena = NULL;
     }
     if (p->remove && kind == LS_EV_PRODUCER_EOF)
         kind = LS_EV_PRODUCER_REMOVED;
@@ -252,10 +259,23 @@ void eng_on_header(struct ls_engine *e, struct producer *p, long r)
     memcpy(&p->h, p->hdr, sizeof p->h);
     p->hdr_have = 0;
     int bad = ls_frame_check(&p->h, e->max_batch);
-    if (!bad && p->h.payload_len > eng_producer_cap(e, p, 0) && p->h.payload_len > eng_producer_cap(e, p, 1))
+    int desc = (p->h.flags & LS_PROTO_FRAME_FLAG_SHM) != 0;
+    if (!bad && desc != (p->arena != NULL))
+        bad = LS_EBATCH_ARENA; /* a descriptor without an arena, or payload bytes from a shm producer */
+    else if (!bad && p->arena && (p->h.reserved > p->arena_len || p->h.payload_len > p->arena_len - p->h.reserved))
+        bad = LS_EBATCH_ARENA; /* [offset, offset + len) is not inside the arena */
+    else if (!bad && !p->arena && p->h.payload_len > eng_producer_cap(e, p, 0) &&
+             p->h.payload_len > eng_producer_cap(e, p, 1))
         bad = LS_EBATCH_TOO_BIG; /* it could never be queued whole: waiting for it would be forever */
     if (bad) {
         eng_refuse(e, p, bad, 0);
+        return;
+    }
+    if (p->arena) { /* shm: the payload is all there already */
+        p->arena_off = p->h.reserved;
+        p->staged = 0;
+        p->backoff_ns = 0;
+        eng_wait_stream(e, p);
         return;
     }
     p->state = P_WAIT_DATA; /* eng_drive() takes it from here */
@@ -322,20 +342,21 @@ void eng_synced(struct ls_engine *e, struct producer *p, struct stream *s, int r
     p->state = P_HEADER;
 }
 
-void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int copied)
+static uint64_t *moved_ctr(struct ls_counters *c, int how)
+{
+    return how == MOVED_SHARED ? &c->bytes_shared : how == MOVED_COPY ? &c->bytes_copied : &c->bytes_spliced;
+}
+
+void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int how)
 {
     struct stream *s = &e->streams[p->stream_id];
+    if (r == 0 && p->arena)
+        r = -EIO; /* a write from the arena that moved nothing: a failed batch, not a dead producer */
     if (r > 0) {
         p->moved += (uint32_t)r;
-        uint64_t *ctr = copied ? &s->c.bytes_copied : &s->c.bytes_spliced;
-        *ctr += (uint64_t)r;
-        if (copied) {
-            p->c.bytes_copied += (uint64_t)r;
-            e->total.bytes_copied += (uint64_t)r;
-        } else {
-            p->c.bytes_spliced += (uint64_t)r;
-            e->total.bytes_spliced += (uint64_t)r;
-        }
+        *moved_ctr(&s->c, how) += (uint64_t)r;
+        *moved_ctr(&p->c, how) += (uint64_t)r;
+        *moved_ctr(&e->total, how) += (uint64_t)r;
         if (p->moved == p->h.payload_len) {
             uint64_t start;
             int64_t hole = ls_close_truncation_hole(s->fd, p->batch_start, p->h.payload_len, &start);
@@ -373,7 +394,7 @@ void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int copied)
         eng_stream_release(e, s);
         return;
     }
-    if ((r == -EINVAL || r == -ENOSYS || r == -EOPNOTSUPP) && !copied && p->moved == 0 && !s->copy) {
+    if ((r == -EINVAL || r == -ENOSYS || r == -EOPNOTSUPP) && how == MOVED_SPLICE && p->moved == 0 && !s->copy) {
         /* The file refuses splice (a filesystem without splice_write) and nothing moved yet:
          * this stream steps down to read + pwrite, and the batch goes again that way. */
         s->copy = 1;
@@ -388,7 +409,7 @@ void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int copied)
     e->total.errors++;
     p->fail_err = (int32_t)r;
     s->busy = NULL;
-    if (p->moved >= p->h.payload_len) { /* readwrite: the failed pwrite's read took the whole rest */
+    if (p->moved >= p->h.payload_len || p->arena) { /* nothing left in the pipe to discard */
         eng_emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
         p->state = P_HEADER;
         p->staged = 0;
@@ -452,6 +473,18 @@ int eng_removal_due(struct ls_engine *e, struct producer *p)
         return 1;
     int avail = eng_pipe_avail(p->fd);
     return avail <= 0;
+}
+
+long eng_write_shared(struct ls_engine *e, struct producer *p)
+{
+    struct stream *s = &e->streams[p->stream_id];
+    for (;;) {
+        ssize_t w = pwrite(s->fd, p->arena + p->arena_off + p->moved, p->h.payload_len - p->moved,
+                           (off_t)(p->batch_start + p->moved));
+        if (w < 0 && errno == EINTR)
+            continue;
+        return w < 0 ? -errno : w;
+    }
 }
 
 long eng_move_copy(struct ls_engine *e, struct producer *p, int discard)
@@ -589,7 +622,7 @@ int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused)
 /* Take slot `id` for a producer on `fd` (stage_r/stage_w: its stage pipe, or -1) and wake the
  * engine thread, which starts it. Returns 0, -EBUSY (slot in use) or -ENOENT (no such stream). */
 static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int fd, int stage_r, int stage_w,
-                      uint32_t cap)
+                      uint32_t cap, const char *arena, uint64_t arena_len)
 {
     pthread_mutex_lock(&e->mu);
     struct producer *p = &e->prod[id];
@@ -608,6 +641,8 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
     p->stage_w = stage_w;
     p->cap = cap; /* 0 for a pipe: read from the pipe at its first header */
     p->sync_fd = -1;
+    p->arena = arena;
+    p->arena_len = arena_len;
     p->state = P_HEADER;
     eng_wake(e);
     pthread_mutex_unlock(&e->mu);
@@ -635,7 +670,62 @@ int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id,
     if ((fl & O_ACCMODE) != O_RDONLY)
         return -EBADF; /* a pipe, but not its read end */
     int r = set_nonblock_for_epoll(e, pipe_fd, fl);
-    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0);
+    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0, NULL, 0);
+}
+
+/* The pipe checks of ls_engine_add_producer. */
+static int check_pipe_read_end(struct ls_engine *e, int pipe_fd)
+{
+    struct stat st;
+    if (fstat(pipe_fd, &st) < 0)
+        return -errno;
+    if (!S_ISFIFO(st.st_mode))
+        return -ENOTTY;
+    int fl = fcntl(pipe_fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if ((fl & O_ACCMODE) != O_RDONLY)
+        return -EBADF;
+    return set_nonblock_for_epoll(e, pipe_fd, fl);
+}
+
+int ls_engine_add_shm_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd, int arena_fd,
+                               uint64_t max_arena)
+{
+    if (id >= e->max_producers || stream_id >= e->max_streams)
+        return -EINVAL;
+    int r = check_pipe_read_end(e, pipe_fd);
+    if (r < 0)
+        return r;
+    /* The arena must be a memfd that can never shrink: then no part of our mapping can go away
+     * under a write (a write that faults anyway fails with EFAULT; we never touch its bytes). */
+    int seals = fcntl(arena_fd, F_GET_SEALS);
+    if (seals < 0)
+        return errno == EINVAL ? -EMEDIUMTYPE : -errno;
+    if (!(seals & F_SEAL_SHRINK))
+        return -EPERM;
+    struct stat st;
+    if (fstat(arena_fd, &st) < 0)
+        return -errno;
+    if (st.st_size <= 0 || (uint64_t)st.st_size > max_arena)
+        return -EFBIG;
+    /* PROT_WRITE only because io_uring pins registered buffers for writing (FOLL_WRITE: a fixed
+     * buffer may be READ_FIXED into); the engine never stores into the arena. */
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0);
+    if (m == MAP_FAILED && errno == EPERM) /* F_SEAL_(FUTURE_)WRITE: read-only, written by plain WRITE */
+        m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, arena_fd, 0);
+    if (m == MAP_FAILED)
+        return errno == EPERM ? -EACCES : -errno;
+    (void)madvise(m, (size_t)st.st_size, MADV_DONTFORK); /* never into a child the daemon starts */
+    r = claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0, m, (uint64_t)st.st_size);
+    if (r < 0)
+        munmap(m, (size_t)st.st_size);
+    return r;
+}
+
+const char *ls_engine_shm_path(struct ls_engine *e)
+{
+    return e->shm_path[0] ? e->shm_path : "pwrite from the mapping";
 }
 
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd)
@@ -662,7 +752,7 @@ int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t str
         close(stage[1]);
         return r;
     }
-    r = claim_slot(e, id, stream_id, sock_fd, stage[0], stage[1], (uint32_t)sz / STAGE_FILL_DIVISOR);
+    r = claim_slot(e, id, stream_id, sock_fd, stage[0], stage[1], (uint32_t)sz / STAGE_FILL_DIVISOR, NULL, 0);
     if (r < 0) {
         close(stage[0]);
         close(stage[1]);

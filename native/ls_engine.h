@@ -48,6 +48,9 @@
 #define LS_EBATCH_TOO_BIG 1005    /* payload larger than the producer's pipe (or stage) holds whole */
 #define LS_EBATCH_NO_NEWLINE 1006 /* the batch's last byte is not '\n': it would glue the next record */
 #define LS_EBATCH_VANISHED 1007   /* queued payload left the pipe mid-batch (the producer read it back) */
+/* transport shm: a descriptor outside the arena, a descriptor from a producer without an arena, or a
+ * payload frame (no LS_PROTO_FRAME_FLAG_SHM) from one with */
+#define LS_EBATCH_ARENA 1008
 
 struct ls_event {
     uint32_t kind;
@@ -65,6 +68,7 @@ struct ls_counters {
     uint64_t batches;
     uint64_t bytes_spliced;  /* moved by splice (no user-space copy) */
     uint64_t bytes_copied;   /* moved through a user-space buffer (readwrite engine) */
+    uint64_t bytes_shared;   /* written from a producer's shared arena by the kernel (WRITE_FIXED, pwrite) */
     uint64_t header_bytes;   /* frame header bytes read (the only bytes the engine looks at) */
     uint64_t errors;
     uint64_t offset;         /* streams: the next write offset (= file size); producers: pipe bytes queued */
@@ -121,6 +125,23 @@ int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id,
  * of ls_engine_add_producer, with -ENOTSOCK for a non-socket instead of -ENOTTY/-EBADF, and the
  * stage pipe's -EMFILE/-ENFILE. */
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd);
+/* Producer `id` feeds stream `stream_id` over the shared-memory transport: batches stay in the
+ * producer's arena (`arena_fd`, a memfd sealed with F_SEAL_SHRINK, 1 .. max_arena bytes), and the
+ * pipe read end `pipe_fd` carries 32-byte descriptors (frame headers with LS_PROTO_FRAME_FLAG_SHM,
+ * the payload's arena offset in `reserved`). The engine maps the arena and writes each
+ * batch from it: io_uring registers the mapping as a fixed buffer and writes with WRITE_FIXED (a
+ * plain WRITE where registration is refused: ls_engine_shm_path says), splice and readwrite pwrite
+ * from the mapping. Its pages are never touched in user space, so a producer cannot fault the
+ * daemon. The engine owns pipe_fd (as ls_engine_add_producer) and unmaps the arena when the
+ * producer ends; the caller keeps (and closes) arena_fd. Returns 0, the errors of
+ * ls_engine_add_producer, or for the arena: -EMEDIUMTYPE (not a memfd: it cannot be sealed),
+ * -EPERM (not sealed with F_SEAL_SHRINK), -EFBIG (empty or larger than max_arena), mmap's -errno. */
+int ls_engine_add_shm_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd, int arena_fd,
+                               uint64_t max_arena);
+/* How shm batches are written, for status: "WRITE_FIXED from registered buffers", or the step down
+ * and why (e.g. "WRITE from the mapping (registered buffers refused: Cannot allocate memory)"). */
+const char *ls_engine_shm_path(struct ls_engine *e);
+
 /* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by
  * LS_EV_PRODUCER_REMOVED (or EOF/DIED if the pipe ended first). Returns 0, -EINVAL (id out of

@@ -151,6 +151,11 @@ static void epoll_drive(struct ls_engine *e, struct producer *p)
             break;
         case P_PAYLOAD:
         case P_DISCARD: {
+            if (p->arena) { /* shm: pwrite from the mapping (never DISCARD: nothing is in the pipe) */
+                r = eng_write_shared(e, p);
+                eng_on_payload(e, p, r, MOVED_SHARED);
+                break;
+            }
             int discard = p->state == P_DISCARD;
             r = do_move_sync(e, p, discard);
             if (r == -EINTR)
@@ -162,7 +167,8 @@ static void epoll_drive(struct ls_engine *e, struct producer *p)
             if (discard)
                 eng_on_discard(e, p, r);
             else
-                eng_on_payload(e, p, r, e->be == &ls_backend_readwrite || e->streams[p->stream_id].copy);
+                eng_on_payload(e, p, r,
+                               e->be == &ls_backend_readwrite || e->streams[p->stream_id].copy ? MOVED_COPY : MOVED_SPLICE);
             break;
         }
         default: /* P_WAIT_STREAM or P_FREE: nothing to do until the stream frees up */

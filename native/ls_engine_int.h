@@ -20,7 +20,7 @@
 enum pstate { P_FREE = 0, P_HEADER, P_WAIT_DATA, P_WAIT_STREAM, P_PAYLOAD, P_DISCARD, P_SYNC };
 
 /* io_uring user_data: op kind in the high 32 bits, producer id in the low. */
-enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE, U_TIMER, U_FSYNC };
+enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE, U_TIMER, U_FSYNC, U_WRITE };
 #define UD(op, id) (((uint64_t)(op) << 32) | (uint32_t)(id))
 
 /* The readwrite engine's bounce buffer: big enough that a 256 KiB batch is one read + one pwrite. */
@@ -65,6 +65,11 @@ struct producer {
     int32_t fail_err;      /* DISCARD: why the batch failed */
     int sync_fd;           /* SYNC: a dup of the file the batch went to (rotation may swap the stream's) */
     struct producer *next_wait;
+    /* transport shm: the producer's arena, mapped shared; batches are written from it, never into it. */
+    const char *arena;
+    uint64_t arena_len;
+    uint64_t arena_off;    /* this batch's payload offset in the arena (the descriptor's) */
+    int arena_fixed;       /* io_uring: registered as buffer slot 1 + id (else a plain WRITE) */
     struct ls_counters c;
 };
 
@@ -112,6 +117,8 @@ struct ls_engine {
     /* io_uring engine */
     struct ls_ring ring;
     int ring_ok;
+    int bufs_sparse;       /* the buffer table has a slot per producer (IORING_REGISTER_BUFFERS2) */
+    char shm_path[160];    /* how shm batches are written (ls_engine_shm_path) */
     int wake_armed;
     uint64_t wake_val;
 };
@@ -148,7 +155,12 @@ void eng_wait_stream(struct ls_engine *e, struct producer *p);
 int eng_pipe_batch_queued(struct producer *p, int *avail);
 void eng_on_header(struct ls_engine *e, struct producer *p, long r);
 void eng_synced(struct ls_engine *e, struct producer *p, struct stream *s, int r);
-void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int copied);
+/* How payload moved: by splice (no copy), through the daemon's bounce buffer, or from the arena. */
+enum moved_by { MOVED_SPLICE = 0, MOVED_COPY = 1, MOVED_SHARED = 2 };
+void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int how);
+/* transport shm: write the rest of the batch from the arena with pwrite (the epoll engines, and the
+ * io_uring engine's fallback). Returns bytes or -errno (a fault in the mapping is -EFAULT). */
+long eng_write_shared(struct ls_engine *e, struct producer *p);
 void eng_on_discard(struct ls_engine *e, struct producer *p, long r);
 void eng_payload_vanished(struct ls_engine *e, struct producer *p);
 void eng_wait_data_over(struct ls_engine *e, struct producer *p, long r, uint64_t queued);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32_t max_batch,
@@ -191,6 +192,8 @@ void ls_engine_free(struct ls_engine *e)
             close(p->stage_r);
             close(p->stage_w);
         }
+        if (p->state != P_FREE && p->arena)
+            munmap((void *)p->arena, p->arena_len); /* after the thread: no write reads it now */
     }
     if (e->be)
         e->be->teardown(e);

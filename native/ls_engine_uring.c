@@ -16,6 +16,10 @@
 
 static uint32_t fixed_stream_slot(struct ls_engine *e, uint32_t sid) { return e->max_producers + sid; }
 static uint32_t fixed_devnull_slot(struct ls_engine *e) { return e->max_producers + e->max_streams; }
+/* Registered buffers: slot 0 holds every producer's header slot; producer id's arena is slot 1 + id
+ * (the kernel takes at most IORING_MAX_REG_BUFFERS = 16384 slots: ids beyond use a plain WRITE). */
+#define MAX_BUF_SLOTS 16384u
+static uint32_t arena_slot(const struct producer *p) { return 1 + p->id; }
 
 /* A free SQE. The ring has an entry per producer (each has at most one op in flight) plus spares,
  * so a full SQ only means "prepared but not submitted yet": submitting frees it. If the kernel
@@ -189,6 +193,19 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
     case P_DISCARD: {
         /* All of the payload was queued before the batch began: splice the rest in one go. */
         uint32_t want = p->h.payload_len - p->moved;
+        if (p->arena) { /* shm: from the arena, a registered buffer where the ring took it */
+            struct io_uring_sqe *sqe = sqe_get(e);
+            sqe->opcode = p->arena_fixed ? IORING_OP_WRITE_FIXED : IORING_OP_WRITE;
+            sqe->fd = (int32_t)fixed_stream_slot(e, p->stream_id);
+            sqe->flags = IOSQE_FIXED_FILE;
+            sqe->addr = (uint64_t)(uintptr_t)(p->arena + p->arena_off + p->moved);
+            sqe->len = want;
+            sqe->off = p->batch_start + p->moved;
+            sqe->buf_index = p->arena_fixed ? (uint16_t)arena_slot(p) : 0;
+            sqe->user_data = UD(U_WRITE, p->id);
+            p->inflight++;
+            return;
+        }
         if (e->streams[p->stream_id].copy) { /* the file refused splice: read + pwrite, here */
             enum pstate st = p->state;
             long r = eng_move_copy(e, p, st == P_DISCARD);
@@ -197,7 +214,7 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
             else if (st == P_DISCARD)
                 eng_on_discard(e, p, r);
             else
-                eng_on_payload(e, p, r, 1);
+                eng_on_payload(e, p, r, MOVED_COPY);
             if (p->state != P_FREE)
                 eng_drive(e, p); /* the rest of this batch, the next header, or the SYNC */
             return;
@@ -272,7 +289,7 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
             else if (p->state == P_WAIT_DATA)
                 eng_wait_data_over(e, p, 0, p->staged);
             else if (p->state == P_PAYLOAD)
-                eng_on_payload(e, p, 0, 0);
+                eng_on_payload(e, p, 0, MOVED_SPLICE);
             else
                 eng_on_discard(e, p, 0);
             return;
@@ -288,7 +305,12 @@ static void on_cqe(struct ls_engine *e, uint64_t ud, int res)
     case U_SPLICE:
         if (res == -EINTR || res == -EAGAIN)
             break;
-        eng_on_payload(e, p, res, 0);
+        eng_on_payload(e, p, res, MOVED_SPLICE);
+        break;
+    case U_WRITE:
+        if (res == -EINTR || res == -EAGAIN)
+            break; /* eng_drive() writes the rest */
+        eng_on_payload(e, p, res, MOVED_SHARED);
         break;
     case U_DISCARD:
         if (res == -EINTR || res == -EAGAIN)
@@ -378,8 +400,8 @@ static int uring_setup(struct ls_engine *e)
     }
     e->ring_ok = 1;
     static const int need[] = {IORING_OP_SPLICE, IORING_OP_READ_FIXED, IORING_OP_POLL_ADD, IORING_OP_READ,
-                               IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT, IORING_OP_FSYNC};
-    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL", "TIMEOUT", "FSYNC"};
+                               IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT, IORING_OP_FSYNC, IORING_OP_WRITE, IORING_OP_WRITE_FIXED};
+    static const char *names[] = {"SPLICE", "READ_FIXED", "POLL_ADD", "READ", "ASYNC_CANCEL", "TIMEOUT", "FSYNC", "WRITE", "WRITE_FIXED"};
     for (unsigned i = 0; i < sizeof need / sizeof need[0]; i++) {
         r = ls_ring_op_supported(&e->ring, need[i]);
         if (r <= 0) {
@@ -393,7 +415,16 @@ static int uring_setup(struct ls_engine *e)
         return r;
     }
     struct iovec iov = {.iov_base = e->hdrbuf, .iov_len = (size_t)e->max_producers * HDR_STRIDE};
-    r = ls_ring_register_buffers(&e->ring, &iov, 1);
+    /* A buffer slot per producer for shm arenas (registered as they come); where the kernel has no
+     * sparse table (before 5.13) only the headers are registered and arenas go by plain WRITE. */
+    unsigned nbuf = e->max_producers + 1 < MAX_BUF_SLOTS ? e->max_producers + 1 : MAX_BUF_SLOTS;
+    r = ls_ring_register_buffers_sparse(&e->ring, &iov, nbuf);
+    if (r == 0) {
+        e->bufs_sparse = 1;
+    } else {
+        snprintf(e->shm_path, sizeof e->shm_path, "WRITE from the mapping (no sparse buffer table: %s)", strerror(-r));
+        r = ls_ring_register_buffers(&e->ring, &iov, 1);
+    }
     if (r < 0) {
         snprintf(e->reason, sizeof e->reason, "io_uring register buffers: %s", strerror(-r));
         return r;
@@ -415,12 +446,28 @@ static void uring_teardown(struct ls_engine *e)
 
 static int uring_watch(struct ls_engine *e, struct producer *p)
 {
-    return ls_ring_update_file(&e->ring, p->id, p->fd);
+    int r = ls_ring_update_file(&e->ring, p->id, p->fd);
+    if (r < 0 || !p->arena || !e->bufs_sparse || arena_slot(p) >= MAX_BUF_SLOTS)
+        return r;
+    /* Register the arena: WRITE_FIXED then copies with no per-write page pinning. Refused (no
+     * BUFFERS_UPDATE, RLIMIT_MEMLOCK for a service user without CAP_IPC_LOCK): a plain WRITE from
+     * the mapping, and status says why. */
+    r = ls_ring_update_buffer(&e->ring, arena_slot(p), (void *)p->arena, p->arena_len);
+    p->arena_fixed = r == 0;
+    if (r == 0)
+        snprintf(e->shm_path, sizeof e->shm_path, "WRITE_FIXED from registered buffers");
+    else
+        snprintf(e->shm_path, sizeof e->shm_path, "WRITE from the mapping (registering the arena failed: %s)",
+                 strerror(-r));
+    return 0;
 }
 
 static void uring_unwatch(struct ls_engine *e, struct producer *p)
 {
     (void)ls_ring_update_file(&e->ring, p->id, -1); /* drop the ring's reference to the pipe */
+    if (p->arena_fixed) /* no op in flight: the kernel unpins the arena's pages */
+        (void)ls_ring_update_buffer(&e->ring, arena_slot(p), NULL, 0);
+    p->arena_fixed = 0;
 }
 
 static void uring_arm(struct ls_engine *e, struct producer *p, int on)

@@ -197,3 +197,32 @@ int ls_ring_register_buffers(struct ls_ring *r, const struct iovec *iov, unsigne
 {
     return sys_register(r->fd, IORING_REGISTER_BUFFERS, iov, n);
 }
+
+int ls_ring_register_buffers_sparse(struct ls_ring *r, const struct iovec *first, unsigned n)
+{
+    /* A table of n slots, slot 0 = *first and the rest empty (NULL, 0), updated as producers come
+     * and go (IORING_REGISTER_BUFFERS2, 5.13+). */
+    struct iovec *iov = calloc(n, sizeof *iov);
+    if (!iov)
+        return -ENOMEM;
+    iov[0] = *first;
+    struct io_uring_rsrc_register reg;
+    memset(&reg, 0, sizeof reg);
+    reg.nr = n;
+    reg.data = (uint64_t)(uintptr_t)iov;
+    int ret = sys_register(r->fd, IORING_REGISTER_BUFFERS2, &reg, sizeof reg);
+    free(iov);
+    return ret < 0 ? ret : 0;
+}
+
+int ls_ring_update_buffer(struct ls_ring *r, unsigned slot, void *base, size_t len)
+{
+    struct iovec iov = {.iov_base = base, .iov_len = len};
+    struct io_uring_rsrc_update2 up;
+    memset(&up, 0, sizeof up);
+    up.offset = slot;
+    up.data = (uint64_t)(uintptr_t)&iov;
+    up.nr = 1;
+    int ret = sys_register(r->fd, IORING_REGISTER_BUFFERS_UPDATE, &up, sizeof up);
+    return ret < 0 ? ret : 0;
+}

@@ -42,5 +42,10 @@ int ls_ring_register_files_sparse(struct ls_ring *r, unsigned n);
 /* Put fd (or -1 to clear) into fixed-file slot `slot`. */
 int ls_ring_update_file(struct ls_ring *r, unsigned slot, int fd);
 int ls_ring_register_buffers(struct ls_ring *r, const struct iovec *iov, unsigned n);
+/* A buffer table of `n` slots: slot 0 is *first, the others empty until ls_ring_update_buffer. */
+int ls_ring_register_buffers_sparse(struct ls_ring *r, const struct iovec *first, unsigned n);
+/* Put [base, base+len) into buffer slot `slot` (base NULL, len 0: empty it). The kernel pins the
+ * pages (charged to RLIMIT_MEMLOCK without CAP_IPC_LOCK). 0 or -errno. */
+int ls_ring_update_buffer(struct ls_ring *r, unsigned slot, void *base, size_t len);
 
 #endif

@@ -6,7 +6,9 @@ depends only on the standard library and ``logsink.protocol``.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import mmap
 import os
 import select
 import socket
@@ -266,6 +268,22 @@ class RawProducer:
             os.close(self.r)
             self.r = None
         self.sock.close()
+
+    # transport shm (docs/protocol.md "The shared-memory transport")
+    def hello_shm(self, stream: str, size: int = 1 << 20, seals: int = fcntl.F_SEAL_SHRINK, **fields: Any) -> None:
+        """Create a memfd arena of ``size`` bytes (with ``seals``), map it, and send a shm HELLO with the pipe and the arena."""
+        self.arena_fd = os.memfd_create("raw-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.arena_fd, size)
+        if seals:
+            fcntl.fcntl(self.arena_fd, fcntl.F_ADD_SEALS, seals)
+        self.arena = mmap.mmap(self.arena_fd, size)
+        self.hello(stream, "shm", fds=[self.pipe(), self.arena_fd], **fields)
+
+    def send_shm_batch(self, records: list[bytes], seq: int, offset: int = 0) -> None:
+        """Put ``records`` into the arena at ``offset`` and announce them with a descriptor."""
+        payload = b"".join(records)
+        self.arena[offset:offset + len(payload)] = payload
+        self.write_pipe(protocol.pack_shm_descriptor(len(payload), len(records), seq, offset))
 
     # receiving
     def next_message(self, timeout: float | None = None) -> dict[str, Any] | None:

@@ -358,13 +358,13 @@ def acl_daemon(shared_dir):
     connect to; teardown stops it and requires exit 0."""
     started: list[DaemonProc] = []
 
-    def start(config: str = "", as_nobody: bool = False) -> DaemonProc:
+    def start(config: str = "", as_nobody: bool = False, engine: str = "readwrite") -> DaemonProc:
         root = shared_dir / f"d{len(started)}"
         root.mkdir()
         extra: tuple[str, ...] = ()
         if config:
             extra = ("--config", write_config(shared_dir / f"c{len(started)}.toml", config))
-        d = (NobodyDaemon if as_nobody else DaemonProc)(root, "readwrite", extra)
+        d = (NobodyDaemon if as_nobody else DaemonProc)(root, engine, extra)
         started.append(d)
         d.start()
         os.chmod(d.sock, 0o666)  # who may connect at all is the socket mode's job (another setting); here: everyone

@@ -206,7 +206,7 @@ class TestFrameHeaders:
 
 class TestVerdictCodes:
     NAMES = ("LS_EFRAME_MAGIC", "LS_EFRAME_VERSION", "LS_EFRAME_LENGTH", "LS_EFRAME_RECORDS",
-             "LS_EBATCH_TOO_BIG", "LS_EBATCH_NO_NEWLINE", "LS_EBATCH_VANISHED")
+             "LS_EBATCH_TOO_BIG", "LS_EBATCH_NO_NEWLINE", "LS_EBATCH_VANISHED", "LS_EBATCH_ARENA")
 
     def test_frame_verdicts_are_outside_the_errno_space(self):
         """Frame and batch verdicts are distinct positive codes above any errno, never mistaken for a -errno."""

@@ -28,7 +28,7 @@ class ConnFacts:
     tcp: bool              # TCP (no credentials: the token is the identity) or the local socket
     uid: int = -1          # SO_PEERCRED (local only)
     gid: int = -1
-    fds: int = 0           # fds that came with the HELLO (local: exactly one, the data pipe's read end)
+    fds: int = 0           # fds that came with the HELLO (local: the data pipe's read end; shm: + the arena)
     early_bytes: int = 0   # bytes received after the HELLO, before any WELCOME (TCP: must be 0)
 
 
@@ -81,7 +81,10 @@ def admit_hello(hello: Mapping[str, Any], conn: ConnFacts, daemon: DaemonFacts,
     else:
         if transport not in protocol.LOCAL_TRANSPORTS:
             raise ProtocolError(protocol.E_BAD_MESSAGE, f"transport {transport!r} is for TCP; on the local socket use one of {protocol.LOCAL_TRANSPORTS}")
-        if conn.fds != 1:
+        if transport == "shm" and conn.fds != protocol.HELLO_FDS_SHM:
+            raise ProtocolError(protocol.E_BAD_FD, "a shm HELLO must carry two fds with SCM_RIGHTS (the data pipe's read end, then "
+                                                   f"the arena memfd), got {conn.fds}")
+        if transport != "shm" and conn.fds != 1:
             raise ProtocolError(protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {conn.fds}")
     why = write_refusal(daemon.rules, conn, hello["stream"], gids)
     if why:

@@ -79,7 +79,7 @@ class Conn:
         self.state = ConnState.AWAIT_HELLO
         self.sock = sock
         self.decoder = protocol.ControlDecoder(MAX_CLIENT_MESSAGE)
-        self.fds: list[int] = []  # at most one: the fd of a HELLO still being decoded
+        self.fds: list[int] = []  # the fds of a HELLO still being decoded (the pipe; shm: + the arena)
         self.fd_timer: asyncio.TimerHandle | None = None  # bounds how long that fd is held
         self.out = bytearray()
         self.producer: Producer | None = None
@@ -165,10 +165,11 @@ class Conn:
         why = None
         if flags & socket.MSG_CTRUNC:
             code, why = E_TOO_MANY_FDS, f"more than {MAX_FDS_PER_READ} fds in one message: HELLO carries exactly one"
-        elif len(fds) > 1:
-            code, why = protocol.E_BAD_FD, f"HELLO must carry exactly one fd (the data pipe's read end) with SCM_RIGHTS, got {len(fds)}"
+        elif len(fds) > protocol.HELLO_FDS_SHM:
+            code, why = protocol.E_BAD_FD, ("HELLO carries one fd (the data pipe's read end), or two with transport shm (then the "
+                                            f"arena memfd), with SCM_RIGHTS; got {len(fds)}")
         elif self.fds:
-            code, why = E_TOO_MANY_FDS, "a second fd before the first HELLO was complete: HELLO carries exactly one"
+            code, why = E_TOO_MANY_FDS, "more fds before the first HELLO was complete: HELLO's fds come in its one sendmsg"
         else:
             try:
                 self.step(ConnEvent.FD)

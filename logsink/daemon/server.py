@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import signal
 import socket
 import stat
@@ -52,7 +53,26 @@ FRAME_ERRORS = {
                               "in \\n; the batch was cut back off the file",
     lib.LS_EBATCH_VANISHED: "the batch's bytes left the data pipe before the daemon took them (another reader of "
                             "the pipe?); what landed was cut back off the file",
+    lib.LS_EBATCH_ARENA: "a shm descriptor outside the arena (offset + length past its end), a descriptor from a "
+                         "producer without an arena, or payload bytes in the pipe from one with",
 }
+
+def raise_add_refusal(ret: int, max_arena: int) -> None:
+    """The engine refused a producer's fds (ls_engine_add_*_producer's -errno): say why to the peer, or raise OSError."""
+    err = -ret
+    if err == errno.ENOTTY:
+        raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is not a pipe: send the read end of the data pipe")
+    if err == errno.EBADF:
+        raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is a pipe's write end: send its read end")
+    if err == errno.EMEDIUMTYPE:
+        raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena fd is not a memfd: create it with memfd_create(MFD_ALLOW_SEALING)")
+    if err == errno.EPERM:
+        raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena memfd is not sealed against shrinking: "
+                                                           "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before HELLO")
+    if err == errno.EFBIG:
+        raise protocol.ProtocolError(protocol.E_BAD_FRAME, f"the arena memfd is empty or larger than the daemon's max_arena ({max_arena} bytes)")
+    check(ret, "adding producer")
+
 
 ERROR_CODES = (
     protocol.E_BAD_MESSAGE,
@@ -372,16 +392,14 @@ class Daemon:
             if conn.tcp:
                 fds = [os.dup(conn.sock.fileno())]  # the engine reads (and closes) this one; we write on ours
                 ret = lib.ls_engine_add_socket_producer(self.engine, pid, stream.id, fds[0])
+            elif admitted.transport == "shm":  # the engine maps the arena; we close our fd of it below
+                ret = lib.ls_engine_add_shm_producer(self.engine, pid, stream.id, fds[0], fds[1], self.cfg.max_arena)
             else:
                 ret = lib.ls_engine_add_producer(self.engine, pid, stream.id, fds[0])
             if ret < 0:
                 self.free_ids.append(pid)
-                if -ret == errno.ENOTTY:
-                    raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is not a pipe: send the read end of the data pipe")
-                if -ret == errno.EBADF:
-                    raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is a pipe's write end: send its read end")
-                check(ret, "adding producer")
-            fds.pop()  # the engine owns it now
+                raise_add_refusal(ret, self.cfg.max_arena)
+            fds.pop(0)  # the engine owns the pipe now (an arena fd left in fds is closed below)
         except protocol.ProtocolError as exc:
             for fd in fds:
                 os.close(fd)
@@ -395,6 +413,8 @@ class Daemon:
             conn.send(protocol.error(protocol.E_INTERNAL, str(exc)))
             self._drop_conn(conn, drain=False)
             return
+        for fd in fds:
+            os.close(fd)  # shm: the arena stays mapped by the engine
         p = Producer(id=pid, stream=stream, conn=conn, pid=conn.pid, uid=conn.uid, transport=admitted.transport,
                      segment_size=admitted.segment_size)
         self.producers[pid] = p
@@ -571,5 +591,19 @@ class Daemon:
         return status_report.report(self)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one: every producer holds a socket and a pipe here, and a
+    shell's or systemd's soft 1024 would cap a host at ~500 producers. Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_kept", soft=soft, hard=hard, error=str(exc))
+            return soft, soft
+    return soft, hard
+
+
 def serve(cfg: Config) -> int:
+    raise_fd_limit()
     return asyncio.run(Daemon(cfg).run())

@@ -6,10 +6,11 @@ import os
 import time
 from typing import Any
 
+from logsink import protocol
 from logsink._native import ffi, lib
 from logsink._version import __version__
 
-_FIELDS = ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "header_bytes", "errors", "offset",
+_FIELDS = ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "bytes_shared", "header_bytes", "errors", "offset",
            "last_seq", "holes_closed", "syncs")
 
 
@@ -37,14 +38,17 @@ def report(d: Any) -> dict[str, Any]:
         streams[s.name] = {
             "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
             "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
-            "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
+            "bytes_shared": c["bytes_shared"], "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
             "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
         }
     producers = []
     for p in d.producers.values():
         c = engine_counters(d.engine, lib.ls_engine_producer_counters, p.id)
         queued = c["offset"]
-        pinned = -(-queued // p.segment_size) if p.segment_size and p.transport == "vmsplice" else 0
+        if p.transport == "shm":  # the pipe holds 32-byte descriptors, each a batch pinned in the arena
+            pinned = queued // protocol.FRAME_HEADER_SIZE
+        else:
+            pinned = -(-queued // p.segment_size) if p.segment_size and p.transport == "vmsplice" else 0
         producers.append({
             "id": p.id, "stream": p.stream.name, "pid": p.pid, "uid": p.uid, "transport": p.transport,
             "batches": c["batches"], "bytes": c["bytes"], "records": c["records"], "released": p.released,
@@ -52,6 +56,7 @@ def report(d: Any) -> dict[str, Any]:
         })
     return {
         "version": __version__, "engine": d.engine_name, "fallback_reason": d.fallback_reason,
+        "shm_path": ffi.string(lib.ls_engine_shm_path(d.engine)).decode(),
         "engine_failed": d.engine_failed,
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
