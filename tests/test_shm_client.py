@@ -9,7 +9,6 @@ through logsink.Client (cffi), AsyncClient, the logging handler and ``logsink pi
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import logging
 import mmap
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from lsk_helpers import make_records, wait_for
+from test_c_client import c_build  # noqa: F401 - the fixture: make -C clients/c into a private directory
 
 import logsink
 from logsink import protocol
@@ -354,7 +354,7 @@ class TestShmSplitResend:
             second = d.conns[1]
             assert all(b.length <= 3000 and b.payload.endswith(b"\n") for b in second.batches)
             assert len(second.batches) > len(first.batches)
-            for prev, nxt in zip(second.batches, second.batches[1:]):  # contiguous within a segment
+            for prev, nxt in zip(second.batches, second.batches[1:], strict=False):  # contiguous within a segment
                 if nxt.offset // 8192 == prev.offset // 8192:
                     assert nxt.offset == prev.offset + prev.length
         assert b"".join(b.payload for b in second.batches) == b"".join(recs)
@@ -466,3 +466,96 @@ class TestShmIntegrations:
         assert relay.returncode == 0, err.decode()
         assert d.conns[0].hello["transport"] == "shm"
         assert d.payload() == data
+
+
+# -- end to end, with the real daemon (tests/conftest.py `daemon`) ------------------------------------
+ENGINES = ("io_uring", "splice", "readwrite")
+
+
+def _restart(d) -> None:
+    """Start the same daemon command again (same --dir and --socket), as a restart after a crash."""
+    d._stderr.close()
+    d.start()
+
+
+class TestShmEndToEnd:
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_client_records_land_byte_exact_from_the_shared_arena(self, daemon, engine):
+        """A Client on shm wrapping its ring many times lands every record in order; the daemon wrote them all
+        from the arena (bytes_shared), nothing spliced or copied, and shows the producer as shm."""
+        d = daemon(engine)
+        recs = make_records("e2e", 20_000)
+        with logsink.Client("app", socket=d.sock, transport="shm", segment_size=65536, segments=4, timeout=WAIT) as c:
+            for i in range(0, len(recs), 50):
+                c.write(b"".join(recs[i:i + 50]))
+            c.flush(timeout=WAIT)
+            st = d.status()
+            assert [p["transport"] for p in st["producers"]] == ["shm"]
+            assert c.stats()["transport"] == "shm" and c.stats()["batches"] > 4 * 10
+        assert d.log("app").read_bytes() == b"".join(recs)
+        t = d.status()["totals"]
+        assert t["bytes_shared"] == t["bytes"] == sum(map(len, recs))
+        assert t["bytes_spliced"] == 0 and t["bytes_copied"] == 0
+
+    def test_record_larger_than_the_pipe_goes_whole(self, daemon):
+        """With the one-page pipe a 1 MiB - 32 record still lands whole: shm batches are capped by the arena, not the pipe."""
+        d = daemon("io_uring")
+        big = b"b" * ((1 << 20) - 33) + b"\n"
+        with logsink.Client("app", socket=d.sock, transport="shm", timeout=WAIT) as c:
+            assert c.pipe_size == 4096 and c.max_batch == (1 << 20) - 32
+            c.write(big)
+            c.flush(timeout=WAIT)
+        assert d.log("app").read_bytes() == big
+
+    def test_unreleased_batches_reach_the_restarted_daemon_once(self, daemon):
+        """Batches handed to a stopped then SIGKILLed daemon are resent from the same memfd to the restarted one, each once."""
+        d = daemon("io_uring")
+        with logsink.Client("app", socket=d.sock, transport="shm", segment_size=4096, segments=8, timeout=WAIT,
+                            flush_interval=None) as c:
+            d.sigstop()
+            recs = make_records("r", 80)
+            for r in recs:
+                c.write(r)
+            handed = c.stats()["handed_over_through"]
+            assert handed >= 2
+            d.proc.kill()
+            d.proc.wait()
+            d.stopped = False
+            wait_for(lambda: not c.connected, WAIT, "the client to notice")
+            c.write(b"r:99999999:while-away\n")  # taken into the arena while reconnecting
+            _restart(d)
+            c.flush(timeout=WAIT)
+            st = c.stats()
+            assert st["reconnects"] == 1 and st["resent_batches"] == handed and st["connected"]
+        from lsk_helpers import assert_file
+
+        assert_file(d.log("app"), {"r": recs + [b"r:99999999:while-away\n"]})
+
+    def test_logsink_pipe_transport_shm_lands_byte_exact(self, daemon):
+        """`logsink pipe --transport shm` from a pipe on stdin: byte-exact, every byte written from the arena."""
+        d = daemon("io_uring")
+        data = b"".join(make_records("pipe", 50_000))
+        relay = subprocess.Popen([sys.executable, "-m", "logsink", "pipe", "p", "--socket", d.sock, "--transport", "shm"],
+                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = relay.communicate(data, timeout=120)
+        assert relay.returncode == 0, err.decode()
+        assert d.log("p").read_bytes() == data
+        t = d.status()["totals"]
+        assert t["bytes_shared"] == len(data) and t["bytes_spliced"] == 0
+
+
+class TestLiblogsinkShm:
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_blast_on_shm_lands_byte_exact(self, c_build, daemon, engine):
+        """logsink-blast -t shm -p 2 (liblogsink, LOGSINK_TRANSPORT_SHM): every record of both producers lands once,
+        in order, untorn, and all of it was written from the producers' arenas."""
+        from test_c_client import check_blast_file, run
+
+        build, _ = c_build
+        d = daemon(engine)
+        res = run([build / "logsink-blast", "-s", "blast", "-S", d.sock, "-n", 100000, "-r", 200, "-c", 65536,
+                   "-t", "shm", "-p", 2])
+        assert "records/s" in res.stdout.decode()
+        check_blast_file(d.log("blast"), 2, 100000, 200)
+        t = d.status()["totals"]
+        assert t["bytes_shared"] == t["bytes"] == 2 * 100000 * 200 and t["bytes_spliced"] == 0
