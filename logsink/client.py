@@ -96,6 +96,11 @@ class Client:
     socket path in a world-writable directory can be squatted by another user. The same
     PermissionError comes when the daemon's access rules do not let this uid write ``stream``.
 
+    ``transport``: locally ``"vmsplice"`` (``"auto"``: lend the arena's pages through the data pipe),
+    ``"shm"`` (the arena is a sealed memfd the daemon maps; the pipe carries only 32-byte
+    descriptors, so batches are not capped by its size) or ``"copy"``; over TCP ``"zerocopy"``
+    (``"auto"``) or ``"copy"``.
+
     Over TCP with ``transport="zerocopy"``, ``zc_copied_switch`` completions in a row that the kernel
     reports as copied anyway (always so on loopback) turn MSG_ZEROCOPY off for the connection
     (default 32; 0 = never).
@@ -259,8 +264,10 @@ class Client:
         raise self._error(ret, "write")
 
     def splice_from(self, fd: int, nbytes: int, records: int) -> None:
-        """Move ``nbytes`` (whole records, ``records`` of them) from the pipe ``fd`` to the daemon
-        with splice(2): no copy through user space. Used by ``logsink pipe``."""
+        """Move ``nbytes`` (whole records, ``records`` of them, waiting in the pipe ``fd``) to the
+        daemon with splice(2): no copy through user space. Used by ``logsink pipe``. With
+        ``transport="shm"`` they are read into an arena segment instead (one copy) and handed over
+        as a batch: at most ``max_batch`` bytes (ValueError, nothing read)."""
         ret = lib.ls_producer_splice_from(self._handle(), fd, nbytes, records)
         if ret < 0:
             raise self._error(ret, "splice")

@@ -144,9 +144,10 @@ int ls_check_frame_header(const void *buf, size_t len, uint32_t max_payload);
  * -ENAMETOOLONG. */
 int ls_default_socket_path(char *buf, size_t size);
 
-/* Connect to the daemon (socket_path NULL = ls_default_socket_path), create the data pipe, send
- * HELLO with the pipe's read end, wait for WELCOME (up to LS_CONNECT_TIMEOUT_MS), map the arena
- * and start the background thread. opts NULL = defaults. Returns 0 and *out, or -EINVAL (stream
+/* Map the arena (LS_TRANSPORT_SHM: create it as a sealed memfd), connect to the daemon
+ * (socket_path NULL = ls_default_socket_path), create the data pipe, send HELLO with the pipe's read
+ * end (shm: and the memfd), wait for WELCOME (up to LS_CONNECT_TIMEOUT_MS) and start the
+ * background thread. opts NULL = defaults. Returns 0 and *out, or -EINVAL (stream
  * name or options), -ENOENT/-ECONNREFUSED (no daemon at the path), -EPERM (the process listening
  * there runs as neither opts.expected_uid nor root: nothing was sent to it), -EACCES (the daemon
  * answered ERROR forbidden: its access rules do not admit this uid for the stream), -ECONNREFUSED

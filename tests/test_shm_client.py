@@ -559,3 +559,28 @@ class TestLiblogsinkShm:
         check_blast_file(d.log("blast"), 2, 100000, 200)
         t = d.status()["totals"]
         assert t["bytes_shared"] == t["bytes"] == 2 * 100000 * 200 and t["bytes_spliced"] == 0
+
+
+class TestShmSpliceFromDrop:
+    def test_splice_from_with_every_segment_pinned_and_on_full_drop_consumes_and_counts(self, fake):
+        """on_full="drop" with the only segment pinned: splice_from reads the bytes away and counts their records as dropped."""
+        d = fake(auto_release=False)
+        r, w = os.pipe()
+        try:
+            with shm_client(d, segments=1, on_full="drop") as c:
+                c.write(b"pinned\n")
+                data = b"".join(make_records("dr", 10))
+                os.write(w, data)
+                c.splice_from(r, len(data), 10)  # hands "pinned" over, then finds its segment pinned
+                assert c.stats()["dropped_records"] == 10
+                os.set_blocking(r, False)
+                with pytest.raises(BlockingIOError):
+                    os.read(r, 1)  # consumed: the relay is not stuck on them
+                wait_for(lambda: d.conns and d.conns[0].batches, WAIT, "the descriptor")
+                d.conns[0].auto_release = True
+                d.conns[0].release(1)
+                c.flush(timeout=WAIT)
+            assert d.payload() == b"pinned\n"
+        finally:
+            os.close(r)
+            os.close(w)
