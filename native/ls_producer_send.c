@@ -2,12 +2,13 @@
  *
  * Records fill the current arena segment (prod_reserve_locked); a full segment becomes a batch in
  * the queue and goes out at once if connected (prod_handover_current_locked, prod_pump_locked):
- * into the data pipe with vmsplice or write(2) (SIGPIPE kept from the process), or on the TCP
+ * into the data pipe with vmsplice or write(2) (SIGPIPE kept from the process), as a 32-byte
+ * descriptor of its place in the shared memfd arena (transport shm), or on the TCP
  * connection with send(2), MSG_ZEROCOPY where it pays, whose completions (the socket's error queue)
  * decide when a segment may be reused. A batch filled for an earlier connection and larger than
  * this one's batches goes as several frames cut at record boundaries. ls_producer_splice_from
- * hands a batch over from the caller's pipe. Everything here runs with p->lock held (see
- * ls_producer_int.h for the state and the queue's numbering).
+ * hands a batch over from the caller's pipe (shm: read into a segment first). Everything here
+ * runs with p->lock held (see ls_producer_int.h for the state and the queue's numbering).
  */
 #include "ls_producer_int.h"
 #include "ls_frame.h"
