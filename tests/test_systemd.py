@@ -1,4 +1,4 @@
-"""systemd integration: the notify protocol over a real $NOTIFY_SOCKET, and the shipped unit passes systemd-analyze."""
+"""systemd integration: the notify protocol over a real $NOTIFY_SOCKET, socket activation, and the shipped units pass systemd-analyze."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from lsk_helpers import build_shim, wait_for
 from test_engine_faults import EPOLL_WAIT_FAILS_SHIM
 
 import logsink
+from logsink.daemon import activation
 from logsink.daemon.notify import SystemdNotifier, notify_address, watchdog_interval
+from logsink.errors import ConfigError
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "logsink.service"
+SOCKET_UNIT = UNIT.with_name("logsink.socket")
 
 
 def parse(datagram: bytes) -> dict[str, str]:
@@ -226,5 +229,61 @@ class TestUnitFile:
         assert "/usr/local/bin/logsink " in text
         unit = tmp_path / "logsink.service"
         unit.write_text(text.replace("/usr/local/bin/logsink ", f"{logsink_bin} "))
-        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        sock_unit = tmp_path / "logsink.socket"
+        sock_unit.write_text(SOCKET_UNIT.read_text())
+        r = subprocess.run(["systemd-analyze", "verify", str(unit), str(sock_unit)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+class TestSocketActivation:
+    """systemd/logsink.socket: systemd holds the control socket; the daemon adopts it (logsink/daemon/activation.py)."""
+
+    def test_listen_fds_for_another_pid_are_ignored_and_cleared(self):
+        """LISTEN_* variables inherited from a parent (LISTEN_PID is not ours) are not taken, and are removed."""
+        env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
+        assert activation.passed_fds(env, pid=4242) == ([], [])
+        assert env == {}
+
+    def test_listen_fds_give_fds_from_3_with_their_names(self):
+        """LISTEN_FDS=3 means fds 3, 4, 5; missing names are empty."""
+        env = {"LISTEN_PID": "4242", "LISTEN_FDS": "3", "LISTEN_FDNAMES": "control:tcp"}
+        assert activation.passed_fds(env, pid=4242) == ([3, 4, 5], ["control", "tcp", ""])
+
+    def test_a_passed_socket_that_is_not_listening_is_a_clear_config_error(self):
+        """An fd that is a socket but not a listening stream (e.g. Accept=yes hands connections) is refused, naming the fix."""
+        a, b = socket.socketpair()
+        try:
+            fd = os.dup2(a.fileno(), 3 + 40)
+            env = {"LISTEN_PID": "7", "LISTEN_FDS": "1"}
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(activation, "SD_LISTEN_FDS_START", fd)
+                with pytest.raises(ConfigError, match="not a listening stream socket.*Accept=yes"):
+                    activation.take(env, pid=7)
+        finally:
+            a.close()
+            b.close()
+
+    @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+    def test_producer_that_starts_before_the_daemon_queues_and_lands(self, tmp_path):
+        """Under systemd-socket-activate the daemon starts only on the first connection: a Client that connects first is served by it, and every record lands."""
+        sock = tmp_path / "act.sock"
+        logs = tmp_path / "logs"
+        cmd = ["systemd-socket-activate", "-l", str(sock), "--fdname=control",
+               sys.executable, "-m", "logsink", "serve", "--dir", str(logs), "--engine", "readwrite"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(sock.exists, 30, "systemd-socket-activate to bind the socket")
+            with logsink.Client("early", socket=str(sock), timeout=30) as c:  # no daemon running yet
+                for i in range(1000):
+                    c.write(b"early %d\n" % i)
+                c.flush(timeout=30)
+            assert (logs / "early.log").read_bytes() == b"".join(b"early %d\n" % i for i in range(1000))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        assert "socket_activation" in err and str(sock) in err, err
+        assert sock.exists(), "the daemon must not unlink a socket systemd owns"

@@ -25,6 +25,7 @@ from logsink import protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
 from logsink._version import __version__
 from logsink.config import Config, resolve_group
+from logsink.daemon import activation
 from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
 from logsink.daemon.conn import AcceptGate, Conn, Producer
@@ -201,9 +202,17 @@ class Daemon:
         self.start_engine()
         if self.fallback_reason and self.cfg.engine == "auto":
             log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
-        srv = self.open_listener()
+        activated = activation.take()  # systemd's sockets (logsink.socket), if it passed any
+        if activated.control is not None:
+            srv = activated.control
+            self.socket_path = srv.getsockname()  # systemd owns the file: we neither chmod nor unlink it
+        else:
+            srv = self.open_listener()
         self.listener = srv
-        self.tcp_listeners = [self.open_tcp_listener(addr) for addr in self.cfg.listen]
+        self.tcp_listeners = activated.tcp + [self.open_tcp_listener(addr) for addr in self.cfg.listen]
+        if activated.any:
+            log.info("socket_activation", control=self.socket_path if activated.control is not None else None,
+                     tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in activated.tcp], names=activated.names)
         stop = asyncio.Event()
         loop.add_reader(srv.fileno(), self._accept)
         for tl in self.tcp_listeners:
