@@ -235,6 +235,51 @@ class TestUnitFile:
         assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
 
+class TestHardening:
+    """The unit runs unprivileged and hardened; its user and directories come from sysusers.d/tmpfiles.d snippets."""
+
+    def test_unit_runs_as_the_sysusers_user_with_io_uring_allowed(self):
+        """User=logsink matches systemd/logsink.sysusers, and the syscall filter names io_uring (not in @system-service before systemd 255) with EPERM, not a kill."""
+        lines = UNIT.read_text().splitlines()
+        assert "User=logsink" in lines and "Group=logsink" in lines
+        assert (UNIT.parent / "logsink.sysusers").read_text().splitlines()[-1].split()[:2] == ["u", "logsink"]
+        filt = [ln for ln in lines if ln.startswith("SystemCallFilter=@system-service")]
+        assert filt and all(c in filt[0] for c in ("io_uring_setup", "io_uring_enter", "io_uring_register"))
+        assert "SystemCallErrorNumber=EPERM" in lines
+
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (systemd's tools)")
+    def test_systemd_analyze_security_rates_the_unit_ok(self, tmp_path):
+        """systemd-analyze security (offline) rates the shipped unit's exposure at most 2.0 ("OK")."""
+        unit = tmp_path / "logsink.service"
+        unit.write_text(UNIT.read_text())
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60)
+        line = [ln for ln in r.stdout.splitlines() if "Overall exposure level" in ln]
+        assert line, r.stdout + r.stderr
+        score = float(line[0].split(":", 1)[1].split()[0])
+        assert score <= 2.0, line[0]
+
+    @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
+    def test_sysusers_snippet_creates_the_user(self):
+        """systemd-sysusers --dry-run accepts the snippet and would create user logsink."""
+        r = subprocess.run(["systemd-sysusers", "--dry-run", str(UNIT.parent / "logsink.sysusers")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "Creating user 'logsink'" in r.stdout + r.stderr, r.stdout + r.stderr
+
+    @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles is not installed")
+    def test_tmpfiles_snippet_creates_the_directories(self, tmp_path):
+        """systemd-tmpfiles --create under an alternate root makes /var/log/logsink and /var/lib/logsink, mode 0750, owned by logsink."""
+        root = tmp_path / "root"
+        (root / "etc").mkdir(parents=True)
+        (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nlogsink:x:995:995::/var/lib/logsink:/usr/sbin/nologin\n")
+        (root / "etc" / "group").write_text("root:x:0:\nlogsink:x:995:\n")
+        r = subprocess.run(["systemd-tmpfiles", "--create", f"--root={root}", str(UNIT.parent / "logsink.tmpfiles")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for d in ("var/log/logsink", "var/lib/logsink"):
+            st = (root / d).stat()
+            assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 995, 995), d
+
+
 class TestSocketActivation:
     """systemd/logsink.socket: systemd holds the control socket; the daemon adopts it (logsink/daemon/activation.py)."""
 
