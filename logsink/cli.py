@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return serve(cfg)
+        except ConfigError as exc:  # found at startup (e.g. a socket systemd passed that we cannot use)
+            structlog.get_logger("logsink").error("startup_failed", error=str(exc))
+            print(f"logsink serve: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             structlog.get_logger("logsink").error("startup_failed", error=str(exc))
             print(f"logsink serve: {exc}", file=sys.stderr)

@@ -115,3 +115,40 @@ class TestFdLimit:
         said, hard, now = json.loads(res.stdout)
         assert hard > 256
         assert said == [256, hard] and now == [hard, hard]
+
+
+# As uid 65534: N vmsplice Clients with 1 MiB segments, each flushes a record, then all wait (stdin).
+SMALL_PIPES_SCRIPT = r"""
+import sys
+import logsink
+clients = [logsink.Client("many", socket=sys.argv[1], transport="vmsplice", segment_size=1 << 20) for _ in range(int(sys.argv[2]))]
+for i, c in enumerate(clients):
+    c.write(b"client %d\n" % i)
+    c.flush(timeout=30)
+print("ready", flush=True)
+sys.stdin.readline()
+for c in clients:
+    c.close()
+"""
+
+
+@needs_root
+class TestPipeBudgetIsVisible:
+    def test_producers_past_the_pipe_budget_show_their_small_pipes_in_status_and_one_log_line(self, acl_daemon):  # noqa: F811
+        """80 unprivileged vmsplice producers with 1 MiB pipes spend the uid's pipe budget: status shows each pipe's size and counts the small ones, and the daemon says so once."""
+        d = acl_daemon()
+        exe, _ = unprivileged_python()
+        proc = subprocess.Popen([exe, "-c", SMALL_PIPES_SCRIPT, str(d.sock), "80"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd="/", **as_nobody())
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            st = d.status()
+            sizes = [p["pipe_size"] for p in st["producers"]]
+            assert len(sizes) == 80
+            assert sizes.count(1 << 20) >= 32 and min(sizes) < (1 << 20)
+            assert st["small_pipes"] == sum(1 for s in sizes if s < (1 << 20))
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        assert sorted(d.log("many").read_bytes().splitlines()) == sorted(b"client %d" % i for i in range(80))
+        assert d.stderr().count('"small_pipe"') == 1, d.stderr()[-2000:]

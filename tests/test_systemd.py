@@ -1,4 +1,4 @@
-"""systemd integration: the notify protocol over a real $NOTIFY_SOCKET, and the shipped unit passes systemd-analyze."""
+"""systemd integration: the notify protocol over a real $NOTIFY_SOCKET, socket activation, and the shipped units pass systemd-analyze."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from lsk_helpers import build_shim, wait_for
 from test_engine_faults import EPOLL_WAIT_FAILS_SHIM
 
 import logsink
+from logsink.daemon import activation
 from logsink.daemon.notify import SystemdNotifier, notify_address, watchdog_interval
+from logsink.errors import ConfigError
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "logsink.service"
+SOCKET_UNIT = UNIT.with_name("logsink.socket")
 
 
 def parse(datagram: bytes) -> dict[str, str]:
@@ -226,5 +229,106 @@ class TestUnitFile:
         assert "/usr/local/bin/logsink " in text
         unit = tmp_path / "logsink.service"
         unit.write_text(text.replace("/usr/local/bin/logsink ", f"{logsink_bin} "))
-        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        sock_unit = tmp_path / "logsink.socket"
+        sock_unit.write_text(SOCKET_UNIT.read_text())
+        r = subprocess.run(["systemd-analyze", "verify", str(unit), str(sock_unit)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+class TestHardening:
+    """The unit runs unprivileged and hardened; its user and directories come from sysusers.d/tmpfiles.d snippets."""
+
+    def test_unit_runs_as_the_sysusers_user_with_io_uring_allowed(self):
+        """User=logsink matches systemd/logsink.sysusers, and the syscall filter names io_uring (not in @system-service before systemd 255) with EPERM, not a kill."""
+        lines = UNIT.read_text().splitlines()
+        assert "User=logsink" in lines and "Group=logsink" in lines
+        assert (UNIT.parent / "logsink.sysusers").read_text().splitlines()[-1].split()[:2] == ["u", "logsink"]
+        filt = [ln for ln in lines if ln.startswith("SystemCallFilter=@system-service")]
+        assert filt and all(c in filt[0] for c in ("io_uring_setup", "io_uring_enter", "io_uring_register"))
+        assert "SystemCallErrorNumber=EPERM" in lines
+
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (systemd's tools)")
+    def test_systemd_analyze_security_rates_the_unit_ok(self, tmp_path):
+        """systemd-analyze security (offline) rates the shipped unit's exposure at most 2.0 ("OK")."""
+        unit = tmp_path / "logsink.service"
+        unit.write_text(UNIT.read_text())
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60)
+        line = [ln for ln in r.stdout.splitlines() if "Overall exposure level" in ln]
+        assert line, r.stdout + r.stderr
+        score = float(line[0].split(":", 1)[1].split()[0])
+        assert score <= 2.0, line[0]
+
+    @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
+    def test_sysusers_snippet_creates_the_user(self):
+        """systemd-sysusers --dry-run accepts the snippet and would create user logsink."""
+        r = subprocess.run(["systemd-sysusers", "--dry-run", str(UNIT.parent / "logsink.sysusers")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "Creating user 'logsink'" in r.stdout + r.stderr, r.stdout + r.stderr
+
+    @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles is not installed")
+    def test_tmpfiles_snippet_creates_the_directories(self, tmp_path):
+        """systemd-tmpfiles --create under an alternate root makes /var/log/logsink and /var/lib/logsink, mode 0750, owned by logsink."""
+        root = tmp_path / "root"
+        (root / "etc").mkdir(parents=True)
+        (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nlogsink:x:995:995::/var/lib/logsink:/usr/sbin/nologin\n")
+        (root / "etc" / "group").write_text("root:x:0:\nlogsink:x:995:\n")
+        r = subprocess.run(["systemd-tmpfiles", "--create", f"--root={root}", str(UNIT.parent / "logsink.tmpfiles")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for d in ("var/log/logsink", "var/lib/logsink"):
+            st = (root / d).stat()
+            assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 995, 995), d
+
+
+class TestSocketActivation:
+    """systemd/logsink.socket: systemd holds the control socket; the daemon adopts it (logsink/daemon/activation.py)."""
+
+    def test_listen_fds_for_another_pid_are_ignored_and_cleared(self):
+        """LISTEN_* variables inherited from a parent (LISTEN_PID is not ours) are not taken, and are removed."""
+        env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
+        assert activation.passed_fds(env, pid=4242) == ([], [])
+        assert env == {}
+
+    def test_listen_fds_give_fds_from_3_with_their_names(self):
+        """LISTEN_FDS=3 means fds 3, 4, 5; missing names are empty."""
+        env = {"LISTEN_PID": "4242", "LISTEN_FDS": "3", "LISTEN_FDNAMES": "control:tcp"}
+        assert activation.passed_fds(env, pid=4242) == ([3, 4, 5], ["control", "tcp", ""])
+
+    def test_a_passed_socket_that_is_not_listening_is_a_clear_config_error(self):
+        """An fd that is a socket but not a listening stream (e.g. Accept=yes hands connections) is refused, naming the fix."""
+        a, b = socket.socketpair()
+        try:
+            fd = os.dup2(a.fileno(), 3 + 40)
+            env = {"LISTEN_PID": "7", "LISTEN_FDS": "1"}
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(activation, "SD_LISTEN_FDS_START", fd)
+                with pytest.raises(ConfigError, match="not a listening stream socket.*Accept=yes"):
+                    activation.take(env, pid=7)
+        finally:
+            a.close()
+            b.close()
+
+    @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+    def test_producer_that_starts_before_the_daemon_queues_and_lands(self, tmp_path):
+        """Under systemd-socket-activate the daemon starts only on the first connection: a Client that connects first is served by it, and every record lands."""
+        sock = tmp_path / "act.sock"
+        logs = tmp_path / "logs"
+        cmd = ["systemd-socket-activate", "-l", str(sock), "--fdname=control",
+               sys.executable, "-m", "logsink", "serve", "--dir", str(logs), "--engine", "readwrite"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(sock.exists, 30, "systemd-socket-activate to bind the socket")
+            with logsink.Client("early", socket=str(sock), timeout=30) as c:  # no daemon running yet
+                for i in range(1000):
+                    c.write(b"early %d\n" % i)
+                c.flush(timeout=30)
+            assert (logs / "early.log").read_bytes() == b"".join(b"early %d\n" % i for i in range(1000))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        assert "socket_activation" in err and str(sock) in err, err
+        assert sock.exists(), "the daemon must not unlink a socket systemd owns"

@@ -65,6 +65,7 @@ class Producer:
     uid: int
     transport: str
     segment_size: int
+    pipe_size: int = 0  # F_GETPIPE_SZ of its data pipe at HELLO (0: TCP)
     released: int = 0
     failed: list[list[Any]] = field(default_factory=list)
     dirty: bool = False

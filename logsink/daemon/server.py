@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import resource
 import signal
@@ -25,6 +26,7 @@ from logsink import protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
 from logsink._version import __version__
 from logsink.config import Config, resolve_group
+from logsink.daemon import activation
 from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
 from logsink.daemon.conn import AcceptGate, Conn, Producer
@@ -40,6 +42,7 @@ log = structlog.get_logger("logsink.daemon")
 EVENT_BATCH = 512
 # After the grace period, producers still connected get their pipes drained; this bounds that.
 DRAIN_TIMEOUT = 10.0
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 E_TOO_MANY_FDS, E_FD_LIMIT, E_FILE_REFUSED = protocol.E_TOO_MANY_FDS, protocol.E_FD_LIMIT, protocol.E_FILE_REFUSED
 
 FRAME_ERRORS = {
@@ -104,6 +107,8 @@ class Daemon:
         self.free_ids = list(range(cfg.max_producers - 1, -1, -1))
         self.conns: set[Conn] = set()
         self.errors = {code: 0 for code in ERROR_CODES}
+        self.small_pipes = 0  # pipe producers admitted with a pipe smaller than their segment
+        self.small_pipe_uids: set[int] = set()
         self.shutting_down = False
         self.started = time.time()
         self.engine = ffi.NULL
@@ -201,9 +206,17 @@ class Daemon:
         self.start_engine()
         if self.fallback_reason and self.cfg.engine == "auto":
             log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
-        srv = self.open_listener()
+        activated = activation.take()  # systemd's sockets (logsink.socket), if it passed any
+        if activated.control is not None:
+            srv = activated.control
+            self.socket_path = srv.getsockname()  # systemd owns the file: we neither chmod nor unlink it
+        else:
+            srv = self.open_listener()
         self.listener = srv
-        self.tcp_listeners = [self.open_tcp_listener(addr) for addr in self.cfg.listen]
+        self.tcp_listeners = activated.tcp + [self.open_tcp_listener(addr) for addr in self.cfg.listen]
+        if activated.any:
+            log.info("socket_activation", control=self.socket_path if activated.control is not None else None,
+                     tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in activated.tcp], names=activated.names)
         stop = asyncio.Event()
         loop.add_reader(srv.fileno(), self._accept)
         for tl in self.tcp_listeners:
@@ -389,6 +402,7 @@ class Daemon:
                 conn.pid = admitted.pid  # no SO_PEERCRED over TCP: the pid it reports
             stream = self.streams.get(admitted.stream)
             pid = self.free_ids.pop()
+            pipe_size = 0 if conn.tcp else pipe_size_of(fds[0])
             if conn.tcp:
                 fds = [os.dup(conn.sock.fileno())]  # the engine reads (and closes) this one; we write on ours
                 ret = lib.ls_engine_add_socket_producer(self.engine, pid, stream.id, fds[0])
@@ -416,7 +430,8 @@ class Daemon:
         for fd in fds:
             os.close(fd)  # shm: the arena stays mapped by the engine
         p = Producer(id=pid, stream=stream, conn=conn, pid=conn.pid, uid=conn.uid, transport=admitted.transport,
-                     segment_size=admitted.segment_size)
+                     segment_size=admitted.segment_size, pipe_size=pipe_size)
+        self._check_pipe_size(p)
         self.producers[pid] = p
         stream.producers += 1
         conn.producer = p
@@ -426,6 +441,18 @@ class Daemon:
         max_batch = lib.ls_engine_producer_max_batch(self.engine, pid)
         conn.send(protocol.welcome(pid, self.engine_name, max_batch=max_batch if max_batch > 0 else self.cfg.max_batch))
         log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
+
+    def _check_pipe_size(self, p: Producer) -> None:
+        """A pipe producer whose pipe cannot hold its segment sends smaller batches than it asked for: the
+        uid's pipe budget (fs.pipe-user-pages-soft) is spent. Count it, and say so once per uid."""
+        if p.transport == "shm" or not p.pipe_size or not p.segment_size or p.pipe_size >= p.segment_size:
+            return
+        self.small_pipes += 1
+        if p.uid not in self.small_pipe_uids:
+            self.small_pipe_uids.add(p.uid)
+            log.warning("small_pipe", producer=p.id, uid=p.uid, pid=p.pid, pipe_size=p.pipe_size, segment_size=p.segment_size,
+                        detail="this uid's pipe budget (fs.pipe-user-pages-soft) is spent: its new producers get small pipes and "
+                               "small batches; raise the sysctl or use transport shm (said once per uid)")
 
     # -- access control (logsink/access.py; docs/security.md "Who may write where") ----------------
     def _log_access_policy(self) -> None:
@@ -589,6 +616,14 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return status_report.report(self)
+
+
+def pipe_size_of(fd: int) -> int:
+    """F_GETPIPE_SZ of ``fd`` (0 if it is not a pipe: the engine refuses it with the reason)."""
+    try:
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
+        return 0
 
 
 def raise_fd_limit() -> tuple[int, int]:

@@ -52,12 +52,12 @@ def report(d: Any) -> dict[str, Any]:
         producers.append({
             "id": p.id, "stream": p.stream.name, "pid": p.pid, "uid": p.uid, "transport": p.transport,
             "batches": c["batches"], "bytes": c["bytes"], "records": c["records"], "released": p.released,
-            "pipe_bytes": queued, "pinned_segments": pinned,
+            "pipe_bytes": queued, "pinned_segments": pinned, "pipe_size": p.pipe_size,
         })
     return {
         "version": __version__, "engine": d.engine_name, "fallback_reason": d.fallback_reason,
         "shm_path": ffi.string(lib.ls_engine_shm_path(d.engine)).decode(),
-        "engine_failed": d.engine_failed,
+        "engine_failed": d.engine_failed, "small_pipes": d.small_pipes,
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
         "listen": [f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in getattr(d, "tcp_listeners", [])],
