@@ -147,8 +147,18 @@ class ShmFakeDaemon:
             raise self.errors[0]
 
     def close(self) -> None:
+        """Stop accepting (shutdown wakes the blocked accept) and free every connection's fds and mapping."""
         self._stop = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(WAIT)
         self.listener.close()
+        for fc in self.conns:
+            fc.sock.close()
+            fc.arena.close()
+            os.close(fc.memfd)
 
 
 @pytest.fixture
