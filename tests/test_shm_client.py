@@ -254,11 +254,13 @@ class TestShmDescriptors:
 
 
 class TestShmPinning:
-    def test_segments_stay_pinned_until_release(self, fake):
-        """With every segment handed over and none released, no segment is rewritten; a release frees exactly that one."""
+    @pytest.mark.parametrize("reconnect", [True, False])
+    def test_segments_stay_pinned_until_release(self, fake, reconnect):
+        """With every segment handed over and none released, no segment is rewritten (also without reconnect, where a
+        copy segment would be free at once); a release frees exactly that one."""
         d = fake(auto_release=False)
         seg = 8192
-        with shm_client(d, segments=3, on_full="drop") as c:
+        with shm_client(d, segments=3, on_full="drop", reconnect=reconnect) as c:
             wait_for(lambda: d.conns, WAIT, "the HELLO")
             fc = d.conns[0]
             for i in range(3):  # one record fills one segment
