@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                         "terminated, not lost. Example: journalctl -f | logsink pipe journal")
     pp.add_argument("stream", metavar="STREAM")
     pp.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
+    pp.add_argument("--transport", choices=protocol.LOCAL_TRANSPORTS, default="copy",
+                    help="how copied lines reach the daemon; shm: through a shared memfd arena, and what a pipe on stdin "
+                    "holds is read into it instead of spliced (default: copy)")
 
     bp = sub.add_parser("bench", help="measure engines and transports side by side (see benchmarks/README.md)", add_help=False)
     bp.add_argument("args", nargs=argparse.REMAINDER)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         from logsink import pipe
 
         try:
-            return pipe.run(args.stream, args.socket)
+            return pipe.run(args.stream, args.socket, args.transport)
         except (ConnectionError, OSError, ValueError) as exc:
             print(f"logsink pipe: {exc}", file=sys.stderr)
             return 1

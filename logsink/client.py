@@ -27,7 +27,12 @@ DEFAULT_SEGMENTS = 4
 DEFAULT_FLUSH_INTERVAL = 0.2
 PAGE = 4096
 
-_TRANSPORT_IDS = {"vmsplice": lib.LS_TRANSPORT_VMSPLICE, "copy": lib.LS_TRANSPORT_COPY, "zerocopy": lib.LS_TRANSPORT_ZEROCOPY}
+_TRANSPORT_IDS = {
+    "vmsplice": lib.LS_TRANSPORT_VMSPLICE,
+    "copy": lib.LS_TRANSPORT_COPY,
+    "zerocopy": lib.LS_TRANSPORT_ZEROCOPY,
+    "shm": lib.LS_TRANSPORT_SHM,
+}
 
 # Every open Client: flushed and closed at interpreter exit, reconnected lazily in a forked child.
 _live: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -91,6 +96,11 @@ class Client:
     socket path in a world-writable directory can be squatted by another user. The same
     PermissionError comes when the daemon's access rules do not let this uid write ``stream``.
 
+    ``transport``: locally ``"vmsplice"`` (``"auto"``: lend the arena's pages through the data pipe),
+    ``"shm"`` (the arena is a sealed memfd the daemon maps; the pipe carries only 32-byte
+    descriptors, so batches are not capped by its size) or ``"copy"``; over TCP ``"zerocopy"``
+    (``"auto"``) or ``"copy"``.
+
     Over TCP with ``transport="zerocopy"``, ``zc_copied_switch`` completions in a row that the kernel
     reports as copied anyway (always so on loopback) turn MSG_ZEROCOPY off for the connection
     (default 32; 0 = never).
@@ -125,14 +135,12 @@ class Client:
             raise ValueError(exc.reason) from None
         if address is not None and not address.startswith("tcp://"):
             raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
-        if transport == "shm":
-            raise NotImplementedError("transport 'shm' (a memfd arena the daemon writes with io_uring WRITE_FIXED) is not "
-                                      "implemented yet: use 'vmsplice' (the default) or 'copy'; see README 'Not yet'")
         if transport == "auto":
             transport = "zerocopy" if address else "vmsplice"
-        allowed = ("zerocopy", "copy") if address else ("vmsplice", "copy")
+        allowed = protocol.TCP_TRANSPORTS if address else protocol.LOCAL_TRANSPORTS
         if transport not in allowed:
-            where = "over TCP" if address else "on the local socket (zerocopy is for address='tcp://...')"
+            where = ("over TCP (shm and vmsplice are for the local socket)" if address
+                     else "on the local socket (zerocopy is for address='tcp://...')")
             raise ValueError(f"transport {transport!r} is not one of 'auto', {', '.join(map(repr, allowed))} {where}")
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full {on_full!r} is not 'block' or 'drop'")
@@ -256,8 +264,10 @@ class Client:
         raise self._error(ret, "write")
 
     def splice_from(self, fd: int, nbytes: int, records: int) -> None:
-        """Move ``nbytes`` (whole records, ``records`` of them) from the pipe ``fd`` to the daemon
-        with splice(2): no copy through user space. Used by ``logsink pipe``."""
+        """Move ``nbytes`` (whole records, ``records`` of them, waiting in the pipe ``fd``) to the
+        daemon with splice(2): no copy through user space. Used by ``logsink pipe``. With
+        ``transport="shm"`` they are read into an arena segment instead (one copy) and handed over
+        as a batch: at most ``max_batch`` bytes (ValueError, nothing read)."""
         ret = lib.ls_producer_splice_from(self._handle(), fd, nbytes, records)
         if ret < 0:
             raise self._error(ret, "splice")
@@ -310,6 +320,16 @@ class Client:
             "disconnected_seconds": st.disconnected_us / 1e6,
             "connected": bool(st.connected),
         }
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch payload this connection takes, in bytes (a longer record cannot be sent):
+        ``segment_size - 32``, cut by the daemon's max_batch and, for vmsplice and copy, by the data
+        pipe's size. A reconnect may change it."""
+        ret = lib.ls_producer_capacity(self._handle())
+        if ret < 0:
+            raise self._error(ret, "max_batch")
+        return ret
 
     @property
     def connected(self) -> bool:

@@ -2,7 +2,9 @@
 
 One line travels in one batch, and a batch (its 32-byte header included) must fit the relay's data
 pipe: the daemon refuses larger ones. So a line may be ``max_line()`` bytes long, newline included
-(1 MiB - 32 with the default data pipe). A longer line is cut there and ends with
+(1 MiB - 32 with the default data pipe). With ``--transport shm`` the pipe carries only descriptors:
+a batch is read from stdin into the shared arena (one copy) and may be a segment's payload long
+(also 1 MiB - 32 by default). A longer line is cut there and ends with
 `` [logsink: line cut at N bytes]`` (N: the bytes of the line that were kept); the rest of it is
 read and dropped, so the writer never blocks or sees EPIPE, and the relay counts the cut lines
 and says so on stderr.
@@ -20,7 +22,6 @@ import time
 
 from logsink._native import check, ffi, lib
 from logsink.client import Client
-from logsink.protocol import FRAME_HEADER_SIZE
 
 # Read size for a stdin that is not a pipe (a file, a terminal): the copy path.
 READ_CHUNK = 1 << 20
@@ -36,14 +37,14 @@ CUT_REPORT_INTERVAL = 60.0
 
 
 def max_line(client: Client) -> int:
-    """The longest line (newline included) that goes through whole: one batch holds it, header and all,
-    and a batch fits both a segment and the data pipe."""
-    return min(client.segment_size, client.pipe_size) - FRAME_HEADER_SIZE
+    """The longest line (newline included) that goes through whole: one batch holds it. A batch fits a
+    segment (after its 32-byte header), the daemon's max_batch and, but for shm, the data pipe."""
+    return client.max_batch
 
 
-def run(stream: str, socket: str | None = None) -> int:
+def run(stream: str, socket: str | None = None, transport: str = "copy") -> int:
     """Relay stdin into ``stream`` until EOF; a last line without '\\n' is terminated, not lost."""
-    with Client(stream, socket=socket, transport="copy") as client:
+    with Client(stream, socket=socket, transport=transport) as client:
         lines = _CopiedLines(client)
         if stat.S_ISFIFO(os.fstat(0).st_mode):
             _relay_pipe(client, lines, 0)

@@ -154,8 +154,8 @@ int ls_producer_opts_init(struct ls_producer_opts *opts)
 static int check_opts(const struct ls_producer_opts *o)
 {
     if (o->transport != 0 && o->transport != LS_TRANSPORT_VMSPLICE && o->transport != LS_TRANSPORT_COPY &&
-        o->transport != LS_TRANSPORT_ZEROCOPY) {
-        prod_set_error(NULL, "transport %d is not LS_TRANSPORT_VMSPLICE, _ZEROCOPY or _COPY", o->transport);
+        o->transport != LS_TRANSPORT_ZEROCOPY && o->transport != LS_TRANSPORT_SHM) {
+        prod_set_error(NULL, "transport %d is not LS_TRANSPORT_VMSPLICE, _SHM, _ZEROCOPY or _COPY", o->transport);
         return -EINVAL;
     }
     if (o->segment_size < PAGE || o->segment_size % PAGE || o->segment_size > LS_MAX_BATCH_PAYLOAD) {
@@ -232,8 +232,12 @@ static int do_write(struct ls_producer *p, const void *buf, size_t len, int nonb
         for (size_t s = 0, e; s < len; s = e)
             if ((e = chunk_end(data, s, len, cap)) == 0) {
                 pthread_mutex_lock(&p->lock);
-                prod_set_error(p, "a record longer than the segment payload (%u bytes) cannot be sent: raise segment_size",
-                          cap);
+                if (cap < p->base_capacity)
+                    prod_set_error(p, "a record longer than this connection's batch limit (%u bytes: the daemon's "
+                                 "max_batch or the data pipe's size) cannot be sent", cap);
+                else
+                    prod_set_error(p, "a record longer than the segment payload (%u bytes) cannot be sent: raise "
+                                 "segment_size", cap);
                 pthread_mutex_unlock(&p->lock);
                 return -EMSGSIZE;
             }
@@ -421,8 +425,14 @@ static void destroy(struct ls_producer *p, int in_child)
         close(p->wake_fd);
     /* In a prod_forked child the arena is not mapped (MADV_DONTFORK): its range may hold the child's
      * own memory by now, so never unmap it there. */
-    if (p->arena && !in_child)
-        ls_arena_unmap(p->arena, p->arena_size);
+    if (p->arena && !in_child) {
+        if (p->arena_fd >= 0)
+            ls_arena_unmap_shm(p->arena, p->arena_size);
+        else
+            ls_arena_unmap(p->arena, p->arena_size);
+    }
+    if (p->arena_fd >= 0)
+        close(p->arena_fd); /* (in a child: its own copy of the fd; the parent's stays open) */
     if (!in_child) {
         /* In a child the mutex may have been copied locked by a thread that does not exist there. */
         pthread_cond_destroy(&p->cond);
@@ -468,6 +478,11 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         strcpy(path, socket_path);
         if (o.transport == LS_TRANSPORT_VMSPLICE || o.transport == 0)
             o.transport = LS_TRANSPORT_ZEROCOPY; /* vmsplice is local-only: the TCP equivalent */
+        if (o.transport == LS_TRANSPORT_SHM) {
+            prod_set_error(NULL, "transport shm needs the local socket (the daemon maps our memory); over TCP use "
+                                 "zerocopy or copy");
+            return -EINVAL;
+        }
     } else if (o.transport == LS_TRANSPORT_ZEROCOPY) {
         prod_set_error(NULL, "transport zerocopy is for TCP addresses (tcp://HOST:PORT); AF_UNIX refuses SO_ZEROCOPY");
         return -EINVAL;
@@ -487,7 +502,7 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     struct ls_producer *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
-    p->sock = p->pipe_w = p->event_fd = p->wake_fd = -1;
+    p->sock = p->pipe_w = p->event_fd = p->wake_fd = p->arena_fd = -1;
     p->fork_gen = __atomic_load_n(&prod_fork_generation, __ATOMIC_RELAXED);
     snprintf(p->stream, sizeof p->stream, "%s", stream);
     snprintf(p->path, sizeof p->path, "%s", path);
@@ -523,15 +538,25 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         r = -ENOMEM;
         goto fail;
     }
-    if ((r = prod_connect_once(p, &c)) < 0)
-        goto fail; /* prod_connect_once said why */
-    prod_install_conn_locked(p, &c); /* no other thread yet */
+    /* The arena before the connection: a shm HELLO passes it. */
     p->arena_size = (size_t)o.segments * o.segment_size;
-    if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
+    if (p->transport == LS_TRANSPORT_SHM) {
+        char name[16 + LS_MAX_STREAM_NAME];
+        snprintf(name, sizeof name, "logsink:%s", stream); /* as /proc/PID/fd shows it */
+        if ((r = ls_arena_map_shm(p->arena_size, name, &p->arena_fd, &arena)) < 0) {
+            prod_set_error(NULL, "creating the shared-memory arena (a sealed memfd of %zu bytes) failed: %s%s",
+                      p->arena_size, strerror(-r),
+                      r == -ENOSYS || r == -EINVAL ? " (no memfd sealing here: use transport vmsplice or copy)" : "");
+            goto fail;
+        }
+    } else if ((r = ls_arena_map(p->arena_size, &arena)) < 0) {
         prod_set_error(NULL, "mapping the segment arena (%zu bytes) failed: %s", p->arena_size, strerror(-r));
         goto fail;
     }
     p->arena = arena;
+    if ((r = prod_connect_once(p, &c)) < 0)
+        goto fail; /* prod_connect_once said why */
+    prod_install_conn_locked(p, &c); /* no other thread yet */
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (p->event_fd < 0 || p->wake_fd < 0) {
@@ -641,6 +666,15 @@ int ls_producer_usable(struct ls_producer *p)
     int r = p->stopping ? -ESHUTDOWN : p->broken ? -p->broken : 0;
     pthread_mutex_unlock(&p->lock);
     return r;
+}
+
+int64_t ls_producer_capacity(struct ls_producer *p)
+{
+    if (!p)
+        return -EINVAL;
+    if (prod_forked(p))
+        return -ECHILD;
+    return __atomic_load_n(&p->capacity, __ATOMIC_RELAXED);
 }
 
 int ls_producer_transport(struct ls_producer *p)

@@ -9,7 +9,9 @@
  * handed to the daemon over the data pipe (ls_handover: vmsplice or copy) as batch seq 1, 2, 3...
  * and the next segment in ring order becomes current. A vmsplice segment stays pinned until the
  * daemon's RELEASE covers its seq (the pipe still references its pages); a copy segment is free
- * right after the handover. A background thread reads RELEASE / SHUTDOWN / ERROR from the control
+ * right after the handover. With LS_TRANSPORT_SHM the arena is a sealed memfd passed with HELLO:
+ * the daemon maps it, the handover writes a 32-byte descriptor (offset + length) to the pipe, and
+ * the segment stays pinned until RELEASE, as with vmsplice. A background thread reads RELEASE / SHUTDOWN / ERROR from the control
  * socket and hands over a segment whose first record is older than the flush interval.
  *
  * Contract (liburing style): every int function returns >= 0 on success or -errno; errno carries
@@ -62,7 +64,9 @@
 #define LS_DEFAULT_ZC_COPIED_SWITCH 32
 
 struct ls_producer_opts {
-    int transport;         /* LS_TRANSPORT_VMSPLICE (default; 0 also means it) or LS_TRANSPORT_COPY */
+    int transport;         /* LS_TRANSPORT_VMSPLICE (default; 0 also means it), LS_TRANSPORT_SHM (local:
+                            * a sealed memfd arena the daemon maps, the pipe carries descriptors) or
+                            * LS_TRANSPORT_COPY; over TCP LS_TRANSPORT_ZEROCOPY or _COPY */
     uint32_t segment_size; /* bytes, a multiple of 4096 in 4096 .. 64 MiB */
     uint32_t segments;     /* >= 1 */
     int on_full;           /* LS_ON_FULL_BLOCK: wait for a release; LS_ON_FULL_DROP: drop and count */
@@ -92,7 +96,7 @@ struct ls_producer_stats {
     uint64_t failed_batches;      /* reported in RELEASE.failed */
     uint64_t released_through;    /* daemon: every seq <= this is dealt with */
     uint64_t handed_over_through; /* last seq handed over */
-    uint64_t pinned_segments;     /* handed over, not yet released (vmsplice) */
+    uint64_t pinned_segments;     /* handed over, not yet released (vmsplice, shm; any with reconnect) */
     uint64_t segment_size;
     uint64_t segments;
     uint64_t pipe_size;           /* the data pipe's real capacity */
@@ -140,9 +144,10 @@ int ls_check_frame_header(const void *buf, size_t len, uint32_t max_payload);
  * -ENAMETOOLONG. */
 int ls_default_socket_path(char *buf, size_t size);
 
-/* Connect to the daemon (socket_path NULL = ls_default_socket_path), create the data pipe, send
- * HELLO with the pipe's read end, wait for WELCOME (up to LS_CONNECT_TIMEOUT_MS), map the arena
- * and start the background thread. opts NULL = defaults. Returns 0 and *out, or -EINVAL (stream
+/* Map the arena (LS_TRANSPORT_SHM: create it as a sealed memfd), connect to the daemon
+ * (socket_path NULL = ls_default_socket_path), create the data pipe, send HELLO with the pipe's read
+ * end (shm: and the memfd), wait for WELCOME (up to LS_CONNECT_TIMEOUT_MS) and start the
+ * background thread. opts NULL = defaults. Returns 0 and *out, or -EINVAL (stream
  * name or options), -ENOENT/-ECONNREFUSED (no daemon at the path), -EPERM (the process listening
  * there runs as neither opts.expected_uid nor root: nothing was sent to it), -EACCES (the daemon
  * answered ERROR forbidden: its access rules do not admit this uid for the stream), -ECONNREFUSED
@@ -169,7 +174,12 @@ int ls_producer_write_log_json(struct ls_producer *p, double created, const char
                                size_t exc_len);
 /* Hand over `nbytes` of whole records (`records` of them) waiting in the pipe `fd` as one batch,
  * moved by splice(2): no copy through user space (`logsink pipe`). The current segment goes first.
- * Returns 0 or -errno (-ECONNRESET: the data pipe is now out of sync and closed). */
+ * Returns 0 or -errno (-ECONNRESET: the data pipe is now out of sync and closed).
+ * With LS_TRANSPORT_SHM no payload goes through the data pipe: the bytes are read(2) into a fresh
+ * arena segment (the only copy) and handed over as a batch like a written one - queued, resent
+ * after a reconnect, dropped and counted under on_full=drop. nbytes must fit ls_producer_capacity
+ * (-EMSGSIZE, nothing read); bytes read that do not end in '\n' are dropped (-EINVAL). The bytes
+ * must be waiting in `fd`: the read happens with the producer's lock held. */
 int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint32_t records);
 /* As ls_producer_write, but never waits for a release (for event loops): returns the number of
  * bytes taken - len when all of it was (or was dropped, on_full=drop) - or -EAGAIN when every
@@ -224,6 +234,11 @@ int64_t ls_producer_info(struct ls_producer *p, char *engine, size_t engine_len)
 /* 0 while the producer can take records; -ESHUTDOWN (the daemon is stopping), -ECONNRESET
  * (broken: last_error says why) or -ECHILD otherwise. */
 int ls_producer_usable(struct ls_producer *p);
+
+/* The largest batch payload this connection takes, in bytes: segment_size - 32, cut by the daemon's
+ * max_batch (WELCOME) and, for vmsplice and copy, by the data pipe's size (a batch must fit the pipe
+ * whole). A longer record is -EMSGSIZE. Returns it, -EINVAL or -ECHILD. */
+int64_t ls_producer_capacity(struct ls_producer *p);
 
 /* The transport in use now: LS_TRANSPORT_* (vmsplice steps down to copy where the kernel refuses it). */
 int ls_producer_transport(struct ls_producer *p);

@@ -256,7 +256,10 @@ void *prod_background(void *arg)
 
 static const char *transport_name(int t)
 {
-    return t == LS_TRANSPORT_VMSPLICE ? "vmsplice" : t == LS_TRANSPORT_ZEROCOPY ? "zerocopy" : "copy";
+    return t == LS_TRANSPORT_VMSPLICE ? "vmsplice"
+           : t == LS_TRANSPORT_ZEROCOPY ? "zerocopy"
+           : t == LS_TRANSPORT_SHM      ? "shm"
+                                        : "copy";
 }
 
 static int send_hello(struct ls_producer *p, int sock, int rfd, int pipe_size)
@@ -301,18 +304,22 @@ static int send_hello(struct ls_producer *p, int sock, int rfd, int pipe_size)
         return 0;
     }
 
+    /* The pipe's read end; for shm then the arena memfd (docs/protocol.md: in this order). */
+    int fds[2] = {rfd, p->arena_fd};
+    size_t nfds = p->transport == LS_TRANSPORT_SHM ? 2 : 1;
     union {
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(sizeof fds)];
         struct cmsghdr align;
     } ctl;
     memset(&ctl, 0, sizeof ctl);
     struct iovec iov = {.iov_base = buf, .iov_len = (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &rfd, sizeof rfd);
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
     size_t done = 0;
     while (done < (size_t)n) {
         ssize_t r = done ? send(sock, buf + done, (size_t)n - done, MSG_NOSIGNAL)
@@ -509,15 +516,18 @@ static int open_unix(struct ls_producer *p, const char *path, struct conn_parts 
     }
     if ((r = check_daemon_uid(c->sock, path, p->expected_uid)) < 0)
         return r;
-    int rfd;
-    if ((r = ls_pipe_create(LS_DEFAULT_PIPE_SIZE, &rfd, &c->pipe_w, &c->pipe_size)) < 0) {
+    int rfd, shm = p->transport == LS_TRANSPORT_SHM;
+    /* shm: the pipe carries only 32-byte descriptors, one page is plenty (and 1000 producers
+     * fit the uid's pipe-user-pages-soft budget). */
+    if ((r = ls_pipe_create(shm ? LS_SHM_PIPE_SIZE : LS_DEFAULT_PIPE_SIZE, &rfd, &c->pipe_w, &c->pipe_size)) < 0) {
         prod_set_error(NULL, "creating the data pipe failed: %s", strerror(-r));
         return r;
     }
     /* A batch (header + payload) must fit the pipe whole: the daemon starts writing a batch only
      * once all of it is queued, so a producer that stalls mid-batch holds nobody but itself.
-     * Past the uid's pipe budget the pipe is 2 pages: batches shrink with it. */
-    if ((uint32_t)c->pipe_size < p->segment_size)
+     * Past the uid's pipe budget the pipe is 2 pages: batches shrink with it. (shm: the payload
+     * stays in the arena, only WELCOME's max_batch cuts batches.) */
+    if (!shm && (uint32_t)c->pipe_size < p->segment_size)
         c->capacity = (uint32_t)c->pipe_size - LS_FRAME_HEADER_SIZE;
     r = send_hello(p, c->sock, rfd, c->pipe_size);
     close(rfd); /* the daemon holds the read end now */

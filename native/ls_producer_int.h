@@ -84,6 +84,7 @@ struct ls_producer {
     uint32_t base_capacity; /* segment_size - 32: what capacity is before the pipe and max_batch cut it */
     char *arena;
     size_t arena_size;
+    int arena_fd;          /* transport shm: the arena's memfd, passed with every HELLO; else -1 */
     /* state (under lock) */
     int pipe_w;            /* -1 once closed */
     uint64_t *seg_seq;     /* seq a segment was handed over as and is pinned until; 0 = free */

@@ -2,12 +2,13 @@
  *
  * Records fill the current arena segment (prod_reserve_locked); a full segment becomes a batch in
  * the queue and goes out at once if connected (prod_handover_current_locked, prod_pump_locked):
- * into the data pipe with vmsplice or write(2) (SIGPIPE kept from the process), or on the TCP
+ * into the data pipe with vmsplice or write(2) (SIGPIPE kept from the process), as a 32-byte
+ * descriptor of its place in the shared memfd arena (transport shm), or on the TCP
  * connection with send(2), MSG_ZEROCOPY where it pays, whose completions (the socket's error queue)
  * decide when a segment may be reused. A batch filled for an earlier connection and larger than
  * this one's batches goes as several frames cut at record boundaries. ls_producer_splice_from
- * hands a batch over from the caller's pipe. Everything here runs with p->lock held (see
- * ls_producer_int.h for the state and the queue's numbering).
+ * hands a batch over from the caller's pipe (shm: read into a segment first). Everything here
+ * runs with p->lock held (see ls_producer_int.h for the state and the queue's numbering).
  */
 #include "ls_producer_int.h"
 #include "ls_frame.h"
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* -- MSG_ZEROCOPY completions (lock held) -------------------------------------------------------- */
 
@@ -132,8 +134,9 @@ static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, u
 
 /* -- segments (lock held) ---------------------------------------------------------------------- */
 
-/* ls_handover (or, with splice_in >= 0, ls_splice_batch from that pipe) without letting SIGPIPE
- * kill the process (see ls_producer.h). */
+/* ls_handover (or, with splice_in >= 0, ls_splice_batch from that pipe; with transport shm,
+ * ls_shm_handover of the payload after the header at seg) without letting SIGPIPE kill the process
+ * (see ls_producer.h). */
 static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *seg, uint32_t len, uint32_t records,
                                    uint64_t seq, int transport)
 {
@@ -145,8 +148,14 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
     int was_pending = 0;
     if (!was_blocked && sigpending(&pending) == 0)
         was_pending = sigismember(&pending, SIGPIPE); /* someone else's: leave it alone */
-    int ret = splice_in >= 0 ? ls_splice_batch(p->pipe_w, splice_in, len, records, seq, p->timeout_ms)
-                             : ls_handover(p->pipe_w, seg, len, records, seq, transport, p->timeout_ms);
+    int ret;
+    if (splice_in >= 0)
+        ret = ls_splice_batch(p->pipe_w, splice_in, len, records, seq, p->timeout_ms);
+    else if (transport == LS_TRANSPORT_SHM)
+        ret = ls_shm_handover(p->pipe_w, (uint64_t)((char *)seg - p->arena) + LS_FRAME_HEADER_SIZE, len, records, seq,
+                              p->timeout_ms);
+    else
+        ret = ls_handover(p->pipe_w, seg, len, records, seq, transport, p->timeout_ms);
     if (ret == -EPIPE && !was_blocked && !was_pending) {
         struct timespec zero = {0, 0};
         while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)
@@ -234,14 +243,15 @@ void prod_update_released_locked(struct ls_producer *p)
 }
 
 /* One frame from the arena: `len` payload bytes at `payload` (its 32-byte header goes right before
- * it). copy_only: write(2)/plain send, so the bytes are copied before this returns. */
+ * it). copy_only: write(2)/plain send, so the bytes are copied before this returns (shm ignores it:
+ * a descriptor names any range of the arena, and the segment stays pinned until RELEASE). */
 static int send_frame_locked(struct ls_producer *p, char *payload, uint32_t len, uint32_t nrec, uint64_t wire,
                              uint32_t segidx, int copy_only)
 {
     char *hdr = payload - LS_FRAME_HEADER_SIZE;
     if (p->is_tcp)
         return handover_tcp_locked(p, hdr, len, nrec, wire, segidx, !copy_only);
-    int transport = copy_only ? LS_TRANSPORT_COPY : p->transport;
+    int transport = copy_only && p->transport != LS_TRANSPORT_SHM ? LS_TRANSPORT_COPY : p->transport;
     int ret = handover_nosigpipe_from(p, -1, hdr, len, nrec, wire, transport);
     if ((ret == -ENOSYS || ret == -EPERM) && transport == LS_TRANSPORT_VMSPLICE) {
         /* vmsplice is missing (gVisor: ENOSYS) or refused (seccomp: EPERM) before it moved a
@@ -256,7 +266,8 @@ static int send_frame_locked(struct ls_producer *p, char *payload, uint32_t len,
 /* Send queued batch b on the current connection. A batch filled for an earlier connection may be
  * larger than this one takes whole (a smaller pipe, a smaller max_batch): it then goes as several
  * frames cut at record boundaries, copied (each frame's header borrows the 32 bytes before its
- * payload, restored once write() has copied them). Returns 0 or -errno. */
+ * payload, restored once write() has copied them). shm: one descriptor per piece, no copy and no
+ * borrowed header (the daemon may be reading the piece before). Returns 0 or -errno. */
 static int send_batch_locked(struct ls_producer *p, struct batch *b)
 {
     char *payload = p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE;
@@ -274,11 +285,13 @@ static int send_batch_locked(struct ls_producer *p, struct batch *b)
                 return -EMSGSIZE; /* checked before the connection was taken into use */
             n = (uint32_t)(cut - (payload + off)) + 1;
         }
+        int borrow = off && p->transport != LS_TRANSPORT_SHM;
         char saved[LS_FRAME_HEADER_SIZE];
-        memcpy(saved, payload + off - LS_FRAME_HEADER_SIZE, sizeof saved);
+        if (borrow)
+            memcpy(saved, payload + off - LS_FRAME_HEADER_SIZE, sizeof saved);
         int r = send_frame_locked(p, payload + off, n, (uint32_t)ls_count_records(payload + off, n), p->wire + 1,
                                   (uint32_t)b->seg, 1);
-        if (off)
+        if (borrow)
             memcpy(payload + off - LS_FRAME_HEADER_SIZE, saved, sizeof saved);
         if (r < 0)
             return r;
@@ -333,10 +346,12 @@ int prod_handover_current_locked(struct ls_producer *p)
     p->pos = 0;
     p->nrec = 0;
     int ret = prod_pump_locked(p);
-    /* vmsplice: the pipe references the pages until the daemon releases seq. With reconnect every
-     * transport keeps the segment until then (it may have to go again). Without: copy is free
-     * now; zerocopy once its completions arrive (seg_zc), whatever the daemon says. */
-    p->seg_seq[p->cur] = p->reconnect || p->transport == LS_TRANSPORT_VMSPLICE ? seq : 0;
+    /* vmsplice: the pipe references the pages until the daemon releases seq; shm: the daemon reads
+     * them from its mapping until then. With reconnect every transport keeps the segment until
+     * then (it may have to go again). Without: copy is free now; zerocopy once its completions
+     * arrive (seg_zc), whatever the daemon says. */
+    p->seg_seq[p->cur] =
+        p->reconnect || p->transport == LS_TRANSPORT_VMSPLICE || p->transport == LS_TRANSPORT_SHM ? seq : 0;
     return ret;
 }
 
@@ -396,6 +411,61 @@ int prod_reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **
     return PROD_TAKEN;
 }
 
+/* splice_from on shm: no pipe carries payload, so read the caller's bytes into a fresh arena
+ * segment and hand that over as a batch. Being in the arena, it is queued and resent like any
+ * written batch (no waiting for a connection, nothing lost with one). Lock held. */
+static int splice_into_arena_locked(struct ls_producer *p, int fd, uint32_t nbytes)
+{
+    int r = prod_handover_current_locked(p); /* what write() took before goes first, on its own */
+    char *dst;
+    if (r == 0 && nbytes > p->capacity)
+        r = -ERANGE;
+    if (r == 0)
+        r = prod_reserve_locked(p, nbytes, 0, &dst);
+    if (r == -ERANGE) {
+        prod_set_error(p, "a spliced batch of %u bytes is larger than this connection's batches (%u bytes): raise "
+                     "segment_size", nbytes, p->capacity);
+        return -EMSGSIZE;
+    }
+    if (r == PROD_DROPPED) { /* on_full=drop, every segment pinned: consume the bytes, count them */
+        char sink[4096];
+        uint32_t left = nbytes;
+        while (left) {
+            ssize_t n = read(fd, sink, left < sizeof sink ? left : sizeof sink);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return n < 0 ? -errno : -EIO;
+            p->st.dropped_records += ls_count_records(sink, (size_t)n);
+            left -= (uint32_t)n;
+        }
+        return 0;
+    }
+    if (r < 0)
+        return r;
+    /* The caller saw these bytes waiting (ls_peek_records): read() returns them without blocking. */
+    for (uint32_t got = 0; got < nbytes;) {
+        ssize_t n = read(fd, dst + got, nbytes - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            r = n < 0 ? -errno : -EIO;
+            prod_set_error(p, "reading a batch to splice failed after %u of %u bytes (they are lost): %s", got, nbytes,
+                      n < 0 ? strerror(errno) : "the input ended");
+            return r;
+        }
+        got += (uint32_t)n;
+    }
+    if (dst[nbytes - 1] != '\n') {
+        prod_set_error(p, "splice_from takes whole records: the %u bytes read do not end with '\\n' (they are dropped)",
+                  nbytes);
+        return -EINVAL;
+    }
+    p->nrec += (uint32_t)ls_count_records(dst, nbytes);
+    p->pos += nbytes;
+    return prod_handover_current_locked(p);
+}
+
 int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint32_t records)
 {
     if (!p || nbytes == 0 || records == 0)
@@ -406,6 +476,11 @@ int ls_producer_splice_from(struct ls_producer *p, int fd, uint32_t nbytes, uint
         return -EOPNOTSUPP; /* splice needs the local data pipe */
     pthread_mutex_lock(&p->lock);
     int r = prod_usable_locked(p);
+    if (r == 0 && p->transport == LS_TRANSPORT_SHM) {
+        r = splice_into_arena_locked(p, fd, nbytes);
+        pthread_mutex_unlock(&p->lock);
+        return r;
+    }
     if (r == 0)
         r = prod_handover_current_locked(p); /* what write() took before goes first */
     /* A spliced batch goes out now or never (it is not in the arena): wait for a connection

@@ -53,6 +53,37 @@ int ls_arena_unmap(void *addr, size_t size)
     return munmap(addr, size) < 0 ? -errno : 0;
 }
 
+int ls_arena_map_shm(size_t size, const char *name, int *fd, void **out)
+{
+    if (size == 0)
+        return -EINVAL;
+    int f = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (f < 0)
+        return -errno;
+    int err = 0;
+    if (ftruncate(f, (off_t)size) < 0 || fcntl(f, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL) < 0)
+        err = -errno;
+    void *p = err ? MAP_FAILED : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
+    if (!err && p == MAP_FAILED)
+        err = -errno;
+    if (err) {
+        close(f);
+        return err;
+    }
+    (void)madvise(p, size, MADV_HUGEPAGE); /* advice: shmem THP may be off, which is fine */
+    /* As ls_arena_map: a forked child must not see (or scribble on) a batch the daemon is reading.
+     * A MAP_SHARED mapping would be shared with the child, not even copied on write. */
+    (void)madvise(p, size, MADV_DONTFORK);
+    *fd = f;
+    *out = p;
+    return 0;
+}
+
+int ls_arena_unmap_shm(void *addr, size_t size)
+{
+    return munmap(addr, size) < 0 ? -errno : 0;
+}
+
 int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size)
 {
     int fds[2];
@@ -155,6 +186,15 @@ int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, u
             return w;
     }
     return 0;
+}
+
+int ls_shm_handover(int pipe_w, uint64_t offset, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms)
+{
+    struct ls_frame_header h;
+    ls_frame_fill(&h, payload_len, records, seq);
+    h.flags = LS_PROTO_FRAME_FLAG_SHM;
+    h.reserved = offset;
+    return write_all(pipe_w, &h, sizeof h, timeout_ms < 0 ? -1 : now_ms() + timeout_ms);
 }
 
 /* glibc's memchr is vectorized (AVX2/EVEX here): 64 KiB of 200-byte records in ~2 us, 3.5x a

@@ -12,6 +12,9 @@
 #define LS_TRANSPORT_VMSPLICE 1
 #define LS_TRANSPORT_COPY 2
 #define LS_TRANSPORT_ZEROCOPY 3 /* TCP producers: send(MSG_ZEROCOPY), see ls_zerocopy.h */
+#define LS_TRANSPORT_SHM 4      /* local: the arena is a memfd the daemon maps; the pipe carries descriptors */
+/* The data pipe of a shm producer carries only 32-byte descriptors: one page holds 128. */
+#define LS_SHM_PIPE_SIZE 4096
 
 /* Map `size` bytes of anonymous memory for segments. Sizes of 2 MiB and up are 2 MiB-aligned and
  * advised MADV_HUGEPAGE: vmsplice then references a few huge pages instead of hundreds of 4 KiB
@@ -19,6 +22,15 @@
 /* Returns 0 and *out, or mmap's -errno (-ENOMEM). ls_arena_unmap returns 0 or -EINVAL. */
 int ls_arena_map(size_t size, void **out);
 int ls_arena_unmap(void *addr, size_t size);
+
+/* The shm transport's arena: a memfd named `name` (MFD_CLOEXEC | MFD_ALLOW_SEALING) of `size`
+ * bytes, sealed F_SEAL_SHRINK | F_SEAL_SEAL (the daemon maps it: it must never shrink under that
+ * mapping) and mapped MAP_SHARED read-write, MADV_DONTFORK (a forked child must not write into a
+ * batch the daemon is reading) and MADV_HUGEPAGE (advice). Returns 0 with *fd and *out (unmap with
+ * ls_arena_unmap_shm, then close *fd), or -errno: memfd_create's (-ENOSYS: no memfd here, use
+ * another transport), ftruncate's (-ENOMEM/-EFBIG), fcntl's or mmap's. */
+int ls_arena_map_shm(size_t size, const char *name, int *fd, void **out);
+int ls_arena_unmap_shm(void *addr, size_t size);
 
 /* A data pipe: O_CLOEXEC, write end O_NONBLOCK, resized to `want_size` if allowed (pipe sizes
  * are charged to the uid: past pipe-user-pages-soft the kernel refuses growth, so we keep what we
@@ -36,6 +48,14 @@ int ls_pipe_create(int want_size, int *rfd, int *wfd, int *got_size);
  * closed (the daemon discards the partial batch). */
 int ls_handover(int pipe_w, void *seg, uint32_t payload_len, uint32_t records, uint64_t seq, int transport,
                 int timeout_ms);
+
+/* transport shm: announce the batch of `payload_len` bytes at byte `offset` of the arena by one
+ * 32-byte descriptor (a frame header with LS_PROTO_FRAME_FLAG_SHM and `reserved` = offset) written
+ * to the data pipe. 32 bytes <= PIPE_BUF: the write is atomic, so a timeout or an error never leaves
+ * part of a descriptor in the pipe. The caller keeps the bytes pinned until RELEASE covers seq.
+ * Returns 0, -EPIPE (the daemon closed the pipe), -ETIMEDOUT (the pipe stayed full for
+ * `timeout_ms`; < 0: wait forever) or -errno. */
+int ls_shm_handover(int pipe_w, uint64_t offset, uint32_t payload_len, uint32_t records, uint64_t seq, int timeout_ms);
 
 /* Append records to a segment: copy n bytes from src to dst and return how many '\n' they hold
  * (the frame header's record count). One pass in C: counting in Python cost more than the copy. */

@@ -270,14 +270,3 @@ c.close()
                 proc.kill()
         assert proc.returncode == 0, err.decode()
         assert elapsed < 20, f"exit took {elapsed:.1f} s"
-
-
-class TestNotYet:
-    def test_shm_transport_is_a_clear_not_implemented_error(self):
-        """transport="shm" names the missing feature instead of failing obscurely."""
-        import pytest
-
-        import logsink
-
-        with pytest.raises(NotImplementedError, match="transport 'shm'"):
-            logsink.Client("app", socket="/nonexistent/s.sock", transport="shm")

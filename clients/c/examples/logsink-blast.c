@@ -142,8 +142,10 @@ int main(int argc, char **argv)
                 c.opts.transport = LOGSINK_TRANSPORT_COPY;
             else if (strcmp(optarg, "vmsplice") == 0)
                 c.opts.transport = LOGSINK_TRANSPORT_VMSPLICE;
+            else if (strcmp(optarg, "shm") == 0)
+                c.opts.transport = LOGSINK_TRANSPORT_SHM;
             else {
-                fprintf(stderr, "logsink-blast: -t must be copy or vmsplice, got '%s'\n", optarg);
+                fprintf(stderr, "logsink-blast: -t must be copy, vmsplice or shm, got '%s'\n", optarg);
                 return 2;
             }
             break;

@@ -37,6 +37,8 @@ extern "C" {
 
 #define LOGSINK_TRANSPORT_VMSPLICE 1 /* zero-copy: pages are lent to the daemon until it releases them */
 #define LOGSINK_TRANSPORT_COPY 2     /* write(): segments are free again right away */
+#define LOGSINK_TRANSPORT_SHM 4      /* shared memory: the buffers are a sealed memfd the daemon maps; only
+                                      * 32-byte descriptors go through a one-page pipe. Local socket only */
 #define LOGSINK_ON_FULL_BLOCK 0      /* every segment in flight: wait (up to timeout_ms) */
 #define LOGSINK_ON_FULL_DROP 1       /* every segment in flight: drop the records and count them */
 
@@ -44,7 +46,7 @@ struct logsink;
 
 /* Fill with logsink_opts_init(), then change what you need. */
 struct logsink_opts {
-    int transport;         /* LOGSINK_TRANSPORT_*; default VMSPLICE */
+    int transport;         /* LOGSINK_TRANSPORT_*; default VMSPLICE (SHM needs a daemon that knows it) */
     uint32_t segment_size; /* bytes per batch buffer, multiple of 4096; default 1 MiB */
     uint32_t segments;     /* buffers in the ring; default 4 */
     int on_full;           /* LOGSINK_ON_FULL_*; default BLOCK */

@@ -9,6 +9,7 @@
 
 _Static_assert(LOGSINK_TRANSPORT_VMSPLICE == LS_TRANSPORT_VMSPLICE, "transport ids match");
 _Static_assert(LOGSINK_TRANSPORT_COPY == LS_TRANSPORT_COPY, "transport ids match");
+_Static_assert(LOGSINK_TRANSPORT_SHM == LS_TRANSPORT_SHM, "transport ids match");
 _Static_assert(LOGSINK_ON_FULL_BLOCK == LS_ON_FULL_BLOCK, "on_full ids match");
 _Static_assert(LOGSINK_ON_FULL_DROP == LS_ON_FULL_DROP, "on_full ids match");
 _Static_assert(sizeof(struct logsink_stats) == sizeof(struct ls_producer_stats), "stats layouts match");
