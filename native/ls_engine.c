@@ -36,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -74,9 +75,53 @@ static void emit_raw(struct ls_engine *e, uint32_t kind, uint32_t producer_id, u
     }
 }
 
+/* RELEASE(through) as protocol.encode(protocol.release(through)) makes it: a 4-byte big-endian
+ * length, then the msgpack map {"t": "release", "through": through}. Returns the frame's length. */
+static size_t encode_release(unsigned char *out, uint64_t through)
+{
+    static const unsigned char head[] = {0x82, 0xa1, 't', 0xa7, 'r', 'e', 'l', 'e', 'a', 's', 'e',
+                                         0xa7, 't', 'h', 'r', 'o', 'u', 'g', 'h'};
+    unsigned char *b = out + 4;
+    memcpy(b, head, sizeof head);
+    size_t n = sizeof head;
+    int width = through < 128 ? 0 : through <= 0xff ? 1 : through <= 0xffff ? 2 : through <= 0xffffffffu ? 4 : 8;
+    if (width)
+        b[n++] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
+    for (int i = width ? width - 1 : 0; i >= 0; i--)
+        b[n++] = (unsigned char)(through >> (8 * i));
+    out[0] = out[1] = 0;
+    out[2] = (unsigned char)(n >> 8);
+    out[3] = (unsigned char)n;
+    return n + 4;
+}
+
+/* Answer a landed batch on the producer's control socket now (1), or leave it to the control
+ * plane (0). A frame this small goes into an AF_UNIX socket whole or not at all (one skb). */
+static int release_now(struct ls_engine *e, struct producer *p, uint64_t seq)
+{
+    (void)e;
+    if (p->ctl_fd < 0 || p->release_hold)
+        return 0;
+    unsigned char frame[40];
+    size_t len = encode_release(frame, seq);
+    ssize_t n = send(p->ctl_fd, frame, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n == (ssize_t)len)
+        return 1;
+    if (n > 0) { /* cannot happen on AF_UNIX; never leave half a frame: end the control channel */
+        shutdown(p->ctl_fd, SHUT_RDWR);
+        close(p->ctl_fd);
+        p->ctl_fd = -1;
+    }
+    return 0;
+}
+
 void eng_emit(struct ls_engine *e, uint32_t kind, struct producer *p, int32_t err, uint64_t seq, uint64_t bytes,
               uint64_t records)
 {
+    if (kind == LS_EV_BATCH_DONE && release_now(e, p, seq))
+        err = 1;
+    else if (kind == LS_EV_BATCH_FAILED)
+        p->release_hold |= HOLD_FAIL;
     emit_raw(e, kind, p->id, p->stream_id, err, seq, bytes, records);
 }
 
@@ -123,6 +168,10 @@ void eng_finish(struct ls_engine *e, struct producer *p, uint32_t kind, int32_t 
         close(p->stage_w);
         p->stage_r = p->stage_w = -1;
         p->staged = 0;
+    }
+    if (p->ctl_fd >= 0) { /* the control plane writes on its own socket from now on */
+        close(p->ctl_fd);
+        p->ctl_fd = -1;
     }
     if (p->arena) { /* unwatch dropped the ring's registration; no write reads it any more */
         munmap((void *)p->arena, p->arena_len);
@@ -641,6 +690,7 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
     p->stage_w = stage_w;
     p->cap = cap; /* 0 for a pipe: read from the pipe at its first header */
     p->sync_fd = -1;
+    p->ctl_fd = -1;
     p->arena = arena;
     p->arena_len = arena_len;
     p->state = P_HEADER;
@@ -767,6 +817,56 @@ int ls_engine_producer_max_batch(struct ls_engine *e, uint32_t id)
     pthread_mutex_lock(&e->mu);
     struct producer *p = &e->prod[id];
     int r = p->state == P_FREE ? -ENOENT : (int)eng_producer_cap(e, p, 1);
+    pthread_mutex_unlock(&e->mu);
+    return r;
+}
+
+int ls_engine_set_release_fd(struct ls_engine *e, uint32_t id, int ctl_fd, int held)
+{
+    if (id >= e->max_producers)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    int r = p->state == P_FREE ? -ENOENT : 0;
+    if (r == 0) {
+        if (p->ctl_fd >= 0)
+            close(p->ctl_fd);
+        p->ctl_fd = ctl_fd;
+        p->release_hold = held ? HOLD_CTL : 0;
+    }
+    pthread_mutex_unlock(&e->mu);
+    return r;
+}
+
+long ls_engine_ctl_send(struct ls_engine *e, uint32_t id, const void *buf, uint32_t len)
+{
+    if (id >= e->max_producers)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    long r;
+    if (p->state == P_FREE || p->ctl_fd < 0) {
+        r = -ENOENT;
+    } else {
+        ssize_t n = send(p->ctl_fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        r = n < 0 ? -errno : n;
+        if (r >= 0 && (uint32_t)r == len)
+            p->release_hold &= ~HOLD_CTL;
+        else if (r > 0)
+            p->release_hold |= HOLD_CTL; /* the rest is the control plane's to send before anything else */
+    }
+    pthread_mutex_unlock(&e->mu);
+    return r;
+}
+
+int ls_engine_release_resume(struct ls_engine *e, uint32_t id)
+{
+    if (id >= e->max_producers)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    int r = p->state == P_FREE ? -ENOENT : 0;
+    p->release_hold &= ~HOLD_FAIL;
     pthread_mutex_unlock(&e->mu);
     return r;
 }

@@ -25,7 +25,7 @@
 #define LS_ENGINE_READWRITE 3
 
 /* Event kinds delivered by ls_engine_poll_events(). */
-#define LS_EV_BATCH_DONE 1      /* batch seq of producer is in the file: release it */
+#define LS_EV_BATCH_DONE 1      /* batch seq of producer is in the file: release it (err 1: the engine already did) */
 #define LS_EV_BATCH_FAILED 2    /* batch seq was not written (err = -errno from the file); payload discarded */
 #define LS_EV_PRODUCER_EOF 3    /* pipe closed cleanly between batches; producer slot is free again */
 #define LS_EV_PRODUCER_DIED 4   /* pipe closed mid-batch (bytes = bytes of the partial batch discarded) */
@@ -141,6 +141,25 @@ int ls_engine_add_shm_producer(struct ls_engine *e, uint32_t id, uint32_t stream
 /* How shm batches are written, for status: "WRITE_FIXED from registered buffers", or the step down
  * and why (e.g. "WRITE from the mapping (registered buffers refused: Cannot allocate memory)"). */
 const char *ls_engine_shm_path(struct ls_engine *e);
+
+/* The engine answers producer `id`'s batches itself: on each landed batch it sends RELEASE(through=
+ * seq) on `ctl_fd` (a dup of the producer's AF_UNIX control socket; the engine owns and closes it),
+ * from the engine thread, without waiting for the control plane; LS_EV_BATCH_DONE then has err 1.
+ * Every other write on that socket must go through ls_engine_ctl_send, so frames never interleave.
+ * held=1: the control plane still has bytes of a message queued (the engine waits, see below).
+ * The engine steps aside (the event has err 0, the control plane sends RELEASE as before) while the
+ * control plane holds the socket, after a failed batch until ls_engine_release_resume (its RELEASE
+ * carries the failure and must come first), and when the socket is full.
+ * Returns 0, -EINVAL (id), -ENOENT (no such producer). On error the caller keeps ctl_fd. */
+int ls_engine_set_release_fd(struct ls_engine *e, uint32_t id, int ctl_fd, int held);
+/* Send `len` bytes of the control plane's on producer `id`'s control socket, serialized with the
+ * engine's RELEASEs (MSG_DONTWAIT). Returns the bytes sent (fewer: the rest must be sent next, and
+ * the engine holds off until all of it is), -EAGAIN (nothing sent), -ENOENT (the engine no longer
+ * answers this producer: it ended; write on the socket directly), or send's -errno. */
+long ls_engine_ctl_send(struct ls_engine *e, uint32_t id, const void *buf, uint32_t len);
+/* After a LS_EV_BATCH_FAILED: the control plane sent its RELEASE with the failure; the engine may
+ * answer batches again. Returns 0, -EINVAL, -ENOENT. */
+int ls_engine_release_resume(struct ls_engine *e, uint32_t id);
 
 /* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by

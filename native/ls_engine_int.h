@@ -39,6 +39,9 @@ enum uop { U_HEADER = 1, U_POLL, U_SPLICE, U_DISCARD, U_WAKE, U_CANCEL, U_STAGE,
 
 struct stream;
 
+#define HOLD_CTL 1   /* the control plane has part of a message still to send */
+#define HOLD_FAIL 2  /* a batch failed: the control plane's RELEASE (with the failure) goes first */
+
 struct producer {
     enum pstate state;
     uint32_t id, stream_id;
@@ -70,6 +73,9 @@ struct producer {
     uint64_t arena_len;
     uint64_t arena_off;    /* this batch's payload offset in the arena (the descriptor's) */
     int arena_fixed;       /* io_uring: registered as buffer slot 1 + id (else a plain WRITE) */
+    /* The engine's own RELEASEs (ls_engine_set_release_fd): the control socket, and why not now. */
+    int ctl_fd;
+    int release_hold;      /* HOLD_* bits: the engine leaves RELEASE to the control plane */
     struct ls_counters c;
 };
 

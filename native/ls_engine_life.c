@@ -40,6 +40,7 @@ int ls_engine_new(int kind, uint32_t max_streams, uint32_t max_producers, uint32
         e->prod[i].id = i;
         e->prod[i].fd = -1;
         e->prod[i].sync_fd = -1;
+        e->prod[i].ctl_fd = -1;
         e->prod[i].hdr = e->hdrbuf + (size_t)i * HDR_STRIDE;
     }
     for (uint32_t i = 0; i < max_streams; i++)
@@ -192,6 +193,8 @@ void ls_engine_free(struct ls_engine *e)
             close(p->stage_r);
             close(p->stage_w);
         }
+        if (p->state != P_FREE && p->ctl_fd >= 0)
+            close(p->ctl_fd);
         if (p->state != P_FREE && p->arena)
             munmap((void *)p->arena, p->arena_len); /* after the thread: no write reads it now */
     }

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import resource
+import socket
 import subprocess
 import sys
 
@@ -19,6 +19,18 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
 
+def _accepts(path: str) -> bool:
+    """The socket exists and is listening (bind comes before listen: a connect in between is refused)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 @pytest.fixture
 def limited_daemon(tmp_path):
     procs = []
@@ -31,7 +43,7 @@ def limited_daemon(tmp_path):
             stdout=err, stderr=err, preexec_fn=_limit_file_size, cwd=tmp_path,
         )
         procs.append(proc)
-        wait_for(lambda: os.path.exists(sock), 20, "the daemon's socket")
+        wait_for(lambda: _accepts(sock), 20, "the daemon to accept on its socket")
         return sock, tmp_path / engine / "big.log"
 
     yield start

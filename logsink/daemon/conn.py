@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,6 +84,9 @@ class Conn:
         self.fds: list[int] = []  # the fds of a HELLO still being decoded (the pipe; shm: + the arena)
         self.fd_timer: asyncio.TimerHandle | None = None  # bounds how long that fd is held
         self.out = bytearray()
+        # Set while the engine answers this producer's batches itself (ls_engine_set_release_fd): sends
+        # the bytes it can and returns how many (BlockingIOError: none), or None once the engine let go.
+        self.sender: Callable[[bytearray], int | None] | None = None
         self.producer: Producer | None = None
         self.reading = True
         self.tcp = peer is not None
@@ -191,9 +195,19 @@ class Conn:
         self.out += protocol.encode(msg)
         self._flush()
 
+    def _send(self, data: bytearray) -> int:
+        """Send what we can of ``data``: through ``sender`` while the engine answers this producer's batches
+        on the same socket (frames must not interleave), else on the socket."""
+        if self.sender is not None:
+            n = self.sender(data)
+            if n is not None:
+                return n
+            self.sender = None  # the engine let go of the socket (its producer ended): ours alone again
+        return self.sock.send(data)
+
     def _flush(self) -> None:
         try:
-            n = self.sock.send(self.out)
+            n = self._send(self.out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:

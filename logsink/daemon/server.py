@@ -108,6 +108,7 @@ class Daemon:
         self.conns: set[Conn] = set()
         self.errors = {code: 0 for code in ERROR_CODES}
         self.small_pipes = 0  # pipe producers admitted with a pipe smaller than their segment
+        self.releases_by_engine = self.releases_by_daemon = 0  # who sent each RELEASE (status)
         self.small_pipe_uids: set[int] = set()
         self.shutting_down = False
         self.started = time.time()
@@ -439,8 +440,34 @@ class Daemon:
         # Batches are written only once whole in the pipe (or TCP stage): tell the producer the most it
         # may send. A local client also sizes batches to its own pipe.
         max_batch = lib.ls_engine_producer_max_batch(self.engine, pid)
+        if not conn.tcp:
+            self._engine_answers(p, conn)  # held until WELCOME is out: no RELEASE may overtake it
         conn.send(protocol.welcome(pid, self.engine_name, max_batch=max_batch if max_batch > 0 else self.cfg.max_batch))
         log.info("producer_joined", producer=pid, stream=stream.name, pid=conn.pid, uid=conn.uid, transport=p.transport, peer=conn.peer)
+
+    def _engine_answers(self, p: Producer, conn: Conn) -> None:
+        """Let the engine send RELEASE for p's landed batches itself, from its thread: a flush() then waits
+        for no asyncio turn. Our own messages to p go through the engine from now on (conn.sender), so
+        frames never interleave. Local producers only: an AF_UNIX send of a RELEASE is whole or nothing."""
+        ctl = os.dup(conn.sock.fileno())
+        if lib.ls_engine_set_release_fd(self.engine, p.id, ctl, 1) < 0:  # held: our next send (WELCOME) unholds it
+            os.close(ctl)  # it ended already: we answer, as before
+            return
+        pid = p.id
+
+        def send(data: bytearray) -> int | None:
+            if self.engine == ffi.NULL:
+                return None
+            n = lib.ls_engine_ctl_send(self.engine, pid, ffi.from_buffer(data), len(data))
+            if n == -errno.ENOENT:
+                return None
+            if n == -errno.EAGAIN:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            if n < 0:
+                raise OSError(-n, os.strerror(-n))
+            return n
+
+        conn.sender = send
 
     def _check_pipe_size(self, p: Producer) -> None:
         """A pipe producer whose pipe cannot hold its segment sends smaller batches than it asked for: the
@@ -510,6 +537,9 @@ class Daemon:
                     continue
                 if kind == lib.LS_EV_BATCH_DONE:
                     p.released = ev.seq
+                    if ev.err == 1:  # the engine sent this RELEASE itself
+                        self.releases_by_engine += 1
+                        continue
                 elif kind == lib.LS_EV_BATCH_FAILED:
                     reason = os.strerror(-ev.err) if ev.err < 0 else "write failed"
                     p.failed.append([ev.seq, protocol.E_WRITE_FAILED, reason])
@@ -530,6 +560,9 @@ class Daemon:
             p.dirty = False
             if p.conn:
                 p.conn.send(protocol.release(p.released, p.failed))
+                self.releases_by_daemon += 1
+                if p.failed:  # said: the engine may answer this producer's batches again
+                    lib.ls_engine_release_resume(self.engine, p.id)
             p.failed = []
         self.forward.poll()
 
@@ -581,6 +614,8 @@ class Daemon:
     def _producer_ended(self, p: Producer, ev: Any) -> None:
         kind = ev.kind
         conn = p.conn
+        if conn is not None:
+            conn.sender = None  # the engine closed its copy of the socket: ours alone (before its id is reused)
         if kind == lib.LS_EV_PRODUCER_DIED:
             self.errors[protocol.E_PRODUCER_DIED] += 1
             log.warning("producer_died_mid_batch", producer=p.id, pid=p.pid, stream=p.stream.name, discarded_bytes=ev.bytes)

@@ -58,6 +58,7 @@ def report(d: Any) -> dict[str, Any]:
         "version": __version__, "engine": d.engine_name, "fallback_reason": d.fallback_reason,
         "shm_path": ffi.string(lib.ls_engine_shm_path(d.engine)).decode(),
         "engine_failed": d.engine_failed, "small_pipes": d.small_pipes,
+        "releases": {"engine": d.releases_by_engine, "daemon": d.releases_by_daemon},
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
         "listen": [f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in getattr(d, "tcp_listeners", [])],

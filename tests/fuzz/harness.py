@@ -498,13 +498,17 @@ def predict(data: bytes, fds: int) -> Prediction:
             continue
         if m["t"] != protocol.HELLO or welcome or m["transport"] not in protocol.LOCAL_TRANSPORTS:
             bad = protocol.E_BAD_MESSAGE
-        elif fds != 1:
+        elif fds != (protocol.HELLO_FDS_SHM if m["transport"] == "shm" else 1):
             bad = protocol.E_BAD_FD
         else:
             welcome = True
             continue
         break
     codes = frozenset(c for c in (bad, decode_error) if c is not None)
+    if welcome and any(m["transport"] == "shm" for m in msgs if m["t"] == protocol.HELLO):
+        # The harness passes a pipe and an arena the daemon checks: a sealed memfd is welcome, anything
+        # else there is bad-frame (not a memfd, unsealed) or bad-fd (not a pipe).
+        return Prediction(None, codes | {protocol.E_BAD_FRAME, protocol.E_BAD_FD}, bool(codes), True)
     # A decode error in the same read pre-empts a HELLO before it: then a WELCOME may or may not come.
     return Prediction(None if welcome and decode_error is not None else welcome, codes, bool(codes),
                       bool(msgs) or decode_error is not None)

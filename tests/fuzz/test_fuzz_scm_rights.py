@@ -20,7 +20,7 @@ from fuzz.harness import IO_TIMEOUT, Conn, Example, Target, corpus, fuzz_setting
 from fuzz.strategies import control_frame, framed, hello_message, pack
 
 # The kinds of fd a producer can pass; "self" is the very connection it is sent on.
-FD_KINDS = ("pipe_r", "pipe_w", "file", "dir", "socket", "devnull", "eventfd", "memfd", "epoll", "self")
+FD_KINDS = ("pipe_r", "pipe_w", "file", "dir", "socket", "devnull", "eventfd", "memfd", "memfd_sealed", "epoll", "self")
 # What one connection that has not sent a complete HELLO may make the daemon hold: one read's worth.
 HELD_FD_CAP = 16
 HUGE_PREFIX = struct.pack(">I", protocol.MAX_CONTROL_MESSAGE)  # a frame that never completes
@@ -51,6 +51,10 @@ def make_fds(kinds: list[str], conn: Conn, scratch: Path) -> tuple[list[int], li
             fds = [os.eventfd(0)]
         elif kind == "memfd":
             fds = [os.memfd_create("logsink-fuzz")]
+        elif kind == "memfd_sealed":  # a valid shm arena (with a pipe_r before it: a shm producer)
+            fds = [os.memfd_create("logsink-fuzz", os.MFD_ALLOW_SEALING)]
+            os.ftruncate(fds[0], 1 << 16)
+            fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         else:
             ep = select.epoll()
             fds = [os.dup(ep.fileno())]
