@@ -423,8 +423,8 @@ static int splice_into_arena_locked(struct ls_producer *p, int fd, uint32_t nbyt
     if (r == 0)
         r = prod_reserve_locked(p, nbytes, 0, &dst);
     if (r == -ERANGE) {
-        prod_set_error(p, "a spliced batch of %u bytes is larger than this connection's batches (%u bytes): raise "
-                     "segment_size", nbytes, p->capacity);
+        prod_set_error(p, "a spliced batch of %u bytes is larger than this connection's batches (%u bytes%s)", nbytes,
+                  p->capacity, p->capacity < p->base_capacity ? ": the daemon's max_batch" : ": raise segment_size");
         return -EMSGSIZE;
     }
     if (r == PROD_DROPPED) { /* on_full=drop, every segment pinned: consume the bytes, count them */
