@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -298,13 +299,14 @@ class TestSocketActivation:
         """An fd that is a socket but not a listening stream (e.g. Accept=yes hands connections) is refused, naming the fix."""
         a, b = socket.socketpair()
         try:
-            fd = os.dup2(a.fileno(), 3 + 40)
+            fd = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD, 3 + 100)  # a free fd above the low ones other threads take
             env = {"LISTEN_PID": "7", "LISTEN_FDS": "1"}
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(activation, "SD_LISTEN_FDS_START", fd)
                 with pytest.raises(ConfigError, match="not a listening stream socket.*Accept=yes"):
                     activation.take(env, pid=7)
         finally:
+            os.close(fd)
             a.close()
             b.close()
 

@@ -67,16 +67,19 @@ def take(environ: MutableMapping[str, str] | None = None, pid: int | None = None
             raise ConfigError(f"socket activation: fd {fd} ({name or 'unnamed'}) is not a socket: {exc.strerror}") from None
         label = f"fd {fd}" + (f" ({name})" if name else "")
         if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.detach()  # not ours to close: we refuse it and stop
             raise ConfigError(f"socket activation: {label} is not a listening stream socket "
                               "(use ListenStream= in logsink.socket, without Accept=yes)")
         sock.set_inheritable(False)
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
             if got.control is not None:
+                sock.detach()
                 raise ConfigError(f"socket activation: {label} is a second AF_UNIX socket; logsink takes one control socket")
             got.control = sock
         elif sock.family in (socket.AF_INET, socket.AF_INET6):
             got.tcp.append(sock)
         else:
+            sock.detach()
             raise ConfigError(f"socket activation: {label} has address family {sock.family!r}; logsink takes AF_UNIX and TCP")
     return got
