@@ -216,9 +216,9 @@ class TestVerdictCodes:
 
     def test_daemon_explains_every_verdict(self):
         """The daemon has a sentence for each verdict the engine can report."""
-        from logsink.daemon import server
+        from logsink.daemon import refusals
 
-        assert set(server.FRAME_ERRORS) == {getattr(lib, n) for n in self.NAMES}
+        assert set(refusals.FRAME_ERRORS) == {getattr(lib, n) for n in self.NAMES}
 
 
 class TestStreamNames:

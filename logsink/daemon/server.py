@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 import resource
 import signal
@@ -31,6 +30,7 @@ from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
 from logsink.daemon.conn import AcceptGate, Conn, Producer
 from logsink.daemon.notify import SystemdNotifier
+from logsink.daemon.refusals import FRAME_ERRORS, pipe_size_of, raise_add_refusal
 from logsink.daemon.streams import StreamTable
 from logsink.files import DirLock, dir_beneath, make_dirs, open_dir
 from logsink.forward import ForwardManager
@@ -42,41 +42,7 @@ log = structlog.get_logger("logsink.daemon")
 EVENT_BATCH = 512
 # After the grace period, producers still connected get their pipes drained; this bounds that.
 DRAIN_TIMEOUT = 10.0
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 E_TOO_MANY_FDS, E_FD_LIMIT, E_FILE_REFUSED = protocol.E_TOO_MANY_FDS, protocol.E_FD_LIMIT, protocol.E_FILE_REFUSED
-
-FRAME_ERRORS = {
-    lib.LS_EFRAME_MAGIC: "bad magic (expected b'LSK1'): the pipe does not carry logsink frames",
-    lib.LS_EFRAME_VERSION: "unsupported frame version or header length",
-    lib.LS_EFRAME_LENGTH: "payload length is 0 or larger than the daemon's max_batch",
-    lib.LS_EFRAME_RECORDS: "record count is 0 or larger than the payload length",
-    lib.LS_EBATCH_TOO_BIG: "payload length is larger than the data pipe holds whole (header + payload must fit the "
-                           "pipe's F_GETPIPE_SZ; over TCP, WELCOME's max_batch): send smaller batches",
-    lib.LS_EBATCH_NO_NEWLINE: "the batch does not end in a newline: every batch must be whole records, each ending "
-                              "in \\n; the batch was cut back off the file",
-    lib.LS_EBATCH_VANISHED: "the batch's bytes left the data pipe before the daemon took them (another reader of "
-                            "the pipe?); what landed was cut back off the file",
-    lib.LS_EBATCH_ARENA: "a shm descriptor outside the arena (offset + length past its end), a descriptor from a "
-                         "producer without an arena, or payload bytes in the pipe from one with",
-}
-
-def raise_add_refusal(ret: int, max_arena: int) -> None:
-    """The engine refused a producer's fds (ls_engine_add_*_producer's -errno): say why to the peer, or raise OSError."""
-    err = -ret
-    if err == errno.ENOTTY:
-        raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is not a pipe: send the read end of the data pipe")
-    if err == errno.EBADF:
-        raise protocol.ProtocolError(protocol.E_BAD_FD, "the fd sent with HELLO is a pipe's write end: send its read end")
-    if err == errno.EMEDIUMTYPE:
-        raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena fd is not a memfd: create it with memfd_create(MFD_ALLOW_SEALING)")
-    if err == errno.EPERM:
-        raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena memfd is not sealed against shrinking: "
-                                                           "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before HELLO")
-    if err == errno.EFBIG:
-        raise protocol.ProtocolError(protocol.E_BAD_FRAME, f"the arena memfd is empty or larger than the daemon's max_arena ({max_arena} bytes): "
-                                                           "use fewer or smaller segments, or raise max_arena in the daemon's config")
-    check(ret, "adding producer")
-
 
 ERROR_CODES = (
     protocol.E_BAD_MESSAGE,
@@ -652,14 +618,6 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return status_report.report(self)
-
-
-def pipe_size_of(fd: int) -> int:
-    """F_GETPIPE_SZ of ``fd`` (0 if it is not a pipe: the engine refuses it with the reason)."""
-    try:
-        return fcntl.fcntl(fd, F_GETPIPE_SZ)
-    except OSError:
-        return 0
 
 
 def raise_fd_limit() -> tuple[int, int]:
