@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                         description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("--socket", help=f"control socket path (default: $LOGSINK_SOCKET or {default_socket_path()})")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until interrupted: rates per stream show a stall at a glance")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="how long to keep trying a busy daemon (full backlog, slow answer) before reporting it busy (default: 10)")
     st.add_argument("--expected-uid", type=int, dest="expected_uid", metavar="UID",
@@ -176,6 +178,14 @@ def _query_status(path: str, timeout: float = 10.0, expected_uid: int | None = N
                     raise exception_for_code(code, text)
 
 
+def _human(rate: float) -> str:
+    """1234567.0 -> '1.2M' (bytes per second, over the daemon's last 5 s)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if rate >= size:
+            return f"{rate / size:.1f}{unit}"
+    return f"{rate:.0f}"
+
+
 def _print_status(st: dict[str, Any]) -> None:
     t = st["totals"]
     eng = st["engine"] + (f" (fell back: {st['fallback_reason']})" if st.get("fallback_reason") and not st.get("engine_failed") else "")
@@ -185,14 +195,42 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"dir {st['dir']}  socket {st['socket']}")
     print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, "
           f"copied {t['bytes_copied']}, shared {t.get('bytes_shared', 0)} (shm: {st.get('shm_path', '?')})")
-    print(f"\n{'STREAM':<24} {'BYTES':>14} {'RECORDS':>12} {'BATCHES':>9} {'PROD':>5} {'ERR':>5}  FILE")
+    print(f"\n{'STREAM':<24} {'BYTES':>14} {'RECORDS':>12} {'BYTES/S':>10} {'REC/S':>9} {'PROD':>5} {'ERR':>5}  FILE")
     for name, s in sorted(st["streams"].items()):
-        print(f"{name:<24} {s['bytes']:>14} {s['records']:>12} {s['batches']:>9} {s['producers']:>5} {s['errors']:>5}  {s['file']}")
+        print(f"{name:<24} {s['bytes']:>14} {s['records']:>12} {_human(s.get('bytes_per_s', 0)):>10} "
+              f"{s.get('records_per_s', 0):>9.0f} {s['producers']:>5} {s['errors']:>5}  {s['file']}")
     print(f"\n{'PRODUCER':>8} {'STREAM':<20} {'PID':>8} {'UID':>6} {'TRANSPORT':<9} {'BATCHES':>9} {'RELEASED':>9} {'PINNED':>6}")
     for p in st["producers"]:
         print(f"{p['id']:>8} {p['stream']:<20} {p['pid']:>8} {p['uid']:>6} {p['transport']:<9} {p['batches']:>9} {p['released']:>9} {p['pinned_segments']:>6}")
     errs = {k: v for k, v in st["errors"].items() if v}
     print("\nerrors: " + (", ".join(f"{k} {v}" for k, v in sorted(errs.items())) if errs else "none"))
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """`logsink status --watch`: the table again every args.watch seconds (a lost daemon is said, not fatal)."""
+    if args.watch <= 0:
+        print("logsink status: --watch needs a period > 0 seconds", file=sys.stderr)
+        return 2
+    try:
+        while True:
+            try:
+                st = _query_status(args.socket or default_socket_path(), args.timeout, expected_uid=args.expected_uid)
+                out = json.dumps(st, sort_keys=True) if args.json else None
+            except (DaemonBusy, ConnectionError, OSError, protocol.ProtocolError) as exc:
+                st, out = None, f"logsink status: {exc}"
+            if not args.json:
+                print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + f"  (every {args.watch:g}s, Ctrl-C stops)", end="\n")
+            if st is not None and out is None:
+                _print_status(st)
+            else:
+                print(out)
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     if args.command == "status":
+        if args.watch is not None:
+            return _watch_status(args)
         try:
             st = _query_status(args.socket or default_socket_path(), args.timeout, expected_uid=args.expected_uid)
         except DaemonBusy as exc:

@@ -154,6 +154,56 @@ class TestStatusText:
         assert res.stderr.strip(), "no error message on stderr"
 
 
+class TestRates:
+    def test_stream_rate_shows_traffic_and_falls_to_zero_when_it_stops(self, daemon):
+        """While a producer writes, status shows the stream's bytes/s and records/s above zero; some seconds after it stops, both are 0 (a stall is visible)."""
+        import threading
+
+        import logsink
+
+        d = daemon("splice")
+        stop = threading.Event()
+
+        def produce() -> None:
+            with logsink.Client("busy", socket=d.sock) as c:
+                i = 0
+                while not stop.is_set():
+                    c.write(b"busy %d\n" % i)
+                    i += 1
+                    if i % 1000 == 0:
+                        c.flush(timeout=10)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        try:
+            busy = wait_for(lambda: (s := status(d.sock)["streams"].get("busy")) and s["bytes_per_s"] > 0 and s, 30,
+                            "a non-zero rate for the busy stream")
+            assert busy["records_per_s"] > 0
+        finally:
+            stop.set()
+            t.join(30)
+        wait_for(lambda: status(d.sock)["streams"]["busy"]["bytes_per_s"] == 0, 30, "the rate to fall to 0 after the writes stopped")
+        text = status(d.sock, text=True)
+        assert "BYTES/S" in text and "REC/S" in text
+
+    def test_watch_refreshes_until_interrupted(self, daemon):
+        """`logsink status --watch 0.2 --json` prints a fresh status object every period and exits 0 on Ctrl-C."""
+        import json
+        import signal
+        import subprocess
+        import sys
+
+        d = daemon("readwrite")
+        proc = subprocess.Popen([sys.executable, "-m", "logsink", "status", "--socket", str(d.sock), "--watch", "0.2", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
+            assert first["pid"] == second["pid"] == d.pid and second["uptime"] > first["uptime"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0, proc.stderr.read()
+
+
 class TestServe:
     def test_listening_event_names_socket_dir_and_engine(self, daemon):
         """Once it accepts connections the daemon has logged a JSON "listening" event with socket, dir and engine."""

@@ -76,6 +76,7 @@ class Daemon:
         self.errors = {code: 0 for code in ERROR_CODES}
         self.small_pipes = 0  # pipe producers admitted with a pipe smaller than their segment
         self.releases_by_engine = self.releases_by_daemon = 0  # who sent each RELEASE (status)
+        self.rates = status_report.Rates()
         self.small_pipe_uids: set[int] = set()
         self.shutting_down = False
         self.started = time.time()
@@ -203,6 +204,7 @@ class Daemon:
         log.info("listening", socket=self.socket_path, dir=self.dir, engine=self.engine_name, version=__version__, pid=os.getpid(),
                  tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
         self.notify.start(loop, self._notify_status, self._engine_alive)  # READY=1: the socket accepts
+        self._sample_rates()
         await stop.wait()
         await self.shutdown()
         return 0
@@ -613,6 +615,13 @@ class Daemon:
             self._all_gone.set()
 
     # -- status (logsink/daemon/status.py) -------------------------------------------------------------
+    def _sample_rates(self) -> None:
+        """Once a second: the streams' counters, for the rates status shows."""
+        if self.engine == ffi.NULL or self.shutting_down:
+            return
+        self.rates.sample(time.monotonic(), status_report.stream_counts(self))
+        asyncio.get_running_loop().call_later(1.0, self._sample_rates)
+
     def counters_total(self) -> dict[str, int]:
         return status_report.totals(self.engine)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any
 
 from logsink import protocol
@@ -30,9 +31,42 @@ def totals(engine: Any) -> dict[str, int]:
     return c
 
 
+class Rates:
+    """Bytes/s and records/s per stream over the last WINDOW seconds, from a sample taken every second.
+
+    ``logsink status`` shows them so an operator sees a stream stall without a dashboard."""
+
+    WINDOW = 5
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=self.WINDOW + 1)
+
+    def sample(self, now: float, counters: dict[str, tuple[int, int]]) -> None:
+        self.samples.append((now, counters))
+
+    def per_stream(self) -> dict[str, tuple[float, float]]:
+        """stream -> (bytes/s, records/s); a stream seen in one sample only has none yet."""
+        if len(self.samples) < 2:
+            return {}
+        (t0, first), (t1, last) = self.samples[0], self.samples[-1]
+        span = t1 - t0
+        return {name: ((b - first[name][0]) / span, (r - first[name][1]) / span)
+                for name, (b, r) in last.items() if name in first and span > 0}
+
+
+def stream_counts(d: Any) -> dict[str, tuple[int, int]]:
+    """(bytes, records) of every stream now: what Rates samples."""
+    out = {}
+    for s in d.streams.values():
+        c = engine_counters(d.engine, lib.ls_engine_stream_counters, s.id)
+        out[s.name] = (c["bytes"], c["records"])
+    return out
+
+
 def report(d: Any) -> dict[str, Any]:
     """The STATUS answer of daemon ``d`` (logsink/daemon/server.py's Daemon)."""
     streams = {}
+    rates = d.rates.per_stream()
     for s in d.streams.values():
         c = engine_counters(d.engine, lib.ls_engine_stream_counters, s.id)
         streams[s.name] = {
@@ -40,6 +74,8 @@ def report(d: Any) -> dict[str, Any]:
             "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
             "bytes_shared": c["bytes_shared"], "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
             "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
+            "bytes_per_s": round(rates.get(s.name, (0.0, 0.0))[0], 1),
+            "records_per_s": round(rates.get(s.name, (0.0, 0.0))[1], 1),
         }
     producers = []
     for p in d.producers.values():
