@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                          "interval = fdatasync every --fsync-interval seconds")
     sp.add_argument("--fsync-interval", type=float, default=None, dest="fsync_interval", metavar="SECONDS",
                     help="the period of --fsync interval (default: 1)")
+    sp.add_argument("--metrics", metavar="tcp://HOST:PORT",
+                    help="serve Prometheus metrics (GET /metrics) here: per-stream bytes, records, rates and file sizes, engine "
+                    "bytes by path, producers, pinned segments, pipe sizes, errors by code, forwarding lag (off by default; "
+                    "no host = 127.0.0.1; port 0 = any free port, shown in the log and status)")
     sp.add_argument("--allow-unauthenticated", action="store_true", default=None, dest="allow_unauthenticated",
                     help="accept TCP producers without a token on a non-loopback --listen address (only on a trusted network)")
 
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load(args.config, {"dir": args.dir, "socket": args.socket, "engine": args.engine, "shutdown_grace": args.shutdown_grace, "listen": args.listen,
                                      "forward_cli": args.forward_cli, "framing": args.framing, "state_dir": args.state_dir,
-                                     "allow_unauthenticated": args.allow_unauthenticated,
+                                     "allow_unauthenticated": args.allow_unauthenticated, "metrics": args.metrics,
                                      "fsync": args.fsync, "fsync_interval": args.fsync_interval})
         except ConfigError as exc:
             print(f"logsink serve: {exc}", file=sys.stderr)

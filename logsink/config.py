@@ -60,6 +60,8 @@ class Config:
     max_arena: int = 16 << 20
     # TCP ingest: off unless configured; an address without a host binds loopback.
     listen: list = field(default_factory=list)
+    # Prometheus metrics (logsink/daemon/metrics.py): "" = off; tcp://HOST:PORT serves GET /metrics there.
+    metrics: str = ""
     # Shared secret TCP producers must present in HELLO (clients read LOGSINK_TOKEN); "" = none.
     auth_token: str = ""
     # Forwarding to downstream collectors (logsink/forward.py): TOML [forward.STREAM] tables, and

@@ -77,6 +77,7 @@ class Daemon:
         self.small_pipes = 0  # pipe producers admitted with a pipe smaller than their segment
         self.releases_by_engine = self.releases_by_daemon = 0  # who sent each RELEASE (status)
         self.rates = status_report.Rates()
+        self.metrics: Any = None  # MetricsServer with --metrics
         self.small_pipe_uids: set[int] = set()
         self.shutting_down = False
         self.started = time.time()
@@ -205,6 +206,11 @@ class Daemon:
                  tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
         self.notify.start(loop, self._notify_status, self._engine_alive)  # READY=1: the socket accepts
         self._sample_rates()
+        if self.cfg.metrics:
+            from logsink.daemon.metrics import MetricsServer  # prometheus-client only when asked for
+
+            self.metrics = MetricsServer(self.status)
+            await self.metrics.start(self.cfg.metrics)
         await stop.wait()
         await self.shutdown()
         return 0
@@ -235,6 +241,8 @@ class Daemon:
         if not await self._wait_producers_gone(DRAIN_TIMEOUT):
             log.error("drain_timeout", producers=len(self.producers))
         await self.forward.close()
+        if self.metrics is not None:
+            await self.metrics.close()  # before the engine goes: a scrape reads its counters
         for conn in list(self.conns):
             conn.close()
         loop.remove_reader(lib.ls_engine_notify_fd(self.engine))

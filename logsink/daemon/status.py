@@ -98,6 +98,7 @@ def report(d: Any) -> dict[str, Any]:
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
         "listen": [f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in getattr(d, "tcp_listeners", [])],
+        "metrics": d.metrics.address if d.metrics is not None else None,
         "streams": streams, "producers": producers,
         "forwards": d.forward.status(),
     }
