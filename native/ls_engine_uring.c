@@ -105,6 +105,24 @@ static void submit_splice_out(struct ls_engine *e, struct producer *p, int in, i
     p->inflight++;
 }
 
+/* Batches up to this size are written by the engine thread itself (splice, or pwrite from the arena);
+ * larger ones go through the ring (SPLICE, WRITE_FIXED), where io-wq runs them beside the engine. */
+#define INLINE_MAX (256u << 10)
+
+/* splice(2) the rest of a wholly queued batch from p's pipe into its stream's file, now. */
+static long inline_splice(struct ls_engine *e, struct producer *p, uint32_t want)
+{
+    struct stream *s = &e->streams[p->stream_id];
+    int in = p->is_sock ? p->stage_r : p->fd;
+    loff_t off = (loff_t)(p->batch_start + p->moved);
+    for (;;) {
+        ssize_t r = splice(in, NULL, s->fd, &off, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r < 0 ? -errno : r;
+    }
+}
+
 static void uring_drive(struct ls_engine *e, struct producer *p)
 {
     if (p->inflight || e->stop) /* stopping: issue nothing new, the thread waits out what runs */
@@ -193,6 +211,19 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
     case P_DISCARD: {
         /* All of the payload was queued before the batch began: splice the rest in one go. */
         uint32_t want = p->h.payload_len - p->moved;
+        if (p->state == P_PAYLOAD && want <= INLINE_MAX && !e->streams[p->stream_id].copy) {
+            /* A small batch (a flush()'s partial segment) is written here, not handed to io-wq: the
+             * copy costs the same, the two thread hand-offs (~55 us) are a third of a flush. */
+            long r = p->arena ? eng_write_shared(e, p) : inline_splice(e, p, want);
+            if (r == -EAGAIN && !p->arena) {
+                eng_payload_vanished(e, p);
+                return;
+            }
+            eng_on_payload(e, p, r, p->arena ? MOVED_SHARED : MOVED_SPLICE);
+            if (p->state != P_FREE)
+                eng_drive(e, p); /* the rest, the next header, or the SYNC */
+            return;
+        }
         if (p->arena) { /* shm: from the arena, a registered buffer where the ring took it */
             struct io_uring_sqe *sqe = sqe_get(e);
             sqe->opcode = p->arena_fixed ? IORING_OP_WRITE_FIXED : IORING_OP_WRITE;
