@@ -8,6 +8,12 @@
  * Each producer is a forked child with its own connection; it prints its stats as one JSON line.
  * The parent prints records/s and GB/s over all producers, then a JSON summary line (stdout).
  * Exit status: 0 if every producer wrote and flushed everything, else 1.
+ *
+ * -P (pre-built): every producer builds ONE record before it starts and hands it over with one
+ * logsink_write call per record (no snprintf, no chunking): what the library itself costs per
+ * record. With or without -P, each producer's JSON line has "cpu_seconds" and "cpu_ns_per_record"
+ * (CLOCK_PROCESS_CPUTIME_ID of that producer, every thread, over its writes and flush), and the
+ * summary adds the producers' CPU per record (from getrusage(RUSAGE_CHILDREN): includes connecting).
  */
 #include <logsink.h>
 
@@ -15,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,6 +31,7 @@ struct config {
     long long records;
     long record_size, chunk_size;
     int producers;
+    int prebuilt; /* -P: one pre-built record per logsink_write */
     struct logsink_opts opts;
 };
 
@@ -34,10 +42,19 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* CPU of this whole process (every thread, the library's background thread too). */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: logsink-blast -s STREAM [-S SOCKET] [-n RECORDS] [-r RECORD_SIZE] [-c CHUNK_SIZE]\n"
-                    "                     [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n");
+                    "                     [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n"
+                    "                     [-P]  (-P: one pre-built record per logsink_write call)\n");
     exit(2);
 }
 
@@ -82,14 +99,21 @@ static int run_producer(const struct config *c, int pr)
         return 1;
     }
     long used = 0;
-    double t0 = now_s();
-    for (long long k = 0; k < c->records && r >= 0; k++) {
-        if (used + c->record_size > cap) {
-            r = logsink_write(ls, buf, (size_t)used);
-            used = 0;
+    if (c->prebuilt)
+        make_record(buf, c->record_size, pr, 0);
+    double t0 = now_s(), cpu0 = cpu_s();
+    if (c->prebuilt) {
+        for (long long k = 0; k < c->records && r >= 0; k++)
+            r = logsink_write(ls, buf, (size_t)c->record_size);
+    } else {
+        for (long long k = 0; k < c->records && r >= 0; k++) {
+            if (used + c->record_size > cap) {
+                r = logsink_write(ls, buf, (size_t)used);
+                used = 0;
+            }
+            make_record(buf + used, c->record_size, pr, k);
+            used += c->record_size;
         }
-        make_record(buf + used, c->record_size, pr, k);
-        used += c->record_size;
     }
     if (r >= 0 && used)
         r = logsink_write(ls, buf, (size_t)used);
@@ -103,7 +127,7 @@ static int run_producer(const struct config *c, int pr)
         logsink_close(ls);
         return 1;
     }
-    double secs = now_s() - t0;
+    double secs = now_s() - t0, cpu = cpu_s() - cpu0;
     struct logsink_stats st;
     logsink_stats(ls, &st);
     if ((r = logsink_close(ls)) < 0) {
@@ -112,11 +136,12 @@ static int run_producer(const struct config *c, int pr)
     }
     printf("{\"producer\":%d,\"seconds\":%.6f,\"records\":%llu,\"bytes\":%llu,\"batches\":%llu,"
            "\"dropped_records\":%llu,\"failed_batches\":%llu,\"waits_for_release\":%llu,\"segment_size\":%llu,"
-           "\"segments\":%llu,\"pipe_size\":%llu}\n",
+           "\"segments\":%llu,\"pipe_size\":%llu,\"cpu_seconds\":%.6f,\"cpu_ns_per_record\":%.2f}\n",
            pr, secs, (unsigned long long)st.records, (unsigned long long)st.bytes, (unsigned long long)st.batches,
            (unsigned long long)st.dropped_records, (unsigned long long)st.failed_batches,
            (unsigned long long)st.waits_for_release, (unsigned long long)st.segment_size,
-           (unsigned long long)st.segments, (unsigned long long)st.pipe_size);
+           (unsigned long long)st.segments, (unsigned long long)st.pipe_size, cpu,
+           c->records ? cpu * 1e9 / (double)c->records : 0.0);
     fflush(stdout);
     free(buf);
     return 0;
@@ -127,7 +152,7 @@ int main(int argc, char **argv)
     struct config c = {.records = 1000000, .record_size = 200, .chunk_size = 65536, .producers = 1};
     logsink_opts_init(&c.opts);
     int opt;
-    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:h")) != -1) {
+    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:Ph")) != -1) {
         switch (opt) {
         case 's': c.stream = optarg; break;
         case 'S': c.socket = optarg; break;
@@ -137,6 +162,7 @@ int main(int argc, char **argv)
         case 'p': c.producers = (int)parse_num(optarg, "-p PRODUCERS", 1); break;
         case 'z': c.opts.segment_size = (uint32_t)parse_num(optarg, "-z SEGMENT_SIZE", 4096); break;
         case 'm': c.opts.segments = (uint32_t)parse_num(optarg, "-m SEGMENTS", 1); break;
+        case 'P': c.prebuilt = 1; break;
         case 't':
             if (strcmp(optarg, "copy") == 0)
                 c.opts.transport = LOGSINK_TRANSPORT_COPY;
@@ -183,12 +209,18 @@ int main(int argc, char **argv)
     }
     double secs = now_s() - t0;
     double total = (double)c.records * c.producers, bytes = total * (double)c.record_size;
+    struct rusage ru;
+    getrusage(RUSAGE_CHILDREN, &ru);
+    double child_cpu = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+                       ru.ru_stime.tv_usec / 1e6;
     printf("logsink-blast: %d producer(s) x %lld records of %ld bytes: %.0f records/s, %.3f GB/s (%.3f s)%s\n",
             c.producers, c.records, c.record_size, total / secs, bytes / secs / 1e9, secs,
             failed ? ", SOME PRODUCERS FAILED" : "");
     printf("{\"summary\":true,\"producers\":%d,\"records\":%.0f,\"bytes\":%.0f,\"seconds\":%.6f,"
-           "\"records_per_s\":%.0f,\"gb_per_s\":%.6f,\"failed_producers\":%d}\n",
-           c.producers, total, bytes, secs, total / secs, bytes / secs / 1e9, failed);
+           "\"records_per_s\":%.0f,\"gb_per_s\":%.6f,\"failed_producers\":%d,\"producer_cpu_seconds\":%.6f,"
+           "\"producer_cpu_ns_per_record\":%.2f,\"prebuilt\":%s}\n",
+           c.producers, total, bytes, secs, total / secs, bytes / secs / 1e9, failed, child_cpu,
+           total ? child_cpu * 1e9 / total : 0.0, c.prebuilt ? "true" : "false");
     free(pids);
     return failed ? 1 : 0;
 }
