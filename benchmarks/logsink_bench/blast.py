@@ -58,8 +58,10 @@ class BlastRun:
 
 def run_blast(sock: str, *, transport: str, records: int, producers: int = 1, mode: str = "record",
               record_size: int = 200, chunk_size: int = 65536, segment_size: int | None = None,
-              segments: int | None = None, stream: str = "bench", timeout: float = 600.0) -> BlastRun:
-    """Run logsink-blast against the daemon at `sock`; NotAvailable if it does not know `transport`,
+              segments: int | None = None, stream: str = "bench", timeout: float = 600.0,
+              user: str | None = None) -> BlastRun:
+    """Run logsink-blast against the daemon at `sock` (as `user` if given: root is exempt from the
+    per-user pipe budget, other users are not); NotAvailable if it does not know `transport`,
     BenchError if a producer failed."""
     cmd = [str(BLAST), "-s", stream, "-S", sock, "-t", transport, "-n", str(records), "-p", str(producers),
            "-r", str(record_size), "-c", str(chunk_size)]
@@ -70,7 +72,7 @@ def run_blast(sock: str, *, transport: str, records: int, producers: int = 1, mo
     if segments:
         cmd += ["-m", str(segments)]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, user=user, group=_group_of(user))
     except subprocess.TimeoutExpired:
         raise BenchError(f"logsink-blast did not finish within {timeout:.0f} s") from None
     if res.returncode == BAD_ARGS:
@@ -112,3 +114,11 @@ def check_output(out_dir: Path, records: int, record_size: int, chunk: int = 1 <
     if newlines != records or on_slot != records:
         raise BenchError(f"the output is not {records} whole records: {newlines} newlines, {on_slot} of them at "
                          f"the end of a {record_size}-byte record")
+
+
+def _group_of(user: str | None) -> int | None:
+    if user is None:
+        return None
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid

@@ -148,7 +148,9 @@ KEYS = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms", "write_p50_ms")
 def table(results: list[VariantResult], args: argparse.Namespace, work: Path) -> list[str]:
     lines = [f"logsink bench flush: {args.batch} records of {args.record_size} bytes then flush(), every "
              f"{args.batch / args.rate * 1000:g} ms ({args.rate} records/s) for {args.seconds:g} s, engine {args.engine}, "
-             f"medians of {args.runs} interleaved run(s); outputs on {filesystem_of(work)} (page cache)", "",
+             f"medians of {args.runs} interleaved run(s); outputs on {filesystem_of(work)} (page cache)",
+             "load average at the end: {:.2f} {:.2f} {:.2f} on {} CPUs (tails grow with other work on the machine)".format(
+                 *os.getloadavg(), os.cpu_count()), "",
              f"{'transport':<10}" + "".join(f"{h:>10}" for h in ("p50 ms", "p99 ms", "p99.9 ms", "max ms", "mean ms",
                                                                "write ms", "flushes", "late"))]
     for r in results:

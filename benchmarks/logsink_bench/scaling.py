@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     p.add_argument("--engine", choices=engines.ENGINES, default="io_uring", help="the daemon's engine (default io_uring)")
     p.add_argument("--dir", type=Path, default=None, help="where outputs go (default: the current directory)")
+    p.add_argument("--user", default=None,
+                   help="run the producers as this user (root only): root is exempt from the per-user pipe budget "
+                   "(fs.pipe-user-pages-soft), other users get 2-page pipes past it (default: as yourself)")
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
     return p
 
@@ -100,14 +103,15 @@ def measure(v: ScaleVariant, args: argparse.Namespace, work: Path, sock: str, ru
     records = per * v.producers
     out = work / "out"
     clear_dir(out)
-    daemon = Daemon(out, sock, work / f"daemon-scale-{v.transport}-{v.producers}-{run_no}.log", args.engine)
+    extra = ("--config", str(work / "socket.toml")) if args.user else ()
+    daemon = Daemon(out, sock, work / f"daemon-scale-{v.transport}-{v.producers}-{run_no}.log", args.engine, *extra)
     try:
         warm_page_cache(work / "warm.scratch", records * args.record_size)
         cpu0 = daemon.cpu_seconds()
         try:
             run = run_blast(sock, transport=v.transport, records=per, producers=v.producers, mode="chunk",
                             record_size=args.record_size, chunk_size=args.chunk_size,
-                            segment_size=args.segment_size, segments=args.segments)
+                            segment_size=args.segment_size, segments=args.segments, user=args.user)
         except BenchError as exc:
             if not exc.detail:
                 exc.detail = daemon.log_tail()
@@ -123,7 +127,8 @@ def measure(v: ScaleVariant, args: argparse.Namespace, work: Path, sock: str, ru
 def table(results: list[VariantResult], args: argparse.Namespace, work: Path) -> list[str]:
     lines = [f"logsink bench scaling: {args.bytes / GB:.2f} GB per run into one stream, {args.record_size}-byte records in "
              f"{args.chunk_size}-byte writes, C producers, engine {args.engine}, medians of {args.runs} interleaved "
-             f"run(s); outputs on {filesystem_of(work)} (page cache)", "",
+             f"run(s); outputs on {filesystem_of(work)} (page cache)"
+             + (f"; producers run as {args.user}" if args.user else "; producers run as uid " + str(os.getuid())), "",
              f"{'transport x producers':<22}{'GB/s':>7}{'spread':>8}{'vs 1':>7}{'daemon s/GB':>12}{'prod ns/rec':>12}"
              f"{'min pipe':>10}  exact"]
     single = {r.variant.transport: r for r in results if r.variant.producers == 1 and r.samples}
@@ -185,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_space(work, args.bytes)
         build_blast()
+        if args.user:  # another uid must reach the socket: a world-connectable socket in a traversable directory
+            (work / "socket.toml").write_text('socket_mode = "0666"\n')
+            os.chmod(sock_dir, 0o711)
         results = run_rounds(variants, args.runs, lambda v, n: measure(v, args, work, sock, n), lambda v: v.name,
                              lambda s: f"{s.metrics()['gb_per_s']:6.2f} GB/s  exact")
     except BenchError as exc:
