@@ -62,7 +62,6 @@ class FlushSample:
             "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9),
             "max_ms": max(lat), "mean_ms": statistics.fmean(lat), "write_p50_ms": percentile(self.write_ms, 50),
             "flushes": float(len(lat)), "late_ticks": float(self.late_ticks),
-            "gb_per_s": 0.0,  # VariantResult.spread() wants it; latency runs are rate-limited, not measured for GB/s
         }
 
 
