@@ -25,6 +25,7 @@ from logsink_bench.harness import (
     GB,
     BenchError,
     Daemon,
+    NotAvailable,
     VariantResult,
     check_space,
     clear_dir,
@@ -50,7 +51,9 @@ DEFAULT_RUNS = 3
 DEFAULT_PRODUCERS = 1
 
 ENGINES = ("io_uring", "splice", "readwrite")
-TRANSPORTS = ("vmsplice", "copy")  # mirrors logsink.protocol.TRANSPORTS; the CLI validates names
+# The local transports of logsink.protocol.LOCAL_TRANSPORTS. "shm" rows say "not available" until the
+# client implements it (Client(transport="shm") raises NotImplementedError), then measure it.
+TRANSPORTS = ("vmsplice", "copy", "shm")
 STREAM = "bench"
 
 # -- the issue's targets, all for io_uring + vmsplice ---------------------------------------------
@@ -59,6 +62,11 @@ TARGET_VS_DIRECT = 0.8      # throughput >= 0.8x the producer writing the file i
 TARGET_CPU_VS_DIRECT = 1.2  # daemon CPU per GB <= 1.2x the direct writer's CPU per GB
 BEST = ("io_uring", "vmsplice")
 BASELINE = ("readwrite", "copy")
+# -- issue 10's targets for the shared-memory transport (checks 4-6: SKIP until shm runs) ----------
+SHM = ("io_uring", "shm")
+TARGET_SHM_VS_READWRITE = 2.0   # io_uring + shm >= 2.0x readwrite + copy
+TARGET_SHM_VS_VMSPLICE = 1.5    # io_uring + shm >= 1.5x io_uring + vmsplice
+TARGET_SHM_CPU_VS_DIRECT = 0.5  # daemon CPU per GB <= 0.5x the direct writer's
 
 # -- timeouts -------------------------------------------------------------------------------------
 # A spawned producer imports logsink and connects before the start barrier.
@@ -116,12 +124,21 @@ class Variant:
 
 DIRECT = Variant(None, None)
 
+# `logsink bench NAME ...`: the other measurements (each module has main(argv) and its own --help).
+SUBCOMMANDS = {
+    "cpu": "logsink_bench.producer_cpu",      # producer CPU per record: C pre-built records, Python 64 KiB chunks
+    "scaling": "logsink_bench.scaling",       # 1..64 (and 1000) producers into one stream, exact outputs
+    "flush": "logsink_bench.flush_latency",   # flush() latency at 100k records/s, p50/p99/max
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logsink bench",
         description="Run the daemon with each engine and client transport, and a direct write() of the "
         "same bytes, interleaved; print medians and the issue's target checks.",
+        epilog="More measurements: logsink bench cpu (producer CPU per record), logsink bench scaling (1..64 and 1000 "
+        "producers), logsink bench flush (flush() latency); each takes --help.",
     )
     p.add_argument("--bytes", type=parse_size, default=DEFAULT_BYTES,
                    help="bytes per run, all producers together (default 1G; K/M/G suffixes are 1024-based)")
@@ -129,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=parse_list(ENGINES), default=list(ENGINES),
                    help="comma-separated daemon engines (default io_uring,splice,readwrite)")
     p.add_argument("--transports", type=parse_list(TRANSPORTS), default=list(TRANSPORTS),
-                   help="comma-separated client transports (default vmsplice,copy)")
+                   help="comma-separated client transports (default vmsplice,copy,shm; a transport the client "
+                   "does not implement yet gives a 'not available' row)")
     p.add_argument("--fsync", type=parse_list(("never", "batch", "interval")), default=["never"],
                    help="comma-separated daemon fsync policies, one row each (default never)")
     p.add_argument("--producers", type=int, default=DEFAULT_PRODUCERS, help="producer processes (default 1)")
@@ -220,6 +238,9 @@ def _producer_main(index: int, variant: Variant, sock: str, out_dir: str, worklo
         else:
             sink = _ClientSink(variant, sock, workload)
         chunk = make_chunk(workload, index)
+    except NotImplementedError as exc:  # a transport this build does not have yet: a row, not a failure
+        results.put(("unavailable", index, str(exc)))
+        return
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which names the variant
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
         return
@@ -271,6 +292,8 @@ class ProducerGroup:
                 continue
             if tag == "error":
                 raise BenchError(f"producer {index} failed: {payload}")
+            if tag == "unavailable":
+                raise NotAvailable(payload)
             got[index] = payload
         return list(got.values())
 
@@ -418,6 +441,16 @@ def target_checks(results: list[VariantResult]) -> list[Check]:
         (2, direct, "gb_per_s", TARGET_VS_DIRECT, ">=", "throughput", "GB/s", DIRECT.name),
         (3, direct, "cpu_s_per_gb", TARGET_CPU_VS_DIRECT, "<=", "daemon CPU", "s/GB", "the direct writer's CPU"),
     ]
+    shm = _find(results, Variant(*SHM))
+    shm_specs = [
+        (4, base, "gb_per_s", TARGET_SHM_VS_READWRITE, ">=", "throughput", "GB/s", Variant(*BASELINE).name),
+        (5, best, "gb_per_s", TARGET_SHM_VS_VMSPLICE, ">=", "throughput", "GB/s", Variant(*BEST).name),
+        (6, direct, "cpu_s_per_gb", TARGET_SHM_CPU_VS_DIRECT, "<=", "daemon CPU", "s/GB", "the direct writer's CPU"),
+    ]
+    return _checks(best, name, specs) + _checks(shm, Variant(*SHM).name, shm_specs)
+
+
+def _checks(best: VariantResult | None, name: str, specs: list) -> list[Check]:
     checks = []
     for number, ref, key, target, op, what, unit, ref_name in specs:
         goal = f"{op} {target}x"
@@ -464,6 +497,9 @@ def format_table(results: list[VariantResult]) -> list[str]:
     baseline, direct = _find(results, Variant(*BASELINE)), _find(results, DIRECT)
     lines = ["".join(h.ljust(w) if key is None else h.rjust(w) for h, w, key, _ in COLUMNS)]
     for res in results:
+        if res.unavailable:
+            lines.append(res.variant.name.ljust(COLUMNS[0][1]) + "not available (see below)")
+            continue
         if not res.samples:
             lines.append(res.variant.name.ljust(COLUMNS[0][1]) + "FAILED in every run (see below)")
             continue
@@ -501,6 +537,8 @@ def print_report(results: list[VariantResult], checks: list[Check], workload: Wo
               f"{MIN_CPU_TICKS}: use a larger --bytes to compare it.")
     for res in results:
         notes = sorted({w for s in res.samples for w in s.warnings}) + res.failures
+        if res.unavailable:
+            notes.append(f"not available: {res.unavailable}")
         for note in notes:
             print(f"  {res.variant.name}: {note}")
     print()
@@ -517,7 +555,8 @@ def results_json(results: list[VariantResult], checks: list[Check], workload: Wo
         "variants": [
             {"name": r.variant.name, "engine": r.variant.engine, "transport": r.variant.transport, "fsync": r.variant.fsync,
              "median": row_values(r, baseline, direct) if r.samples else None,
-             "samples": [{**asdict(s), **s.metrics()} for s in r.samples], "failures": r.failures}
+             "samples": [{**asdict(s), **s.metrics()} for s in r.samples], "failures": r.failures,
+             "unavailable": r.unavailable or None}
             for r in results
         ],
         "checks": [asdict(c) for c in checks],
@@ -526,6 +565,11 @@ def results_json(results: list[VariantResult], checks: list[Check], workload: Wo
 
 # -- entry point ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         workload = workload_from_args(args)

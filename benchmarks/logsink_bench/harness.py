@@ -48,6 +48,11 @@ class BenchError(RuntimeError):
         self.detail = detail
 
 
+class NotAvailable(BenchError):
+    """This build cannot run the variant yet (the client raised NotImplementedError, a tool refused the
+    transport's name): its row says "not available" and why, and the bench does not fail."""
+
+
 # -- arguments ------------------------------------------------------------------------------------
 def parse_size(text: str) -> int:
     """'1G', '256M', '64MiB', '4096' -> bytes (K/M/G are binary: 1024-based)."""
@@ -91,6 +96,13 @@ def process_cpu_seconds(pid: int) -> float:
         data = f.read()
     fields = data[data.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of `values`, nearest rank: a value that was measured."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]
 
 
 def warm_page_cache(path: Path, size: int) -> None:
@@ -271,6 +283,7 @@ class VariantResult(Generic[K, S]):
     variant: K
     samples: list[S] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    unavailable: str = ""  # why this build cannot run the variant (NotAvailable): not tried again
 
     def median(self, key: str) -> float | None:
         values = [s.metrics()[key] for s in self.samples]
@@ -289,13 +302,20 @@ class VariantResult(Generic[K, S]):
 def run_rounds(variants: list[K], runs: int, measure: Callable[[K, int], S], label: Callable[[K], str],
                progress: Callable[[S], str]) -> list[VariantResult[K, S]]:
     """Interleave the variants (A B C A B C ...) so slow drift of the machine hits each alike; one
-    progress line per run on stderr. A BenchError fails that run only."""
+    progress line per run on stderr. A BenchError fails that run only; NotAvailable marks the variant
+    unavailable (a row that says so) and it is not tried again."""
     results: list[VariantResult[K, S]] = [VariantResult(v) for v in variants]
     for run_no in range(1, runs + 1):
         for res in results:
+            if res.unavailable:
+                continue
             head = f"[run {run_no}/{runs}] {label(res.variant)}"
             try:
                 sample = measure(res.variant, run_no)
+            except NotAvailable as exc:
+                res.unavailable = str(exc)
+                print(f"{head} not available: {exc}", file=sys.stderr, flush=True)
+                continue
             except BenchError as exc:
                 res.failures.append(f"run {run_no}: {exc}")
                 print(f"{head} FAILED: {exc}", file=sys.stderr, flush=True)

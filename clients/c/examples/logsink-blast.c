@@ -8,6 +8,16 @@
  * Each producer is a forked child with its own connection; it prints its stats as one JSON line.
  * The parent prints records/s and GB/s over all producers, then a JSON summary line (stdout).
  * Exit status: 0 if every producer wrote and flushed everything, else 1.
+ *
+ * -P (pre-built): every producer builds ONE record before it starts and hands it over with one
+ * logsink_write call per record (no snprintf, no chunking): what the library itself costs per
+ * record. With or without -P, each producer's JSON line has "cpu_seconds" and "cpu_ns_per_record"
+ * (CLOCK_PROCESS_CPUTIME_ID of that producer, every thread, over its writes and flush), and the
+ * summary adds the producers' CPU per record (from getrusage(RUSAGE_CHILDREN): includes connecting).
+ * -C (pre-built chunk): every producer builds ONE chunk of whole records before it starts and writes
+ * it again and again (the last write may be a shorter prefix): the client's cost without snprintf.
+ * Producers connect first and start writing together (a start barrier), so the summary's time and
+ * each producer's "t_start"/"t_end" (CLOCK_MONOTONIC seconds) cover the writes, not the connects.
  */
 #include <logsink.h>
 
@@ -15,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,6 +35,7 @@ struct config {
     long long records;
     long record_size, chunk_size;
     int producers;
+    int prebuilt; /* -P: one pre-built record per logsink_write; 2 (-C): one pre-built chunk, rewritten */
     struct logsink_opts opts;
 };
 
@@ -34,10 +46,20 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* CPU of this whole process (every thread, the library's background thread too). */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: logsink-blast -s STREAM [-S SOCKET] [-n RECORDS] [-r RECORD_SIZE] [-c CHUNK_SIZE]\n"
-                    "                     [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n");
+                    "                     [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n"
+                    "                     [-P | -C]  (-P: one pre-built record per logsink_write call;\n"
+                    "                                 -C: one pre-built chunk, written again and again)\n");
     exit(2);
 }
 
@@ -67,10 +89,21 @@ static int make_record(char *dst, long size, int pr, long long k)
     return 0;
 }
 
-static int run_producer(const struct config *c, int pr)
+/* The start barrier: tell the parent we are connected (or failed), then wait until it closes `go`. */
+static void barrier_wait(int ready_fd, int go_fd)
+{
+    char b = 1, x;
+    while (write(ready_fd, &b, 1) < 0 && errno == EINTR)
+        ;
+    while (go_fd >= 0 && (read(go_fd, &x, 1) < 0 && errno == EINTR))
+        ;
+}
+
+static int run_producer(const struct config *c, int pr, int ready_fd, int go_fd)
 {
     struct logsink *ls;
     int r = logsink_open(c->stream, c->socket, &c->opts, &ls);
+    barrier_wait(ready_fd, r < 0 ? -1 : go_fd);
     if (r < 0) {
         fprintf(stderr, "logsink-blast[%d]: %s\n", pr, logsink_last_error(NULL));
         return 1;
@@ -81,15 +114,30 @@ static int run_producer(const struct config *c, int pr)
         fprintf(stderr, "logsink-blast[%d]: out of memory\n", pr);
         return 1;
     }
-    long used = 0;
-    double t0 = now_s();
-    for (long long k = 0; k < c->records && r >= 0; k++) {
-        if (used + c->record_size > cap) {
-            r = logsink_write(ls, buf, (size_t)used);
-            used = 0;
+    long used = 0, per_chunk = cap / c->record_size;
+    if (c->prebuilt == 1)
+        make_record(buf, c->record_size, pr, 0);
+    else if (c->prebuilt == 2)
+        for (long k = 0; k < per_chunk; k++)
+            make_record(buf + k * c->record_size, c->record_size, pr, k);
+    double t0 = now_s(), cpu0 = cpu_s();
+    if (c->prebuilt == 1) {
+        for (long long k = 0; k < c->records && r >= 0; k++)
+            r = logsink_write(ls, buf, (size_t)c->record_size);
+    } else if (c->prebuilt == 2) {
+        for (long long k = 0; k < c->records && r >= 0; k += per_chunk) {
+            long n = c->records - k < per_chunk ? (long)(c->records - k) : per_chunk;
+            r = logsink_write(ls, buf, (size_t)(n * c->record_size));
         }
-        make_record(buf + used, c->record_size, pr, k);
-        used += c->record_size;
+    } else {
+        for (long long k = 0; k < c->records && r >= 0; k++) {
+            if (used + c->record_size > cap) {
+                r = logsink_write(ls, buf, (size_t)used);
+                used = 0;
+            }
+            make_record(buf + used, c->record_size, pr, k);
+            used += c->record_size;
+        }
     }
     if (r >= 0 && used)
         r = logsink_write(ls, buf, (size_t)used);
@@ -103,7 +151,7 @@ static int run_producer(const struct config *c, int pr)
         logsink_close(ls);
         return 1;
     }
-    double secs = now_s() - t0;
+    double t1 = now_s(), secs = t1 - t0, cpu = cpu_s() - cpu0;
     struct logsink_stats st;
     logsink_stats(ls, &st);
     if ((r = logsink_close(ls)) < 0) {
@@ -112,11 +160,13 @@ static int run_producer(const struct config *c, int pr)
     }
     printf("{\"producer\":%d,\"seconds\":%.6f,\"records\":%llu,\"bytes\":%llu,\"batches\":%llu,"
            "\"dropped_records\":%llu,\"failed_batches\":%llu,\"waits_for_release\":%llu,\"segment_size\":%llu,"
-           "\"segments\":%llu,\"pipe_size\":%llu}\n",
+           "\"segments\":%llu,\"pipe_size\":%llu,\"cpu_seconds\":%.6f,\"cpu_ns_per_record\":%.2f,"
+           "\"t_start\":%.6f,\"t_end\":%.6f}\n",
            pr, secs, (unsigned long long)st.records, (unsigned long long)st.bytes, (unsigned long long)st.batches,
            (unsigned long long)st.dropped_records, (unsigned long long)st.failed_batches,
            (unsigned long long)st.waits_for_release, (unsigned long long)st.segment_size,
-           (unsigned long long)st.segments, (unsigned long long)st.pipe_size);
+           (unsigned long long)st.segments, (unsigned long long)st.pipe_size, cpu,
+           c->records ? cpu * 1e9 / (double)c->records : 0.0, t0, t1);
     fflush(stdout);
     free(buf);
     return 0;
@@ -127,7 +177,7 @@ int main(int argc, char **argv)
     struct config c = {.records = 1000000, .record_size = 200, .chunk_size = 65536, .producers = 1};
     logsink_opts_init(&c.opts);
     int opt;
-    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:h")) != -1) {
+    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:PCh")) != -1) {
         switch (opt) {
         case 's': c.stream = optarg; break;
         case 'S': c.socket = optarg; break;
@@ -137,6 +187,8 @@ int main(int argc, char **argv)
         case 'p': c.producers = (int)parse_num(optarg, "-p PRODUCERS", 1); break;
         case 'z': c.opts.segment_size = (uint32_t)parse_num(optarg, "-z SEGMENT_SIZE", 4096); break;
         case 'm': c.opts.segments = (uint32_t)parse_num(optarg, "-m SEGMENTS", 1); break;
+        case 'P': c.prebuilt = 1; break;
+        case 'C': c.prebuilt = 2; break;
         case 't':
             if (strcmp(optarg, "copy") == 0)
                 c.opts.transport = LOGSINK_TRANSPORT_COPY;
@@ -164,19 +216,40 @@ int main(int argc, char **argv)
     }
 
     fflush(stdout);
-    double t0 = now_s();
-    pid_t *pids = calloc((size_t)c.producers, sizeof *pids);
-    for (int i = 0; i < c.producers; i++) {
-        pids[i] = fork();
-        if (pids[i] < 0) {
-            perror("logsink-blast: fork");
-            return 1;
-        }
-        if (pids[i] == 0)
-            _exit(run_producer(&c, i));
+    int ready[2], go[2];
+    if (pipe(ready) < 0 || pipe(go) < 0) {
+        perror("logsink-blast: pipe");
+        return 1;
     }
-    int failed = 0;
-    for (int i = 0; i < c.producers; i++) {
+    pid_t *pids = calloc((size_t)c.producers, sizeof *pids);
+    int started = 0;
+    for (; started < c.producers; started++) {
+        pids[started] = fork();
+        if (pids[started] < 0) {
+            perror("logsink-blast: fork");
+            break;
+        }
+        if (pids[started] == 0) {
+            close(ready[0]);
+            close(go[1]);
+            _exit(run_producer(&c, started, ready[1], go[0]));
+        }
+    }
+    close(ready[1]);
+    close(go[0]);
+    /* Every producer has connected (or failed) once it wrote its byte: then start them all at once. */
+    for (int got = 0; got < started;) {
+        char b[256];
+        ssize_t n = read(ready[0], b, sizeof b);
+        if (n <= 0 && !(n < 0 && errno == EINTR))
+            break; /* every child gone */
+        got += n > 0 ? (int)n : 0;
+    }
+    double t0 = now_s();
+    close(go[1]);
+    close(ready[0]);
+    int failed = c.producers - started;
+    for (int i = 0; i < started; i++) {
         int status;
         while (waitpid(pids[i], &status, 0) < 0 && errno == EINTR)
             ;
@@ -185,12 +258,18 @@ int main(int argc, char **argv)
     }
     double secs = now_s() - t0;
     double total = (double)c.records * c.producers, bytes = total * (double)c.record_size;
+    struct rusage ru;
+    getrusage(RUSAGE_CHILDREN, &ru);
+    double child_cpu = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+                       ru.ru_stime.tv_usec / 1e6;
     printf("logsink-blast: %d producer(s) x %lld records of %ld bytes: %.0f records/s, %.3f GB/s (%.3f s)%s\n",
             c.producers, c.records, c.record_size, total / secs, bytes / secs / 1e9, secs,
             failed ? ", SOME PRODUCERS FAILED" : "");
     printf("{\"summary\":true,\"producers\":%d,\"records\":%.0f,\"bytes\":%.0f,\"seconds\":%.6f,"
-           "\"records_per_s\":%.0f,\"gb_per_s\":%.6f,\"failed_producers\":%d}\n",
-           c.producers, total, bytes, secs, total / secs, bytes / secs / 1e9, failed);
+           "\"records_per_s\":%.0f,\"gb_per_s\":%.6f,\"failed_producers\":%d,\"producer_cpu_seconds\":%.6f,"
+           "\"producer_cpu_ns_per_record\":%.2f,\"prebuilt\":%s}\n",
+           c.producers, total, bytes, secs, total / secs, bytes / secs / 1e9, failed, child_cpu,
+           total ? child_cpu * 1e9 / total : 0.0, c.prebuilt ? "true" : "false");
     free(pids);
     return failed ? 1 : 0;
 }
