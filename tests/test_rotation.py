@@ -58,3 +58,56 @@ class TestCopytruncate:
         assert data.endswith(b"\n")
         idx = _whole_records(data, "ct")
         assert idx == sorted(idx) and idx[-1] == out["count"] - 1
+
+
+class TestShippedLogrotateSnippet:
+    @pytest.mark.skipif(not os.path.exists("/usr/sbin/logrotate"), reason="logrotate is not installed")
+    def test_real_logrotate_with_the_snippet_rotates_without_loss(self, daemon, tmp_path):
+        """systemd/logsink.logrotate, pointed at a test daemon's directory (its user and HUP command swapped for the test's), run by the real logrotate twice while a producer writes: every record is in exactly one of the files, the daemon made the new file itself, and the old one was compressed on the next rotation."""
+        import gzip
+        import pwd
+        import threading
+        from pathlib import Path
+
+        import logsink
+
+        d = daemon("io_uring")
+        snippet = (Path(__file__).resolve().parent.parent / "systemd" / "logsink.logrotate").read_text()
+        assert "su logsink logsink" in snippet and "nocreate" in snippet
+        user = pwd.getpwuid(os.getuid()).pw_name
+        conf = tmp_path / "logrotate.conf"
+        conf.write_text(snippet.replace("/var/log/logsink/*.log", f"{d.dir}/*.log")
+                        .replace("su logsink logsink", f"su {user} {user}")
+                        .replace("systemctl kill -s HUP logsink.service", f"kill -HUP {d.pid}"))
+        state = tmp_path / "logrotate.state"
+        stop = threading.Event()
+        written = []
+
+        def produce() -> None:
+            with logsink.Client("app", socket=d.sock) as c:
+                i = 0
+                while not stop.is_set() or i < 3000:
+                    c.write(b"rot %06d\n" % i)
+                    written.append(i)
+                    i += 1
+                    if i % 500 == 0:
+                        c.flush(timeout=10)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        try:
+            for rnd in range(2):
+                wait_for(lambda: (d.dir / "app.log").exists() and (d.dir / "app.log").stat().st_size > 0, 30, "records in app.log")
+                r = subprocess.run(["logrotate", "-f", "-s", str(state), str(conf)], capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0, r.stdout + r.stderr
+                wait_for(lambda: (d.dir / "app.log").exists(), 30, f"the daemon to create app.log after rotation {rnd + 1}")
+        finally:
+            stop.set()
+            t.join(60)
+        data = b""
+        for rotated in sorted(d.dir.glob("app.log.*"), reverse=True):  # oldest (.2.gz) first
+            data += gzip.decompress(rotated.read_bytes()) if rotated.suffix == ".gz" else rotated.read_bytes()
+        data += (d.dir / "app.log").read_bytes()
+        assert sorted(p.name for p in d.dir.glob("app.log*")) == ["app.log", "app.log.1", "app.log.2.gz"]
+        assert data == b"".join(b"rot %06d\n" % i for i in range(len(written)))
+        assert (d.dir / "app.log").stat().st_mode & 0o777 == 0o640  # the daemon's mode, not logrotate's
