@@ -30,7 +30,7 @@ from logsink.errors import ConfigError
 
 STREAM_TABLE_KEYS = ("allow_gids", "allow_uids")
 # Keys of a [stream.NAME] table that are stream settings, not access rules (logsink/config.py).
-STREAM_SETTING_KEYS = ("fsync", "fsync_interval")
+STREAM_SETTING_KEYS = ("fsync", "fsync_interval", "rate_bytes", "rate_records", "uid_rate_bytes", "uid_rate_records")
 ACCESS_KEYS = ("gid", "status_gids", "status_uids", "tcp_streams", "trust_root", "uid")
 
 

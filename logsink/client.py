@@ -313,7 +313,7 @@ class Client:
             "transport": next((name for name, i in _TRANSPORT_IDS.items() if i == tid), self.transport),
             **{name: getattr(st, name) for name in (
                 "segment_size", "segments", "pipe_size", "released_through", "handed_over_through", "pinned_segments",
-                "batches", "records", "bytes", "dropped_records", "failed_batches", "waits_for_release",
+                "batches", "records", "bytes", "dropped_records", "failed_batches", "suppressed_batches", "suppressed_records", "waits_for_release",
                 "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
                 "reconnects", "resent_batches", "resent_bytes", "lost_batches",
             )},

@@ -9,7 +9,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from logsink.access import AccessRules, rules_from_config
 from logsink.errors import ConfigError  # the one ConfigError (re-exported: logsink.config.ConfigError)
@@ -92,11 +92,23 @@ class Config:
     # (fdatasync every fsync_interval seconds). [stream.NAME] tables may set both per stream.
     fsync: str = "never"
     fsync_interval: float = 1.0
+    # Rate limits (off: 0), per producer and per uid (all of a uid's producers of one stream), in bytes/s
+    # and records/s; [stream.NAME] tables may set them per stream. A batch over a limit is dropped
+    # whole and counted; a {"logsink":"suppressed",...} line says so in the stream once a second.
+    rate_bytes: float = 0
+    rate_records: float = 0
+    uid_rate_bytes: float = 0
+    uid_rate_records: float = 0
 
     def stream_fsync(self, name: str) -> tuple[str, float]:
         """The fsync policy and interval of stream ``name``: its [stream.NAME] table, else the top level."""
         table = self.stream.get(name) or {}
         return table.get("fsync", self.fsync), float(table.get("fsync_interval", self.fsync_interval))
+
+    def stream_limits(self, name: str) -> RateLimits:
+        """Stream ``name``'s rate limits: its [stream.NAME] table's, else the top level's."""
+        table = self.stream.get(name) or {}
+        return RateLimits(*(float(table.get(k, getattr(self, k))) for k in RATE_KEYS))
 
     def resolved_socket(self) -> str:
         return self.socket or default_socket_path()
@@ -140,6 +152,7 @@ def load(path: str | None, overrides: dict) -> Config:
         raise ConfigError(str(exc)) from None
     _check_hygiene(cfg)
     _check_fsync(cfg)
+    _check_rates(cfg)
     try:
         cfg.access_rules = rules_from_config(cfg.access, cfg.stream, cfg.streams_default)
     except ValueError as exc:
@@ -209,6 +222,30 @@ def _check_hygiene(cfg: Config) -> None:
 
 
 FSYNC_POLICIES = ("never", "batch", "interval")
+RATE_KEYS = ("rate_bytes", "rate_records", "uid_rate_bytes", "uid_rate_records")
+
+
+class RateLimits(NamedTuple):
+    """Per second; 0 = no limit."""
+
+    rate_bytes: float
+    rate_records: float
+    uid_rate_bytes: float
+    uid_rate_records: float
+
+    @property
+    def any(self) -> bool:
+        return any(v > 0 for v in self)
+
+
+def _check_rates(cfg: Config) -> None:
+    where = [("", {k: getattr(cfg, k) for k in RATE_KEYS})]
+    where += [(f"stream.{name}.", table) for name, table in (cfg.stream or {}).items() if isinstance(table, dict)]
+    for prefix, table in where:
+        for key in RATE_KEYS:
+            val = table.get(key, 0)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+                raise ConfigError(f"{prefix}{key} must be a number >= 0 (per second; 0 = no limit), got {val!r}")
 
 
 def _check_fsync(cfg: Config) -> None:

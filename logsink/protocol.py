@@ -195,6 +195,11 @@ def check_message(msg: Any) -> dict[str, Any]:
             for f in failed
         ):
             raise ProtocolError(E_BAD_MESSAGE, "release 'failed' must be a list of [seq, code, reason]")
+        suppressed = msg.get("suppressed", [])
+        if not isinstance(suppressed, list) or not all(
+            isinstance(f, list) and len(f) == 2 and _is_int(f[0]) and _is_int(f[1]) for f in suppressed
+        ):
+            raise ProtocolError(E_BAD_MESSAGE, "release 'suppressed' must be a list of [seq, records]")
     if kind == HELLO:
         if msg["v"] != PROTOCOL_VERSION:
             raise ProtocolError(E_BAD_VERSION, f"protocol version {msg['v']} is not supported (this daemon speaks {PROTOCOL_VERSION})")
@@ -256,10 +261,12 @@ def welcome(producer: int, engine: str, **extra: Any) -> dict[str, Any]:
     return {"t": WELCOME, "v": PROTOCOL_VERSION, "producer": producer, "engine": engine, **extra}
 
 
-def release(through: int, failed: list[list[Any]] | None = None) -> dict[str, Any]:
+def release(through: int, failed: list[list[Any]] | None = None, suppressed: list[list[int]] | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"t": RELEASE, "through": through}
     if failed:
         msg["failed"] = failed  # [[seq, code, reason], ...]: batches that were NOT written
+    if suppressed:
+        msg["suppressed"] = suppressed  # [[seq, records], ...]: batches dropped over a rate limit
     return msg
 
 

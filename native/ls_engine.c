@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---------------------------------------------------------------------------------------- */
@@ -120,8 +121,8 @@ void eng_emit(struct ls_engine *e, uint32_t kind, struct producer *p, int32_t er
 {
     if (kind == LS_EV_BATCH_DONE && release_now(e, p, seq))
         err = 1;
-    else if (kind == LS_EV_BATCH_FAILED)
-        p->release_hold |= HOLD_FAIL;
+    else if (kind == LS_EV_BATCH_FAILED || kind == LS_EV_BATCH_SUPPRESSED)
+        p->release_hold |= HOLD_FAIL; /* the control plane's RELEASE says what happened to it, first */
     emit_raw(e, kind, p->id, p->stream_id, err, seq, bytes, records);
 }
 
@@ -240,10 +241,70 @@ void eng_refuse(struct ls_engine *e, struct producer *p, int32_t why, uint64_t b
     eng_finish(e, p, LS_EV_BAD_FRAME, why, bytes);
 }
 
-/* The whole payload is queued: wait for the stream (or take it now). */
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+/* Refill bucket b to now; 1 if it has tokens of both kinds left. */
+static int bucket_open(struct bucket *b, int64_t now)
+{
+    double dt = (double)(now - b->last_ns) / 1e9;
+    b->last_ns = now;
+    if (b->rate_b > 0) {
+        b->tok_b += dt * b->rate_b;
+        if (b->tok_b > b->rate_b)
+            b->tok_b = b->rate_b; /* burst: one second's worth */
+    }
+    if (b->rate_r > 0) {
+        b->tok_r += dt * b->rate_r;
+        if (b->tok_r > b->rate_r)
+            b->tok_r = b->rate_r;
+    }
+    return (b->rate_b <= 0 || b->tok_b > 0) && (b->rate_r <= 0 || b->tok_r > 0);
+}
+
+/* 1 if p's batch is over a rate limit (and must be dropped), else take its tokens and 0. */
+static int over_limit(struct ls_engine *e, struct producer *p)
+{
+    if (!e->buckets || (p->bucket[0] < 0 && p->bucket[1] < 0))
+        return 0;
+    int64_t now = now_ns();
+    for (int i = 0; i < 2; i++)
+        if (p->bucket[i] >= 0 && !bucket_open(&e->buckets[p->bucket[i]], now))
+            return 1;
+    for (int i = 0; i < 2; i++)
+        if (p->bucket[i] >= 0) {
+            e->buckets[p->bucket[i]].tok_b -= p->h.payload_len;
+            e->buckets[p->bucket[i]].tok_r -= p->h.record_count;
+        }
+    return 0;
+}
+
+/* The whole payload is queued: wait for the stream (or take it now); a batch over its producer's
+ * rate limit is dropped instead (drained from the pipe, never written) and reported. */
 void eng_wait_stream(struct ls_engine *e, struct producer *p)
 {
     struct stream *s = &e->streams[p->stream_id];
+    if (over_limit(e, p)) {
+        p->c.suppressed_records += p->h.record_count;
+        s->c.suppressed_records += p->h.record_count;
+        e->total.suppressed_records += p->h.record_count;
+        if (p->arena) { /* nothing in the pipe to drain */
+            eng_emit(e, LS_EV_BATCH_SUPPRESSED, p, 0, p->h.seq, p->h.payload_len, p->h.record_count);
+            p->state = P_HEADER;
+        } else {
+            p->state = P_DISCARD;
+            p->suppress = 1;
+            p->moved = 0;
+            p->fail_err = 0;
+        }
+        e->be->arm(e, p, 0);
+        eng_drive(e, p);
+        return;
+    }
     p->state = P_WAIT_STREAM;
     p->backoff_ns = 0;
     e->be->arm(e, p, 0);
@@ -473,7 +534,9 @@ void eng_on_discard(struct ls_engine *e, struct producer *p, long r)
     if (r > 0) {
         p->moved += (uint32_t)r;
         if (p->moved == p->h.payload_len) {
-            eng_emit(e, LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq, p->h.payload_len, p->h.record_count);
+            eng_emit(e, p->suppress ? LS_EV_BATCH_SUPPRESSED : LS_EV_BATCH_FAILED, p, p->fail_err, p->h.seq,
+                     p->h.payload_len, p->h.record_count);
+            p->suppress = 0;
             p->state = P_HEADER;
             p->staged = 0;
         }
@@ -691,6 +754,7 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
     p->cap = cap; /* 0 for a pipe: read from the pipe at its first header */
     p->sync_fd = -1;
     p->ctl_fd = -1;
+    p->bucket[0] = p->bucket[1] = -1;
     p->arena = arena;
     p->arena_len = arena_len;
     p->state = P_HEADER;
@@ -867,6 +931,40 @@ int ls_engine_release_resume(struct ls_engine *e, uint32_t id)
     struct producer *p = &e->prod[id];
     int r = p->state == P_FREE ? -ENOENT : 0;
     p->release_hold &= ~HOLD_FAIL;
+    pthread_mutex_unlock(&e->mu);
+    return r;
+}
+
+int ls_engine_set_bucket(struct ls_engine *e, uint32_t bucket, double bytes_per_s, double records_per_s)
+{
+    if (bucket >= 2 * e->max_producers || bytes_per_s < 0 || records_per_s < 0)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    if (!e->buckets && !(e->buckets = calloc(2 * (size_t)e->max_producers, sizeof *e->buckets))) {
+        pthread_mutex_unlock(&e->mu);
+        return -ENOMEM;
+    }
+    struct bucket *b = &e->buckets[bucket];
+    b->rate_b = bytes_per_s;
+    b->rate_r = records_per_s;
+    b->tok_b = bytes_per_s; /* a fresh bucket starts full */
+    b->tok_r = records_per_s;
+    b->last_ns = now_ns();
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int ls_engine_set_limit(struct ls_engine *e, uint32_t id, int32_t b1, int32_t b2)
+{
+    if (id >= e->max_producers || b1 >= (int32_t)(2 * e->max_producers) || b2 >= (int32_t)(2 * e->max_producers))
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct producer *p = &e->prod[id];
+    int r = p->state == P_FREE ? -ENOENT : (b1 >= 0 || b2 >= 0) && !e->buckets ? -EINVAL : 0;
+    if (r == 0) {
+        p->bucket[0] = b1 < 0 ? -1 : b1;
+        p->bucket[1] = b2 < 0 ? -1 : b2;
+    }
     pthread_mutex_unlock(&e->mu);
     return r;
 }

@@ -41,6 +41,9 @@
 /* The engine thread ended on an error (err = -errno; ls_engine_fallback_reason() says which call):
  * no batch moves any more. producer_id and stream_id are UINT32_MAX. */
 #define LS_EV_ENGINE_FAILED 10
+/* Batch seq went over its producer's rate limit (ls_engine_set_limit): it was dropped, not written
+ * (bytes, records: the batch's). Released like a landed batch, but the RELEASE must say so. */
+#define LS_EV_BATCH_SUPPRESSED 11
 
 /* LS_EV_BAD_FRAME's err beyond the header checks of ls_frame.h (LS_EFRAME_*, 1001..1004): what the
  * engine found wrong with a batch. Verdicts, not -errno (they share no number with one). The
@@ -75,6 +78,7 @@ struct ls_counters {
     uint64_t last_seq;       /* producers: last seq landed */
     uint64_t holes_closed;   /* streams: batches moved down after the file was truncated under them */
     uint64_t syncs;          /* streams: fdatasync calls made for fsync=batch */
+    uint64_t suppressed_records; /* dropped over a rate limit (LS_EV_BATCH_SUPPRESSED) */
 };
 
 struct ls_engine;
@@ -160,6 +164,15 @@ long ls_engine_ctl_send(struct ls_engine *e, uint32_t id, const void *buf, uint3
 /* After a LS_EV_BATCH_FAILED: the control plane sent its RELEASE with the failure; the engine may
  * answer batches again. Returns 0, -EINVAL, -ENOENT. */
 int ls_engine_release_resume(struct ls_engine *e, uint32_t id);
+
+/* Rate limits (off unless set). Bucket `bucket` (0 .. max_producers*2-1; the control plane assigns
+ * them, e.g. one per producer and one per uid and stream) refills at bytes_per_s and records_per_s
+ * (0 = no limit on that one) up to one second's worth. A batch is let through while every bucket
+ * of its producer has tokens left (it may take them below zero: a big batch passes at the average
+ * rate), else it is dropped whole and reported LS_EV_BATCH_SUPPRESSED. Returns 0 or -EINVAL. */
+int ls_engine_set_bucket(struct ls_engine *e, uint32_t bucket, double bytes_per_s, double records_per_s);
+/* Producer `id` draws on buckets b1 and b2 (-1: none). Returns 0, -EINVAL, -ENOENT. */
+int ls_engine_set_limit(struct ls_engine *e, uint32_t id, int32_t b1, int32_t b2);
 
 /* Stop producer `id`. drain=1: first land every whole batch already queued in the pipe, then
  * stop; drain=0: stop at once (a batch in flight still completes). Answered by

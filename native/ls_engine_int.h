@@ -76,6 +76,8 @@ struct producer {
     /* The engine's own RELEASEs (ls_engine_set_release_fd): the control socket, and why not now. */
     int ctl_fd;
     int release_hold;      /* HOLD_* bits: the engine leaves RELEASE to the control plane */
+    int32_t bucket[2];     /* rate-limit buckets this producer draws on (-1: none) */
+    int suppress;          /* DISCARD of a batch over the rate limit (not a failed write) */
     struct ls_counters c;
 };
 
@@ -95,6 +97,13 @@ struct stream {
 };
 
 struct ls_backend;
+
+/* A rate-limit token bucket (ls_engine_set_bucket). */
+struct bucket {
+    double rate_b, rate_r;  /* per second; 0 = unlimited */
+    double tok_b, tok_r;
+    int64_t last_ns;
+};
 
 struct ls_engine {
     int kind;
@@ -117,6 +126,7 @@ struct ls_engine {
     size_t ev_len, ev_cap;
     int events_lost;       /* an event could not be queued (out of memory): counters must tell */
     struct ls_counters total;
+    struct bucket *buckets; /* 2 * max_producers, allocated on first use */
     char *rwbuf;           /* read + pwrite bounce buffer: readwrite, and streams in copy mode */
     /* epoll engines */
     int ep;

@@ -207,6 +207,7 @@ void ls_engine_free(struct ls_engine *e)
     if (e->devnull >= 0)
         close(e->devnull);
     free(e->rwbuf);
+    free(e->buckets);
     free(e->ev);
     free(e->prod);
     free(e->streams);

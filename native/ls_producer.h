@@ -115,6 +115,9 @@ struct ls_producer_stats {
     uint64_t disconnected_us;     /* total time without a usable connection (the current gap included) */
     uint64_t connected;           /* 1 while connected (0 while reconnecting or after SHUTDOWN) */
     uint64_t lost_batches;        /* splice_from batches a lost connection took with it (not in the arena) */
+    /* Rate limits (the daemon's): */
+    uint64_t suppressed_batches;  /* dropped by the daemon over a rate limit (RELEASE.suppressed) */
+    uint64_t suppressed_records;
 };
 
 struct ls_producer;

@@ -54,6 +54,24 @@ static int is_str(const struct ls_mp_doc *d, int i)
     return i >= 0 && d->nodes[i].type == LS_MP_STR;
 }
 
+/* RELEASE's optional 'suppressed': [[seq, records], ...], batches dropped over a rate limit. */
+static const char *check_suppressed(const struct ls_mp_doc *d, char *why, size_t whylen)
+{
+    int f = ls_mp_map_get(d, 0, "suppressed");
+    if (f < 0)
+        return NULL;
+    int ok = d->nodes[f].type == LS_MP_ARRAY;
+    uint32_t e = (uint32_t)f + 1;
+    for (uint32_t i = 0; ok && i < d->nodes[f].len; i++, e = d->nodes[e].next)
+        ok = d->nodes[e].type == LS_MP_ARRAY && d->nodes[e].len == 2 && prod_is_int(d, (int)e + 1) &&
+             prod_is_int(d, (int)d->nodes[e + 1].next);
+    if (!ok) {
+        snprintf(why, whylen, "release 'suppressed' must be a list of [seq, records]");
+        return LS_PROTO_E_BAD_MESSAGE;
+    }
+    return NULL;
+}
+
 /* The rules of protocol.check_message beyond the schema table, for RELEASE and HELLO. */
 static const char *check_rules(const struct ls_mp_doc *d, int kind, char *why, size_t whylen)
 {
@@ -65,7 +83,7 @@ static const char *check_rules(const struct ls_mp_doc *d, int kind, char *why, s
         }
         int f = ls_mp_map_get(d, 0, "failed"); /* optional: [[seq, code, reason], ...] */
         if (f < 0)
-            return NULL;
+            return check_suppressed(d, why, whylen);
         int ok = d->nodes[f].type == LS_MP_ARRAY;
         uint32_t e = (uint32_t)f + 1;
         for (uint32_t i = 0; ok && i < d->nodes[f].len; i++, e = d->nodes[e].next) {
@@ -76,6 +94,7 @@ static const char *check_rules(const struct ls_mp_doc *d, int kind, char *why, s
             snprintf(why, whylen, "release 'failed' must be a list of [seq, code, reason]");
             return LS_PROTO_E_BAD_MESSAGE;
         }
+        return check_suppressed(d, why, whylen);
     } else if (kind == LS_MSG_HELLO) {
         const struct ls_mp_node *v = &d->nodes[ls_mp_map_get(d, 0, "v")];
         if (v->type != LS_MP_INT || v->v.i != LS_PROTO_VERSION) {
@@ -281,6 +300,15 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
                              s->type == LS_MP_UINT ? (unsigned long long)s->v.u : (unsigned long long)s->v.i,
                              prod_str_of(d, (int)c, code, sizeof code), prod_str_of(d, (int)r, reason, sizeof reason));
                 }
+            }
+        }
+        int sp = ls_mp_map_get(d, 0, "suppressed");
+        if (sp >= 0) { /* dropped over the daemon's rate limit: released, not written */
+            uint32_t e = (uint32_t)sp + 1;
+            for (uint32_t i = 0; i < d->nodes[sp].len; i++, e = d->nodes[e].next) {
+                const struct ls_mp_node *r = &d->nodes[d->nodes[e + 1].next];
+                p->st.suppressed_records += r->type == LS_MP_UINT ? r->v.u : r->v.i < 0 ? 0 : (uint64_t)r->v.i;
+                p->st.suppressed_batches++;
             }
         }
         /* `through` counts this connection's frames: pop the batches whose (last) frame it covers. */

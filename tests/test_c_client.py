@@ -43,7 +43,8 @@ struct ls_producer_stats { uint64_t batches; uint64_t records; uint64_t bytes; u
                            uint64_t zc_sends; uint64_t zc_completed; uint64_t zc_copied; uint64_t zc_enobufs;
                            uint64_t copied_sends; uint64_t zc_switched_to_copy;
                            uint64_t reconnects; uint64_t resent_batches; uint64_t resent_bytes;
-                           uint64_t disconnected_us; uint64_t connected; uint64_t lost_batches; };
+                           uint64_t disconnected_us; uint64_t connected; uint64_t lost_batches;
+                           uint64_t suppressed_batches; uint64_t suppressed_records; };
 struct ls_producer;
 int ls_producer_opts_init(struct ls_producer_opts *opts);
 int ls_validate_stream_name(const char *stream);
@@ -979,7 +980,8 @@ struct logsink_stats { uint64_t batches, records, bytes, dropped_records, failed
                        uint64_t released_through, handed_over_through, pinned_segments;
                        uint64_t segment_size, segments, pipe_size, waits_for_release;
                        uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy;
-                       uint64_t reconnects, resent_batches, resent_bytes, disconnected_us, connected, lost_batches; };
+                       uint64_t reconnects, resent_batches, resent_bytes, disconnected_us, connected, lost_batches;
+                       uint64_t suppressed_batches, suppressed_records; };
 struct logsink;
 int logsink_opts_init(struct logsink_opts *opts);
 int logsink_open(const char *stream, const char *socket_path, const struct logsink_opts *opts, struct logsink **out);
@@ -991,12 +993,13 @@ int logsink_stats(struct logsink *ls, struct logsink_stats *out);
 STATS_FIELDS = ("batches", "records", "bytes", "dropped_records", "failed_batches", "released_through",
                 "handed_over_through", "pinned_segments", "segment_size", "segments", "pipe_size", "waits_for_release",
                 "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
-                "reconnects", "resent_batches", "resent_bytes", "disconnected_us", "connected", "lost_batches")
+                "reconnects", "resent_batches", "resent_bytes", "disconnected_us", "connected", "lost_batches",
+                "suppressed_batches", "suppressed_records")
 
 
 class TestLibraryStats:
     def test_stats_fill_every_field_of_a_poisoned_struct(self, c_build, daemon):
-        """logsink_stats() writes all 24 fields: a struct pre-filled with 0xAA comes back equal to a zeroed one and sane."""
+        """logsink_stats() writes all 26 fields: a struct pre-filled with 0xAA comes back equal to a zeroed one and sane."""
         from cffi import FFI
 
         build, _ = c_build

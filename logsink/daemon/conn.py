@@ -69,6 +69,7 @@ class Producer:
     pipe_size: int = 0  # F_GETPIPE_SZ of its data pipe at HELLO (0: TCP)
     released: int = 0
     failed: list[list[Any]] = field(default_factory=list)
+    suppressed: list[list[int]] = field(default_factory=list)  # [[seq, records]] dropped over a rate limit, unsaid
     dirty: bool = False
     removing: bool = False
 

@@ -41,7 +41,8 @@ class StatusCollector:
         for key, name, doc in (("bytes", "stream_bytes", "Payload bytes landed in the stream's file"),
                                ("records", "stream_records", "Records landed in the stream's file"),
                                ("batches", "stream_batches", "Batches landed in the stream's file"),
-                               ("errors", "stream_errors", "Batches of the stream that failed or were refused")):
+                               ("errors", "stream_errors", "Batches of the stream that failed or were refused"),
+                               ("suppressed_records", "stream_suppressed_records", "Records dropped over a rate limit")):
             fam = CounterMetricFamily(f"logsink_{name}", doc, labels=["stream"])
             for s, v in streams.items():
                 fam.add_metric([s], v[key])

@@ -29,6 +29,7 @@ from logsink.daemon import activation
 from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
 from logsink.daemon.conn import AcceptGate, Conn, Producer
+from logsink.daemon.limits import RateLimiter
 from logsink.daemon.notify import SystemdNotifier
 from logsink.daemon.refusals import FRAME_ERRORS, pipe_size_of, raise_add_refusal
 from logsink.daemon.streams import StreamTable
@@ -103,6 +104,7 @@ class Daemon:
         self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
         self.forward = ForwardManager(self.cfg.forwards, self._state_dir(), self.engine, self.cfg.file_mode, self.cfg.dir_mode)
         self.streams = StreamTable(self.cfg, self.engine, self.dirfd, self.dir, self.forward)
+        self.limits = RateLimiter(self.engine, self.cfg, self.free_ids)
 
     def _state_dir(self) -> tuple[str, int]:
         """The forward state dir (path, fd): <dir>/.state beneath the dir fd, or the configured one. -1 = none needed."""
@@ -240,6 +242,7 @@ class Daemon:
             self._remove(p, drain=True)
         if not await self._wait_producers_gone(DRAIN_TIMEOUT):
             log.error("drain_timeout", producers=len(self.producers))
+        await self.limits.close(self.streams)  # the last window's suppressed lines land before the engine goes
         await self.forward.close()
         if self.metrics is not None:
             await self.metrics.close()  # before the engine goes: a scrape reads its counters
@@ -411,6 +414,10 @@ class Daemon:
                      segment_size=admitted.segment_size, pipe_size=pipe_size)
         self._check_pipe_size(p)
         self.producers[pid] = p
+        try:
+            self.limits.attach(p)  # before WELCOME: no batch of it can come earlier
+        except OSError as exc:
+            log.error("rate_limit_not_applied", producer=pid, stream=stream.name, error=str(exc))
         stream.producers += 1
         conn.producer = p
         conn.step(ConnEvent.WELCOME_TCP if conn.tcp else ConnEvent.WELCOME)  # TCP: the engine reads frames from here on
@@ -517,6 +524,10 @@ class Daemon:
                     if ev.err == 1:  # the engine sent this RELEASE itself
                         self.releases_by_engine += 1
                         continue
+                elif kind == lib.LS_EV_BATCH_SUPPRESSED:  # over its rate limit: dropped, and said so
+                    p.released = ev.seq
+                    p.suppressed.append([ev.seq, ev.records])
+                    self.limits.suppressed(p, ev.records, ev.bytes)
                 elif kind == lib.LS_EV_BATCH_FAILED:
                     reason = os.strerror(-ev.err) if ev.err < 0 else "write failed"
                     p.failed.append([ev.seq, protocol.E_WRITE_FAILED, reason])
@@ -536,11 +547,11 @@ class Daemon:
         for p in touched:
             p.dirty = False
             if p.conn:
-                p.conn.send(protocol.release(p.released, p.failed))
+                p.conn.send(protocol.release(p.released, p.failed, p.suppressed))
                 self.releases_by_daemon += 1
-                if p.failed:  # said: the engine may answer this producer's batches again
+                if p.failed or p.suppressed:  # said: the engine may answer this producer's batches again
                     lib.ls_engine_release_resume(self.engine, p.id)
-            p.failed = []
+            p.failed, p.suppressed = [], []
         self.forward.poll()
 
     def _reconcile_lost_events(self) -> list[Producer]:
@@ -593,6 +604,7 @@ class Daemon:
         conn = p.conn
         if conn is not None:
             conn.sender = None  # the engine closed its copy of the socket: ours alone (before its id is reused)
+        self.limits.detach(p)
         if kind == lib.LS_EV_PRODUCER_DIED:
             self.errors[protocol.E_PRODUCER_DIED] += 1
             log.warning("producer_died_mid_batch", producer=p.id, pid=p.pid, stream=p.stream.name, discarded_bytes=ev.bytes)
@@ -608,8 +620,8 @@ class Daemon:
             self.errors["pipe-error"] += 1
             log.error("producer_pipe_error", producer=p.id, pid=p.pid, error=os.strerror(-ev.err))
         if conn:
-            conn.send(protocol.release(p.released, p.failed))
-            p.failed, p.dirty, p.conn = [], False, None  # said once: the touched loop must not repeat it
+            conn.send(protocol.release(p.released, p.failed, p.suppressed))
+            p.failed, p.suppressed, p.dirty, p.conn = [], [], False, None  # said once: the touched loop must not repeat it
             conn.producer = None
             # The table closes a TCP connection with its producer (it is the data stream); a local one
             # stays open for STATUS unless its producer ended on an error.
@@ -628,6 +640,7 @@ class Daemon:
         if self.engine == ffi.NULL or self.shutting_down:
             return
         self.rates.sample(time.monotonic(), status_report.stream_counts(self))
+        self.limits.tick(self.streams)
         asyncio.get_running_loop().call_later(1.0, self._sample_rates)
 
     def counters_total(self) -> dict[str, int]:

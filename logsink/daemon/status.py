@@ -12,7 +12,7 @@ from logsink._native import ffi, lib
 from logsink._version import __version__
 
 _FIELDS = ("bytes", "records", "batches", "bytes_spliced", "bytes_copied", "bytes_shared", "header_bytes", "errors", "offset",
-           "last_seq", "holes_closed", "syncs")
+           "last_seq", "holes_closed", "syncs", "suppressed_records")
 
 
 def engine_counters(engine: Any, fn: Any, ident: int | None = None) -> dict[str, int]:
@@ -27,7 +27,7 @@ def engine_counters(engine: Any, fn: Any, ident: int | None = None) -> dict[str,
 
 def totals(engine: Any) -> dict[str, int]:
     c = engine_counters(engine, lib.ls_engine_total_counters)
-    del c["offset"], c["last_seq"], c["holes_closed"], c["syncs"]
+    del c["offset"], c["last_seq"], c["holes_closed"], c["syncs"]  # (suppressed_records stays: the total)
     return c
 
 
@@ -73,7 +73,7 @@ def report(d: Any) -> dict[str, Any]:
             "file": s.path, "bytes": c["bytes"], "records": c["records"], "batches": c["batches"],
             "producers": s.producers, "bytes_spliced": c["bytes_spliced"], "bytes_copied": c["bytes_copied"],
             "bytes_shared": c["bytes_shared"], "errors": c["errors"], "size": c["offset"], "holes_closed": c["holes_closed"],
-            "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs,
+            "fsync": s.fsync, "syncs": c["syncs"] + s.interval_syncs, "suppressed_records": c["suppressed_records"],
             "bytes_per_s": round(rates.get(s.name, (0.0, 0.0))[0], 1),
             "records_per_s": round(rates.get(s.name, (0.0, 0.0))[1], 1),
         }
@@ -95,6 +95,7 @@ def report(d: Any) -> dict[str, Any]:
         "shm_path": ffi.string(lib.ls_engine_shm_path(d.engine)).decode(),
         "engine_failed": d.engine_failed, "small_pipes": d.small_pipes,
         "releases": {"engine": d.releases_by_engine, "daemon": d.releases_by_daemon},
+        "suppressed_lines": d.limits.lines_written,
         "pid": os.getpid(), "uptime": round(time.time() - d.started, 3), "dir": d.dir,
         "socket": d.socket_path, "totals": totals(d.engine), "errors": dict(d.errors),
         "listen": [f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in getattr(d, "tcp_listeners", [])],

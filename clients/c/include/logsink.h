@@ -66,6 +66,8 @@ struct logsink_stats {
     uint64_t zc_sends, zc_completed, zc_copied, zc_enobufs, copied_sends, zc_switched_to_copy;
     /* reconnects (opts.reconnect) */
     uint64_t reconnects, resent_batches, resent_bytes, disconnected_us, connected, lost_batches;
+    /* batches the daemon dropped over its rate limit (it writes a "suppressed" line saying so) */
+    uint64_t suppressed_batches, suppressed_records;
 };
 
 /* Defaults into *opts. Returns 0. */

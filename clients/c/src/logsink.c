@@ -96,6 +96,8 @@ API int logsink_stats(struct logsink *ls, struct logsink_stats *out)
     out->disconnected_us = s.disconnected_us;
     out->connected = s.connected;
     out->lost_batches = s.lost_batches;
+    out->suppressed_batches = s.suppressed_batches;
+    out->suppressed_records = s.suppressed_records;
     return 0;
 }
 
