@@ -134,6 +134,17 @@ int ls_ring_submit_and_wait(struct ls_ring *r, unsigned wait_nr)
     return sys_enter(r->fd, n, wait_nr, flags);
 }
 
+int ls_ring_submit_and_wait_timeout(struct ls_ring *r, unsigned wait_nr, uint64_t timeout_ns)
+{
+    unsigned n = flush_sq(r);
+    struct __kernel_timespec ts = {.tv_sec = (long long)(timeout_ns / 1000000000u), .tv_nsec = (long long)(timeout_ns % 1000000000u)};
+    struct io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.ts = (uint64_t)(uintptr_t)&ts;
+    long ret = syscall(__NR_io_uring_enter, r->fd, n, wait_nr, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    return ret < 0 ? -errno : (int)ret;
+}
+
 struct io_uring_cqe *ls_ring_peek_cqe(struct ls_ring *r)
 {
     unsigned head = *r->cq_head;

@@ -32,6 +32,9 @@ struct io_uring_sqe *ls_ring_get_sqe(struct ls_ring *r);
 /* Publish prepared SQEs and wait for at least `wait_nr` completions. Returns submitted count or
  * -errno (-EINTR when a signal interrupted the wait; callers loop). */
 int ls_ring_submit_and_wait(struct ls_ring *r, unsigned wait_nr);
+/* Publish prepared SQEs and wait up to timeout_ns for at least `wait_nr` completions (needs
+ * IORING_FEAT_EXT_ARG, 5.11). Returns submitted count, -ETIME on timeout, or -errno. */
+int ls_ring_submit_and_wait_timeout(struct ls_ring *r, unsigned wait_nr, uint64_t timeout_ns);
 /* Next completion or NULL; mark it consumed with ls_ring_cqe_seen(). */
 struct io_uring_cqe *ls_ring_peek_cqe(struct ls_ring *r);
 void ls_ring_cqe_seen(struct ls_ring *r);
