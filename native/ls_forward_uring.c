@@ -107,14 +107,19 @@ static void apply_cqe(struct ls_forward *f, const struct io_uring_cqe *c, int *r
 static int reap(struct ls_forward *f, int *res)
 {
     int n = 0;
-    struct io_uring_cqe *c;
-    while ((c = ls_ring_peek_cqe(&f->u->r))) {
-        struct io_uring_cqe copy = *c;
-        ls_ring_cqe_seen(&f->u->r);
-        apply_cqe(f, &copy, res);
-        n++;
+    for (;;) {
+        struct io_uring_cqe *c;
+        while ((c = ls_ring_peek_cqe(&f->u->r))) {
+            struct io_uring_cqe copy = *c;
+            ls_ring_cqe_seen(&f->u->r);
+            apply_cqe(f, &copy, res);
+            n++;
+        }
+        /* SEND_ZC notifications can outrun the CQ: the kernel keeps them until we ask (once the CQ
+         * has room), and a notification never asked for would never be counted */
+        if (!ls_ring_cq_overflowed(&f->u->r) || ls_ring_submit_and_wait_timeout(&f->u->r, 0, 0) < 0)
+            return n;
     }
-    return n;
 }
 
 int ls_forward_ring_reap(struct ls_forward *f)
@@ -243,7 +248,7 @@ static int ring_for(struct ls_forward *f, int zc)
     struct fwd_uring *u = calloc(1, sizeof *u);
     if (!u)
         return -ENOMEM;
-    int r = ls_ring_init(&u->r, 8, 0);
+    int r = ls_ring_init(&u->r, 8, 0); /* a send and a cancel; notifications may overflow the CQ (reap) */
     if (r < 0) {
         say(f, "io_uring_setup refused: %s (kernel.io_uring_disabled, "
                  "seccomp or the container's profile); forwarding with sendfile", strerror(-r));
