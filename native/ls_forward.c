@@ -547,7 +547,7 @@ int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor)
         close(f->fd);
         f->fd = fd;
     }
-    fwd_uring_settle(f); /* the old window's send in flight: let it end before forgetting the window */
+    fwd_uring_reset(f); /* the old window's send in flight ends first; the old mapping goes */
     plan_clear(f);
     f->search.len = f->win.len = 0; /* the bytes may have changed (truncated and rewritten) */
     f->cursor = f->end = cursor;

@@ -196,6 +196,9 @@ int ls_forward_use_path(struct ls_forward *f, int want);
 int ls_forward_path_reason(struct ls_forward *f, char *buf, uint32_t size);
 /* The ring's fd (readable when completions are due), or -1 on the sendfile path. */
 int ls_forward_ring_fd(struct ls_forward *f);
+/* 1 while a ring send is in flight (its completion will pump on: a new `end` needs no pump now),
+ * else 0. */
+int ls_forward_ring_busy(struct ls_forward *f);
 /* Apply the completions on the ring now (send results, SEND_ZC notifications), never blocking.
  * Returns the completions applied (>= 0). Works with or without a socket attached. */
 int ls_forward_ring_reap(struct ls_forward *f);

@@ -116,6 +116,8 @@ int fwd_send_newline(struct ls_forward *f);
 int fwd_send_newline_uring(struct ls_forward *f);
 /* Wait (bounded) for an in-flight send and count what it sent, before a detach, reset or free. */
 void fwd_uring_settle(struct ls_forward *f);
+/* The file changes under the forwarder (ls_forward_reset): settle, and forget the old mapping. */
+void fwd_uring_reset(struct ls_forward *f);
 void fwd_uring_free(struct ls_forward *f);
 
 /* ls_forward_relp.c */

@@ -60,6 +60,14 @@ static void unmap(struct fwd_uring *u)
     u->map_len = 0;
 }
 
+void fwd_uring_reset(struct ls_forward *f)
+{
+    if (!f->u)
+        return;
+    fwd_uring_settle(f);
+    unmap(f->u); /* it maps the old file (rotation), or bytes since rewritten (truncation) */
+}
+
 void fwd_uring_free(struct ls_forward *f)
 {
     struct fwd_uring *u = f->u;
@@ -133,6 +141,11 @@ int ls_forward_ring_reap(struct ls_forward *f)
 int ls_forward_ring_fd(struct ls_forward *f)
 {
     return f->u ? f->u->r.fd : -1;
+}
+
+int ls_forward_ring_busy(struct ls_forward *f)
+{
+    return f->u && f->u->inflight;
 }
 
 void fwd_uring_settle(struct ls_forward *f)

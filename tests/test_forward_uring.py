@@ -150,6 +150,30 @@ class TestRingForwarder:
         assert sink1.records("newline") + sink2.records("newline") == recs
         fw.close()
 
+    @pytest.mark.parametrize("want", ["uring-send", "uring-zc"])
+    def test_reset_to_a_rotated_file_sends_the_new_files_bytes(self, tmp_path, sinks, want):
+        """After ls_forward_reset to another file (rotation), the ring sends that file's bytes, not the old mapping's."""
+        old, new = tmp_path / "app.log.1", tmp_path / "app.log"
+        old_recs, new_recs = make_records("o", 3000), make_records("n", 2000)
+        old_end, new_end = write_records(old, old_recs), write_records(new, new_recs)
+        fw = RingForwarder(old, "newline", want)
+        sink = sinks()
+        fw.connect(sink.port)
+        fw.advance(old_end)
+        assert fw.pump_until_sent() == 0
+        fw.wait_acked()
+        new_fd = os.open(new, os.O_RDONLY)
+        try:
+            assert fw.lib.ls_forward_reset(fw.f, new_fd, 0) == 0
+        finally:
+            os.close(new_fd)
+        fw.advance(new_end)
+        assert fw.pump_until_sent() == 0
+        fw.wait_acked()
+        wait_for(lambda: sink.nbytes >= old_end + new_end, 10, "both files' bytes")
+        assert sink.records("newline") == old_recs + new_recs
+        fw.close()
+
     def test_free_with_a_send_in_flight_returns_promptly(self, tmp_path, sinks):
         """Freeing a forwarder whose ring send waits on a collector that reads nothing cancels it: no hang."""
         path = tmp_path / "app.log"
