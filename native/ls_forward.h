@@ -8,7 +8,9 @@
  *    peer has it     handed to the kernel, not yet ACKed   complete records not yet sent
  *
  * Framing:
- *   LS_FWD_NEWLINE  records as they are: sendfile(sock, file, [cursor, end)).
+ *   LS_FWD_NEWLINE  records as they are: sendfile(sock, file, [cursor, end)), or through the
+ *                   forwarder's own io_uring from a mapping of the file (ls_forward_use_path,
+ *                   native/ls_forward_uring.c).
  *   LS_FWD_OCTET    RFC 6587 octet counting, "LEN SP RECORD" per record (the record keeps its '\n').
  *                   Lengths need the record boundaries, so the forwarder preads the bytes into its
  *                   own 256 KiB buffer and scans them for '\n' (counted in bytes_copied). Records of

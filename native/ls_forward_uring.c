@@ -7,7 +7,8 @@
  * links (a short send does not fail a link, so a linked next send could overtake it).
  *
  * Why a mapping and not registered buffers: page cache pages of a regular file cannot be
- * registered (fixed buffers pin with FOLL_LONGTERM, refused for file-backed mappings), and reading
+ * registered (fixed buffers pin with FOLL_LONGTERM, refused for file-backed mappings: EFAULT on
+ * ext4 here), and reading
  * the file into registered buffers first adds the copy that sendfile avoids (measured: pread +
  * SEND_ZC cost the sender more than sendfile; see docs/forwarding.md). SEND copies once from the
  * page cache into the socket's own pages; SEND_ZC hands the socket the page cache pages themselves
