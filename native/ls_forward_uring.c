@@ -264,8 +264,8 @@ static int ring_for(struct ls_forward *f, int zc)
         return -ENOMEM;
     int r = ls_ring_init(&u->r, 8, 0); /* a send and a cancel; notifications may overflow the CQ (reap) */
     if (r < 0) {
-        say(f, "io_uring_setup refused: %s (kernel.io_uring_disabled, "
-                 "seccomp or the container's profile); forwarding with sendfile", strerror(-r));
+        say(f, "io_uring_setup refused: %s%s; forwarding with sendfile", strerror(-r),
+            r == -EPERM || r == -ENOSYS ? " (kernel.io_uring_disabled, seccomp, a container's profile or gVisor)" : "");
         free(u);
         return r;
     }

@@ -92,6 +92,7 @@ class RingForwarder(CForwarder):
         wait_for(done, timeout, "every SEND_ZC notification")
 
 
+@pytest.mark.requires_io_uring
 class TestRingForwarder:
     @pytest.mark.parametrize("want", ["uring-send", "uring-zc"])
     def test_newline_through_the_ring_is_byte_exact_across_mapping_windows(self, tmp_path, sinks, want):
@@ -209,6 +210,7 @@ class TestPathChoice:
         assert (c.bytes_sendfile, c.bytes_uring) == (end, 0)
         fw.close()
 
+    @pytest.mark.requires_io_uring
     def test_unknown_env_value_is_ignored_and_named(self, tmp_path, monkeypatch):
         """A misspelt LOGSINK_FORWARD_PATH does not silently pick something else: the reason says it was ignored."""
         monkeypatch.setenv("LOGSINK_FORWARD_PATH", "uring")
@@ -258,6 +260,7 @@ class TestStepDown:
         assert (fs["bytes_sendfile"], fs["bytes_uring"]) == (total, 0)
         assert_exactly_once_in_order(sink.records("newline"), expected)
 
+    @pytest.mark.requires_io_uring
     def test_send_zc_missing_steps_down_to_io_uring_send(self, tmp_path, daemon, producers, sinks):
         """Asked for SEND_ZC on a kernel whose io_uring lacks it, the forwarder runs io_uring SEND and says why."""
         shim = build_shim(tmp_path, "no_send_zc", NO_SEND_ZC_SHIM)
@@ -274,6 +277,7 @@ class TestStepDown:
         assert_exactly_once_in_order(sink.records("newline"), expected)
 
 
+@pytest.mark.requires_io_uring
 class TestDaemonRing:
     def test_stream_kept_in_its_file_and_forwarded_through_the_ring(self, daemon, producers, sinks):
         """--forward 'app=...,file': app.log and the collector get the same bytes; the ring moved all of them."""
