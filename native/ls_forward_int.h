@@ -89,6 +89,22 @@ struct ls_forward {
     struct ls_forward_counters c;
 };
 
+/* `v` in decimal at p (at most 20 bytes, no NUL). Returns its length. Record headers are formatted
+ * once per record: snprintf cost about 15% of an octet-counted forwarder's CPU (perf, 200-byte
+ * records). */
+static inline int fwd_put_u64(char *p, uint64_t v)
+{
+    char tmp[20];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (int i = 0; i < n; i++)
+        p[i] = tmp[n - 1 - i];
+    return n;
+}
+
 /* ls_forward.c */
 
 /* The offset just after the first '\n' in [from, limit): 1 and *out set; 0 if none; -errno. */
