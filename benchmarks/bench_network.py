@@ -514,6 +514,13 @@ def ratio(results: dict[str, VariantResult], a: str, b: str, metric: str = "gb_p
     return x / y if x and y else None
 
 
+def marginal(results: dict[str, VariantResult], a: str, base: str, ref: str, metric: str = "server_cpu_s_per_gb") -> float | None:
+    """(a - base) / ref of the medians: what a adds on top of base, next to ref."""
+    if not all(k in results and results[k].samples for k in (a, base, ref)):
+        return None
+    return (results[a].median(metric) - results[base].median(metric)) / results[ref].median(metric)
+
+
 def comparisons(results: dict[str, VariantResult]) -> list[tuple[str, float | None]]:
     """The issue's comparison lines: (text, ratio)."""
     return [
@@ -531,6 +538,7 @@ def comparisons(results: dict[str, VariantResult]) -> list[tuple[str, float | No
         ("(d) forward+file sendfile vs relay, CPU per GB of the middle process", ratio(results, "d5", "d2", "server_cpu_s_per_gb")),
         ("(d) forward+file io_uring SEND vs sendfile, bytes/s at the sink", ratio(results, "d6", "d5")),
         ("(d) forward+file io_uring SEND vs sendfile, CPU per GB of the daemon", ratio(results, "d6", "d5", "server_cpu_s_per_gb")),
+        ("(d) what forwarding adds to a daemon writing the file (d6 - c) vs relay, CPU per GB", marginal(results, "d6", "c", "d2")),
         ("(d) forwarding RELP vs octet-counted plain TCP, records/s", ratio(results, "d4", "d3", "mrec_per_s")),
         ("(d) forwarding RELP vs octet-counted plain TCP, daemon CPU per GB", ratio(results, "d4", "d3", "server_cpu_s_per_gb")),
         ("(d) forwarding RELP vs newline plain TCP, records/s", ratio(results, "d4", "d1", "mrec_per_s")),
