@@ -50,6 +50,7 @@ struct fwd_uring {
     size_t map_len;
     uint64_t seq;        /* user_data of the send in flight */
     int inflight;        /* its result is due */
+    int res_due, res;    /* a send's result applied (by whoever reaped it) and not yet acted on */
     uint32_t notifs;     /* SEND_ZC notifications due */
 };
 
@@ -82,7 +83,7 @@ void fwd_uring_free(struct ls_forward *f)
 }
 
 /* One completion: a send's result (counted, the cursor moves) or a SEND_ZC notification. */
-static void apply_cqe(struct ls_forward *f, const struct io_uring_cqe *c, int *res_out)
+static void apply_cqe(struct ls_forward *f, const struct io_uring_cqe *c)
 {
     struct fwd_uring *u = f->u;
     if (c->user_data == CANCEL_TAG)
@@ -109,11 +110,12 @@ static void apply_cqe(struct ls_forward *f, const struct io_uring_cqe *c, int *r
         f->c.payload_sent += n;
         f->c.bytes_uring += n;
     }
-    *res_out = c->res;
+    u->res = c->res; /* acted on by the next fwd_send_newline_uring, even if ls_forward_ring_reap reaped it */
+    u->res_due = 1;
 }
 
-/* Apply every completion on the ring. Returns how many; *res the last send result seen (or 1). */
-static int reap(struct ls_forward *f, int *res)
+/* Apply every completion on the ring. Returns how many. */
+static int reap(struct ls_forward *f)
 {
     int n = 0;
     for (;;) {
@@ -121,7 +123,7 @@ static int reap(struct ls_forward *f, int *res)
         while ((c = ls_ring_peek_cqe(&f->u->r))) {
             struct io_uring_cqe copy = *c;
             ls_ring_cqe_seen(&f->u->r);
-            apply_cqe(f, &copy, res);
+            apply_cqe(f, &copy);
             n++;
         }
         /* SEND_ZC notifications can outrun the CQ: the kernel keeps them until we ask (once the CQ
@@ -135,8 +137,7 @@ int ls_forward_ring_reap(struct ls_forward *f)
 {
     if (!f->u)
         return 0;
-    int res = 1;
-    return reap(f, &res);
+    return reap(f);
 }
 
 int ls_forward_ring_fd(struct ls_forward *f)
@@ -152,10 +153,10 @@ int ls_forward_ring_busy(struct ls_forward *f)
 void fwd_uring_settle(struct ls_forward *f)
 {
     struct fwd_uring *u = f->u;
-    int res = 1;
     if (!u)
         return;
-    reap(f, &res);
+    reap(f);
+    u->res_due = 0; /* the connection or the file is going away: its last result no longer matters */
     if (!u->inflight)
         return;
     struct io_uring_sqe *q = ls_ring_get_sqe(&u->r);
@@ -166,7 +167,8 @@ void fwd_uring_settle(struct ls_forward *f)
     }
     for (int tries = 0; u->inflight && tries < 4; tries++) {
         int r = ls_ring_submit_and_wait_timeout(&u->r, 1, SETTLE_NS / 4);
-        reap(f, &res);
+        reap(f);
+        u->res_due = 0;
         if (r < 0 && r != -EINTR && r != -ETIME && r != -EBUSY)
             break;
     }
@@ -203,10 +205,11 @@ int fwd_send_newline_uring(struct ls_forward *f)
 {
     struct fwd_uring *u = f->u;
     for (;;) {
-        int res = 1;
-        reap(f, &res);
+        reap(f);
         if (u->inflight)
             return -EINPROGRESS;
+        int res = u->res_due ? u->res : 1;
+        u->res_due = 0;
         if (res == -EFAULT)
             return -ENODATA; /* the mapping ran past the file's end: truncated under us */
         if (res == 0)
