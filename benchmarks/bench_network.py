@@ -9,11 +9,15 @@ Variants (one producer, 200-byte records in 64 KiB writes, io_uring engine):
   b  TCP copy      the same with transport="copy"
   c  local         logsink.Client(socket=..., transport="vmsplice") -> the same kind of daemon -> file
   d1 forward       local vmsplice producer -> daemon --forward app=tcp://SINK (newline, forward-only:
-                   spool + sendfile) -> a loopback sink that reads and discards
+                   spool + sendfile, LOGSINK_FORWARD_PATH=sendfile) -> a loopback sink that reads and discards
   d2 relay         a sender -> TCP -> a Python read/write relay -> TCP -> the same sink
   d3 fwd octet     d1 with octet-counted framing ("LEN " before each record; plain TCP, per-record framing)
   d4 fwd RELP      d1 with RELP framing (one syslog command per record, window 1024) -> a loopback RELP
                    sink that answers "rsp 200 OK" for every command (frames counted by their LF trailer)
+  d5 fwd+file sendfile   d1 with the file kept (--forward 'app=tcp://SINK,file': app.log AND the sink),
+                   today's sendfile path (LOGSINK_FORWARD_PATH=sendfile)
+  d6 fwd+file uring      d5 through the forwarder's io_uring: SEND from a mapping of the file (the default)
+  d7 fwd+file uring-zc   d5 through the forwarder's io_uring: SEND_ZC from that mapping (F_NOTIF tracked)
   e  rsyslog       a sender -> TCP (newline framing, "<14>"-prefixed records) -> rsyslogd imtcp -> omfile
 
 Throughput is bytes (records) / wall time from the producer's first write until the last byte is
@@ -79,8 +83,14 @@ VARIANTS = {
     "d2": "read/write relay -> sink",
     "d3": "daemon forward octet -> sink",
     "d4": "daemon forward RELP -> RELP sink",
+    "d5": "forward+file sendfile -> sink",
+    "d6": "forward+file io_uring SEND -> sink",
+    "d7": "forward+file io_uring SEND_ZC -> sink",
     "e": "TCP -> rsyslog imtcp -> file",
 }
+# The forwarding path each forwarding variant asks for (LOGSINK_FORWARD_PATH), as status names it.
+FORWARD_PATHS = {"d1": ("sendfile", "sendfile"), "d3": ("auto", None), "d4": ("auto", None),
+                 "d5": ("sendfile", "sendfile"), "d6": ("uring-send", "io_uring-send"), "d7": ("uring-zc", "io_uring-send-zc")}
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -306,11 +316,20 @@ class Helper:
 
 
 # -- servers --------------------------------------------------------------------------------------
-def start_daemon(work: Path, run: str, *extra: str) -> tuple[Daemon, str, int]:
-    """An io_uring daemon on work/d.sock and a loopback port; returns it, the socket and the port."""
+def start_daemon(work: Path, run: str, *extra: str, forward_path: str | None = None) -> tuple[Daemon, str, int]:
+    """An io_uring daemon on work/d.sock and a loopback port; returns it, the socket and the port.
+    forward_path: the daemon's LOGSINK_FORWARD_PATH (how its forwarders send; None: unset)."""
     port = free_port()
-    d = Daemon(work / "out", str(work / "d.sock"), work / f"daemon-{run}.log", "io_uring",
-               "--state-dir", str(work / "state"), *extra, tcp_port=port)
+    saved = os.environ.pop("LOGSINK_FORWARD_PATH", None)
+    if forward_path is not None:
+        os.environ["LOGSINK_FORWARD_PATH"] = forward_path  # the daemon inherits it at spawn
+    try:
+        d = Daemon(work / "out", str(work / "d.sock"), work / f"daemon-{run}.log", "io_uring",
+                   "--state-dir", str(work / "state"), *extra, tcp_port=port)
+    finally:
+        os.environ.pop("LOGSINK_FORWARD_PATH", None)
+        if saved is not None:
+            os.environ["LOGSINK_FORWARD_PATH"] = saved
     return d, d.sock, port
 
 
@@ -389,16 +408,17 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
             if res["stats"].get("transport") != transport:
                 s.notes.append(f"the client used {res['stats'].get('transport')!r}, not {transport!r}")
             return s
-        if key in ("d1", "d2", "d3", "d4"):
+        if key in ("d1", "d2", "d3", "d4", "d5", "d6", "d7"):
             # the wire bytes: records, plus "200 " before each for octet counting (RELP's sink counts commands)
             wire = workload.total_bytes + (len(b"%d " % RECORD_SIZE) * workload.total_records if key == "d3" else 0)
             sink = Helper(_relp_sink, workload.total_records) if key == "d4" else Helper(_discard_sink, wire)
             helpers.append(sink)
             sink_port = sink.expect("ready", START_TIMEOUT)
-            if key in ("d1", "d3", "d4"):
-                framing = {"d1": "newline", "d3": "octet-counted", "d4": "relp"}[key]
-                d, sock, _ = start_daemon(work, f"{key}-{run}", "--forward", f"{STREAM}=tcp://127.0.0.1:{sink_port}",
-                                          "--framing", framing)
+            if key != "d2":
+                framing = {"d3": "octet-counted", "d4": "relp"}.get(key, "newline")
+                target = f"{STREAM}=tcp://127.0.0.1:{sink_port}" + (",file" if key in ("d5", "d6", "d7") else "")
+                d, sock, _ = start_daemon(work, f"{key}-{run}", "--forward", target, "--framing", framing,
+                                          forward_path=FORWARD_PATHS[key][0])
                 servers.append(d)
                 middle_pid = d.pid
                 prod = Helper(_client_producer, None, sock, "vmsplice", workload)
@@ -426,6 +446,13 @@ def measure(key: str, workload: Workload, work: Path, run: str) -> Sample:
                        res["cpu_ns"] / 1e9, client_stats=res["stats"])
             if key == "d4":
                 s.notes.append("RELP sink: a Python loop answering every command; GB/s counts record bytes")
+            if key != "d2":
+                want = FORWARD_PATHS[key][1]
+                ran = d.log_event("forward_path").get("path")
+                if want and ran != want:
+                    s.notes.append(f"the forwarder ran {ran!r}, not {want!r}: {d.log_event('forward_path').get('reason')}")
+                if key in ("d5", "d6", "d7") and (work / "out" / f"{STREAM}.log").stat().st_size != workload.total_bytes:
+                    raise BenchError(f"{STREAM}.log does not hold every byte with the file kept")
             return s
         if key == "e":
             r, out, port = start_rsyslog(work, run)
@@ -487,6 +514,13 @@ def ratio(results: dict[str, VariantResult], a: str, b: str, metric: str = "gb_p
     return x / y if x and y else None
 
 
+def marginal(results: dict[str, VariantResult], a: str, base: str, ref: str, metric: str = "server_cpu_s_per_gb") -> float | None:
+    """(a - base) / ref of the medians: what a adds on top of base, next to ref."""
+    if not all(k in results and results[k].samples for k in (a, base, ref)):
+        return None
+    return (results[a].median(metric) - results[base].median(metric)) / results[ref].median(metric)
+
+
 def comparisons(results: dict[str, VariantResult]) -> list[tuple[str, float | None]]:
     """The issue's comparison lines: (text, ratio)."""
     return [
@@ -496,6 +530,15 @@ def comparisons(results: dict[str, VariantResult]) -> list[tuple[str, float | No
         ("(a) TCP zerocopy vs (c) local vmsplice, daemon CPU per GB", ratio(results, "a", "c", "server_cpu_s_per_gb")),
         ("(d) daemon forwarding vs plain read/write relay, bytes/s at the sink", ratio(results, "d1", "d2")),
         ("(d) daemon forwarding vs plain read/write relay, CPU per GB of the middle process", ratio(results, "d1", "d2", "server_cpu_s_per_gb")),
+        ("(d) forward+file io_uring SEND vs relay, bytes/s at the sink", ratio(results, "d6", "d2")),
+        ("(d) forward+file io_uring SEND vs relay, CPU per GB of the middle process", ratio(results, "d6", "d2", "server_cpu_s_per_gb")),
+        ("(d) forward+file io_uring SEND_ZC vs relay, bytes/s at the sink", ratio(results, "d7", "d2")),
+        ("(d) forward+file io_uring SEND_ZC vs relay, CPU per GB of the middle process", ratio(results, "d7", "d2", "server_cpu_s_per_gb")),
+        ("(d) forward+file sendfile vs relay, bytes/s at the sink", ratio(results, "d5", "d2")),
+        ("(d) forward+file sendfile vs relay, CPU per GB of the middle process", ratio(results, "d5", "d2", "server_cpu_s_per_gb")),
+        ("(d) forward+file io_uring SEND vs sendfile, bytes/s at the sink", ratio(results, "d6", "d5")),
+        ("(d) forward+file io_uring SEND vs sendfile, CPU per GB of the daemon", ratio(results, "d6", "d5", "server_cpu_s_per_gb")),
+        ("(d) what forwarding adds to a daemon writing the file (d6 - c) vs relay, CPU per GB", marginal(results, "d6", "c", "d2")),
         ("(d) forwarding RELP vs octet-counted plain TCP, records/s", ratio(results, "d4", "d3", "mrec_per_s")),
         ("(d) forwarding RELP vs octet-counted plain TCP, daemon CPU per GB", ratio(results, "d4", "d3", "server_cpu_s_per_gb")),
         ("(d) forwarding RELP vs newline plain TCP, records/s", ratio(results, "d4", "d1", "mrec_per_s")),

@@ -71,7 +71,7 @@ ffi.set_source(
     "logsink._core",
     f'#include "ls_engine.h"\n#include "ls_frame.h"\n#include "ls_transport.h"\n#include "ls_producer.h"\n#include "ls_forward.h"\n#include "ls_render.h"\n#include "ls_files.h"\n'
     f'const char *ls_native_version(void) {{ return "{VERSION}"; }}\n',
-    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_engine_life.c", "ls_engine_uring.c", "ls_engine_epoll.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c", "ls_msgpack.c", "ls_forward.c", "ls_forward_plan.c", "ls_forward_relp.c", "ls_render.c", "ls_zerocopy.c", "ls_files.c")],
+    sources=[str(HERE / name) for name in ("ls_engine.c", "ls_engine_life.c", "ls_engine_uring.c", "ls_engine_epoll.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c", "ls_msgpack.c", "ls_forward.c", "ls_forward_plan.c", "ls_forward_relp.c", "ls_forward_uring.c", "ls_render.c", "ls_zerocopy.c", "ls_files.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=CFLAGS,
     libraries=["pthread"],

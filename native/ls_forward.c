@@ -204,6 +204,7 @@ void fwd_detach(struct ls_forward *f)
 {
     if (f->sock < 0)
         return;
+    fwd_uring_settle(f); /* a ring send in flight: count what it sent before asking SIOCOUTQ */
     uint64_t back;
     if (f->framing == LS_FWD_RELP) { /* the collector answered for everything before acked_cursor */
         back = f->c.acked_cursor;
@@ -399,6 +400,8 @@ int ls_forward_new(int file_fd, uint64_t cursor, int framing, struct ls_forward 
     }
     f->sock = -1;
     f->framing = framing;
+    f->path = LS_FWD_PATH_SENDFILE;
+    snprintf(f->path_reason, sizeof f->path_reason, "the default (no ls_forward_use_path)");
     f->cursor = f->end = cursor;
     f->c.acked_cursor = cursor;
     *out = f;
@@ -454,12 +457,15 @@ int64_t ls_forward_pump(struct ls_forward *f)
             if (r <= 0)
                 break; /* 0: the file does not have a whole record yet (cannot happen after advance) */
         }
-        r = f->framing == LS_FWD_NEWLINE ? fwd_send_newline(f) : fwd_send_octet(f);
+        if (f->framing != LS_FWD_NEWLINE)
+            r = fwd_send_octet(f);
+        else
+            r = f->u ? fwd_send_newline_uring(f) : fwd_send_newline(f);
         if (r < 0)
             break;
         plan_done(f);
     }
-    if (r < 0 && r != -EAGAIN && r != -ENODATA && r != -ENOBUFS) {
+    if (r < 0 && r != -EAGAIN && r != -ENODATA && r != -ENOBUFS && r != -EINPROGRESS) {
         fwd_detach(f); /* the connection is gone: rewind to what its peer ACKed */
         return r;
     }
@@ -541,6 +547,7 @@ int ls_forward_reset(struct ls_forward *f, int file_fd, uint64_t cursor)
         close(f->fd);
         f->fd = fd;
     }
+    fwd_uring_reset(f); /* the old window's send in flight ends first; the old mapping goes */
     plan_clear(f);
     f->search.len = f->win.len = 0; /* the bytes may have changed (truncated and rewritten) */
     f->cursor = f->end = cursor;
@@ -575,6 +582,7 @@ void ls_forward_free(struct ls_forward *f)
 {
     if (!f)
         return;
+    fwd_uring_free(f);
     if (f->fd >= 0)
         close(f->fd);
     free(f->win.p);

@@ -8,7 +8,9 @@
  *    peer has it     handed to the kernel, not yet ACKed   complete records not yet sent
  *
  * Framing:
- *   LS_FWD_NEWLINE  records as they are: sendfile(sock, file, [cursor, end)).
+ *   LS_FWD_NEWLINE  records as they are: sendfile(sock, file, [cursor, end)), or through the
+ *                   forwarder's own io_uring from a mapping of the file (ls_forward_use_path,
+ *                   native/ls_forward_uring.c).
  *   LS_FWD_OCTET    RFC 6587 octet counting, "LEN SP RECORD" per record (the record keeps its '\n').
  *                   Lengths need the record boundaries, so the forwarder preads the bytes into its
  *                   own 256 KiB buffer and scans them for '\n' (counted in bytes_copied). Records of
@@ -96,9 +98,25 @@ struct ls_forward_counters {
     uint64_t relp_refused;   /* RELP: rsp codes other than 200 (each ended its connection) */
     uint64_t skipped_bytes;  /* zeros never sent: a hole (a punched spool prefix) or NUL bytes where a
                                 window would start, plus the record a hole cut (see "Zeros" above) */
+    uint64_t bytes_uring;    /* payload bytes sent through the forwarder's io_uring (SEND or SEND_ZC) */
+    uint64_t uring_sends;    /* io_uring send completions */
+    uint64_t zc_notifs;      /* SEND_ZC: notifications (the kernel let go of the pages) */
+    uint64_t zc_copied;      /* SEND_ZC: notifications saying the kernel copied after all (loopback) */
 };
 
 struct ls_forward;
+
+/* How a newline window leaves (ls_forward_use_path). Octet-counted and RELP windows always leave
+ * with sendmsg from the scan buffer plus sendfile for long records (LS_FWD_PATH_SENDFILE).
+ *   SENDFILE    sendfile(socket, file): page cache pages handed to the socket.
+ *   URING_SEND  io_uring SEND from a read-only shared mapping of the file: one copy into the
+ *               socket, no page references, the completion on the forwarder's ring.
+ *   URING_ZC    io_uring SEND_ZC from that mapping: the socket references the page cache pages
+ *               until the IORING_CQE_F_NOTIF completion. */
+#define LS_FWD_PATH_AUTO (-1)
+#define LS_FWD_PATH_SENDFILE 0
+#define LS_FWD_PATH_URING_SEND 1
+#define LS_FWD_PATH_URING_ZC 2
 
 /* A forwarder reading `file_fd` from `cursor` (a record boundary) with `framing` (LS_FWD_*). It
  * reopens the file through /proc/self/fd for a file position of its own (lseek(SEEK_HOLE)), or
@@ -115,7 +133,8 @@ int ls_forward_set_socket(struct ls_forward *f, int sock_fd);
 int ls_forward_advance(struct ls_forward *f, uint64_t end);
 /* Hand the socket as much of [cursor, end) as it takes now, never blocking. Returns the wire bytes
  * handed over (>= 0) once cursor == end; -EAGAIN when the socket is full and data remains (wait
- * for writability, call again); -ENOBUFS (RELP) when the window is full and data remains (wait for
+ * for writability, call again); -EINPROGRESS (an io_uring path) when a send is in flight on the
+ * ring (wait for ls_forward_ring_fd, ls_forward_ring_reap, call again); -ENOBUFS (RELP) when the window is full and data remains (wait for
  * responses: ls_forward_relp_read, then call again); -ENOTCONN without a socket; -ENODATA if the file ended before
  * `end` (truncated under us); any other -errno: the connection failed, the forwarder rewound
  * and detached the socket (close it, reconnect). */
@@ -165,6 +184,27 @@ int64_t ls_forward_relp_close(struct ls_forward *f);
 /* The last refusal or protocol error, as text ("500 ..." from the collector, or what was wrong
  * with its frame), NUL-terminated in buf. Returns its length. */
 int ls_forward_relp_error(struct ls_forward *f, char *buf, uint32_t size);
+/* io_uring forwarding (newline framing). Choose the path before attaching a socket: `want` is
+ * LS_FWD_PATH_AUTO or a LS_FWD_PATH_*; the environment variable LOGSINK_FORWARD_PATH (auto, sendfile,
+ * uring-send, uring-zc) overrides it (an operator's and the tests' knob). AUTO takes
+ * LS_FWD_PATH_URING_SEND. A path the kernel refuses (io_uring_setup fails: kernel.io_uring_disabled,
+ * seccomp, gVisor; or the op is missing from the probe) steps down: uring-zc -> uring-send ->
+ * sendfile. Returns the path now in use (>= 0); ls_forward_path_reason says why in words. -EBUSY
+ * with a socket attached. With an io_uring path, ls_forward_pump returns -EINPROGRESS while a send
+ * is in flight on the ring: wait for ls_forward_ring_fd to be readable, call
+ * ls_forward_ring_reap, then pump again. A ring send is never cancelled half-counted: detaching,
+ * resetting or freeing first waits (at most 2 s) for its completion and counts what it sent. */
+int ls_forward_use_path(struct ls_forward *f, int want);
+int ls_forward_path_reason(struct ls_forward *f, char *buf, uint32_t size);
+/* The ring's fd (readable when completions are due), or -1 on the sendfile path. */
+int ls_forward_ring_fd(struct ls_forward *f);
+/* 1 while a ring send is in flight (its completion will pump on: a new `end` needs no pump now),
+ * else 0. */
+int ls_forward_ring_busy(struct ls_forward *f);
+/* Apply the completions on the ring now (send results, SEND_ZC notifications), never blocking.
+ * Returns the completions applied (>= 0). Works with or without a socket attached. */
+int ls_forward_ring_reap(struct ls_forward *f);
+
 /* Free the forwarder and its dup of the file (not the socket). */
 void ls_forward_free(struct ls_forward *f);
 

@@ -56,7 +56,9 @@ static int make_prefix(struct ls_forward *f, char *pre, uint64_t len, uint64_t r
 {
     if (f->framing == LS_FWD_RELP)
         return fwd_relp_prefix(f, pre, len, rec_end);
-    return snprintf(pre, PREFIX_MAX, "%llu ", (unsigned long long)len);
+    int n = fwd_put_u64(pre, len);
+    pre[n] = ' ';
+    return n + 1;
 }
 
 /* Octet-counted and RELP: lay out prefix + body pieces for the records in one scan buffer from the

@@ -33,8 +33,13 @@ int fwd_relp_prefix(struct ls_forward *f, char *pre, uint64_t len, uint64_t rec_
     if (dlen > LS_RELP_TXNR_MAX)
         return -EMSGSIZE;
     uint32_t t = f->txnr_next;
-    int pl = dlen ? snprintf(pre, PREFIX_MAX, "%u syslog %llu ", t, (unsigned long long)dlen)
-                  : snprintf(pre, PREFIX_MAX, "%u syslog 0", t); /* no data: no SP before the trailer */
+    /* "TXNR syslog DATALEN " (at most 9 + 8 + 9 + 1 bytes); no data: "TXNR syslog 0", no SP before the trailer */
+    int pl = fwd_put_u64(pre, t);
+    memcpy(pre + pl, " syslog ", 8);
+    pl += 8;
+    pl += fwd_put_u64(pre + pl, dlen);
+    if (dlen)
+        pre[pl++] = ' ';
     f->txnr_next = txnr_after(t);
     f->planned_wire += (uint64_t)pl + len;
     f->ring[(f->rhead + f->rcount) % f->window] = (struct relp_txn){rec_end, f->planned_wire, t};

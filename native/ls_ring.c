@@ -76,6 +76,7 @@ int ls_ring_init(struct ls_ring *r, unsigned entries, unsigned flags)
     r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
     r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
     r->sq_array = (unsigned *)(sq + p.sq_off.array);
+    r->sq_flags = (unsigned *)(sq + p.sq_off.flags);
     r->cq_head = (unsigned *)(cq + p.cq_off.head);
     r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
     r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
@@ -132,6 +133,22 @@ int ls_ring_submit_and_wait(struct ls_ring *r, unsigned wait_nr)
     if (n == 0 && wait_nr == 0)
         return 0;
     return sys_enter(r->fd, n, wait_nr, flags);
+}
+
+int ls_ring_submit_and_wait_timeout(struct ls_ring *r, unsigned wait_nr, uint64_t timeout_ns)
+{
+    unsigned n = flush_sq(r);
+    struct __kernel_timespec ts = {.tv_sec = (long long)(timeout_ns / 1000000000u), .tv_nsec = (long long)(timeout_ns % 1000000000u)};
+    struct io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.ts = (uint64_t)(uintptr_t)&ts;
+    long ret = syscall(__NR_io_uring_enter, r->fd, n, wait_nr, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    return ret < 0 ? -errno : (int)ret;
+}
+
+int ls_ring_cq_overflowed(struct ls_ring *r)
+{
+    return (__atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_CQ_OVERFLOW) != 0;
 }
 
 struct io_uring_cqe *ls_ring_peek_cqe(struct ls_ring *r)

@@ -23,6 +23,7 @@ struct ls_ring {
     unsigned sqe_tail;   /* local: sqes handed out but not yet published */
     unsigned sqe_head;   /* local: published to the kernel's tail */
     unsigned features;
+    unsigned *sq_flags;  /* IORING_SQ_CQ_OVERFLOW: completions wait in the kernel for room in the CQ */
 };
 
 int ls_ring_init(struct ls_ring *r, unsigned entries, unsigned flags);
@@ -32,6 +33,12 @@ struct io_uring_sqe *ls_ring_get_sqe(struct ls_ring *r);
 /* Publish prepared SQEs and wait for at least `wait_nr` completions. Returns submitted count or
  * -errno (-EINTR when a signal interrupted the wait; callers loop). */
 int ls_ring_submit_and_wait(struct ls_ring *r, unsigned wait_nr);
+/* Publish prepared SQEs and wait up to timeout_ns for at least `wait_nr` completions (needs
+ * IORING_FEAT_EXT_ARG, 5.11). Returns submitted count, -ETIME on timeout, or -errno. */
+int ls_ring_submit_and_wait_timeout(struct ls_ring *r, unsigned wait_nr, uint64_t timeout_ns);
+/* 1 if completions overflowed the CQ and wait in the kernel: an io_uring_enter(GETEVENTS) moves
+ * them in (ls_ring_submit_and_wait_timeout(r, 0, 0)) once the CQ has room. */
+int ls_ring_cq_overflowed(struct ls_ring *r);
 /* Next completion or NULL; mark it consumed with ls_ring_cqe_seen(). */
 struct io_uring_cqe *ls_ring_peek_cqe(struct ls_ring *r);
 void ls_ring_cqe_seen(struct ls_ring *r);

@@ -1,7 +1,8 @@
 """One forwarder: one stream's records to one downstream collector, from the daemon's own file.
 
 Bytes go from the stream's file -- or, for a forward-only stream, its spool file under the state
-directory -- to the socket with sendfile in C (native/ls_forward.c); this module connects,
+directory -- to the socket in C (native/ls_forward.c): newline framing through the forwarder's own
+io_uring where the kernel allows it (native/ls_forward_uring.c), else sendfile; this module connects,
 reconnects with backoff, applies the spool bound, and saves its cursor. Python never sees payload.
 With RELP framing it also does the session's open handshake and close (logsink/forward/relp.py);
 the per-record commands and the collector's responses are C's.
@@ -32,6 +33,9 @@ FRAMING_CODES = {"newline": lib.LS_FWD_NEWLINE, "octet-counted": lib.LS_FWD_OCTE
 assert set(FRAMING_CODES) == set(FRAMINGS)
 if (RELP_WINDOW_DEFAULT, RELP_WINDOW_MAX) != (lib.LS_RELP_WINDOW_DEFAULT, lib.LS_RELP_WINDOW_MAX):  # pragma: no cover
     raise ImportError("logsink.config's RELP window limits differ from native/ls_forward.h's: rebuild or fix one of them")
+# The forwarding paths by the C core's numbers (LS_FWD_PATH_*), as status and the log name them.
+PATH_NAMES = {lib.LS_FWD_PATH_SENDFILE: "sendfile", lib.LS_FWD_PATH_URING_SEND: "io_uring-send",
+              lib.LS_FWD_PATH_URING_ZC: "io_uring-send-zc"}
 # Reconnect backoff: first retry after 0.1 s, doubling to 30 s; reset by a connection that lasted.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
@@ -69,7 +73,15 @@ class Forwarder:
         self.relp = spec.framing == "relp"
         if self.relp:
             check(lib.ls_forward_relp_window(self.f, spec.window), "setting the RELP window")
+        # How newline windows leave: the forwarder's own io_uring where the kernel allows it, else
+        # sendfile (C decides and says why; LOGSINK_FORWARD_PATH overrides, see docs/forwarding.md).
+        self.path = PATH_NAMES[check(lib.ls_forward_use_path(self.f, lib.LS_FWD_PATH_AUTO), "choosing the forwarding path")]
+        buf = ffi.new("char[256]")
+        lib.ls_forward_path_reason(self.f, buf, 256)
+        self.path_reason = ffi.string(buf).decode(errors="replace")
+        self._ring_fd = lib.ls_forward_ring_fd(self.f)
         self._counters = ffi.new("struct ls_forward_counters *")
+        self._last_cursor = cursor  # the cursor at the last counters(): lag checks between them
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.state = "down"
@@ -84,10 +96,15 @@ class Forwarder:
         self._pending_switch: tuple[int, int, tuple[int, int]] | None = None  # new fd, its offset, its identity
         self._switch_timer = False
         self._connector = self.loop.create_task(self._connect_loop(), name=f"forward {spec.key}")
+        if self._ring_fd >= 0:  # send completions (and SEND_ZC notifications) arrive on the ring
+            self.loop.add_reader(self._ring_fd, self._on_ring)
+        log.info("forward_path", stream=spec.stream, downstream=self.address, framing=spec.framing, path=self.path,
+                 reason=self.path_reason)
 
     # -- progress ---------------------------------------------------------------------------------
     def counters(self) -> Any:
         lib.ls_forward_counters(self.f, self._counters)
+        self._last_cursor = self._counters.cursor
         return self._counters
 
     def on_advance(self, end: int) -> None:
@@ -101,6 +118,12 @@ class Forwarder:
             check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
             ret = lib.ls_forward_advance(self.f, end)
         check(ret, "advancing the forwarder")
+        if self._ring_fd >= 0 and lib.ls_forward_ring_busy(self.f) and not self.wants_pause:
+            # A ring send is in flight: its completion pumps on to the new end. Only the spool bound
+            # needs a look, and only when the lag may have passed it (no SIOCOUTQ per batch).
+            if end - self._last_cursor > self.spec.spool_max:
+                self._apply_policy()
+            return
         self._apply_policy()
         self.pump()
 
@@ -112,7 +135,8 @@ class Forwarder:
             if not self._writer:
                 self.loop.add_writer(self.sock.fileno(), self.pump)
                 self._writer = True
-        elif r >= 0 or r == -errno.ENODATA or r == -errno.ENOBUFS:  # ENOBUFS: RELP window full, responses resume it
+        elif r >= 0 or r in (-errno.ENODATA, -errno.ENOBUFS, -errno.EINPROGRESS):
+            # ENOBUFS: RELP window full, responses resume it; EINPROGRESS: a ring send in flight, its completion resumes it
             if self._writer:
                 self.loop.remove_writer(self.sock.fileno())
                 self._writer = False
@@ -122,6 +146,12 @@ class Forwarder:
         elif r != -errno.ENOTCONN:
             self._connection_lost(f"send failed: {os.strerror(-r)}", detached=True)
         self._progress()
+
+    def _on_ring(self) -> None:
+        """Completions on the forwarder's ring: apply them (with or without a socket), then send on."""
+        lib.ls_forward_ring_reap(self.f)
+        if self.sock is not None:
+            self.pump()
 
     def _progress(self) -> None:
         self._note_skipped()
@@ -366,12 +396,12 @@ class Forwarder:
             "stream": self.spec.stream, "address": self.address, "framing": self.spec.framing, "state": self.state,
             "file": self.group.path, "spool": self.group.spool, "policy": self.spec.policy, "spool_max": self.spec.spool_max,
             "cursor": c.cursor, "end": c.end, "lag_bytes": c.end - c.cursor, "acked_cursor": c.acked_cursor,
-            "paused": self.wants_pause, "last_error": self.last_error,
+            "paused": self.wants_pause, "last_error": self.last_error, "path": self.path, "path_reason": self.path_reason,
         }
         out["saved_cursor"] = self.durable[0] if self.durable[1] == self.identity else None
         for key in ("unacked_bytes", "bytes_sent", "payload_sent", "records_sent", "bytes_sendfile", "bytes_copied",
                     "framing_bytes", "connects", "disconnects", "rewound_bytes", "dropped_bytes", "dropped_records",
-                    "skipped_bytes"):
+                    "skipped_bytes", "bytes_uring", "uring_sends", "zc_notifs", "zc_copied"):
             out[key] = getattr(c, key)
         out["reconnects"] = max(c.connects - 1, 0)
         if self.relp:
@@ -416,6 +446,9 @@ class Forwarder:
             if not clean:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             sock.close()
+        if self._ring_fd >= 0:
+            self.loop.remove_reader(self._ring_fd)
+            self._ring_fd = -1
         c = self.counters()
         self.save(c.acked_cursor if exact < 0 else min(exact, c.cursor))
         if self._pending_switch is not None:
