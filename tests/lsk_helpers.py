@@ -369,6 +369,35 @@ class RawTcpProducer(RawProducer):
         self.sock.sendall(data)
 
 
+# The head of an LD_PRELOAD shim that wraps libc's syscall(): the body (syscall_shim's argument) sees
+# the number `n` and the arguments `a[0..5]`, may fail a call (errno = ...; return -1) and ends with
+# `return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);` (or changes what the real call returned).
+SYSCALL_SHIM_HEAD = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <linux/io_uring.h>
+#include <sys/syscall.h>
+static long (*real)(long, ...);
+long syscall(long n, ...)
+{
+    va_list ap;
+    long a[6];
+    va_start(ap, n);
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (!real)
+        real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+"""
+
+
+def syscall_shim(body: str) -> str:
+    """C source of a syscall() shim: SYSCALL_SHIM_HEAD, then ``body`` (see there), then the closing brace."""
+    return SYSCALL_SHIM_HEAD + body + "}\n"
+
+
 def build_shim(tmp_path: Path, name: str, source: str) -> str:
     """Compile C ``source`` into ``tmp_path/<name>.so``, an LD_PRELOAD shim that fakes a syscall's failure."""
     src = tmp_path / f"{name}.c"

@@ -10,42 +10,22 @@ import threading
 import time
 
 import pytest
-from lsk_helpers import build_shim, make_records, wait_for
+from lsk_helpers import build_shim, make_records, syscall_shim, wait_for
 from test_forward import CForwarder, assert_exactly_once_in_order, forward_status, run_producers, sinks, write_records  # noqa: F401 (sinks: the fixture)
 
 PATHS = {"sendfile": 0, "uring-send": 1, "uring-zc": 2}
 
 # LD_PRELOAD shims. Only the daemon's process tree sees them; the kernel's sysctl is untouched.
-_SHIM_HEAD = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdarg.h>
-#include <linux/io_uring.h>
-#include <sys/syscall.h>
-static long (*real)(long, ...);
-long syscall(long n, ...)
-{
-    va_list ap;
-    long a[6];
-    va_start(ap, n);
-    for (int i = 0; i < 6; i++)
-        a[i] = va_arg(ap, long);
-    va_end(ap);
-    if (!real)
-        real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
-"""
 # io_uring_setup fails with ERRNO: gVisor (ENOSYS), a seccomp profile or kernel.io_uring_disabled (EPERM).
-NO_IO_URING_SHIM = _SHIM_HEAD + r"""
+NO_IO_URING_SHIM = syscall_shim(r"""
     if (n == __NR_io_uring_setup) {
         errno = ERRNO;
         return -1;
     }
     return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
-}
-"""
+""")
 # The opcode probe says the kernel has no IORING_OP_SEND_ZC (a kernel before 6.0).
-NO_SEND_ZC_SHIM = _SHIM_HEAD + r"""
+NO_SEND_ZC_SHIM = syscall_shim(r"""
     long r = real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
     if (n == __NR_io_uring_register && a[1] == IORING_REGISTER_PROBE && r >= 0) {
         struct io_uring_probe *p = (struct io_uring_probe *)a[2];
@@ -53,8 +33,7 @@ NO_SEND_ZC_SHIM = _SHIM_HEAD + r"""
             p->ops[IORING_OP_SEND_ZC].flags = 0;
     }
     return r;
-}
-"""
+""")
 
 
 class RingForwarder(CForwarder):

@@ -7,37 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lsk_helpers import build_shim
+from lsk_helpers import build_shim, syscall_shim
 
 TESTS_DIR = Path(__file__).resolve().parent
 RUN_TIMEOUT = 300
 
 # An LD_PRELOAD shim: io_uring_setup fails with ENOSYS, as under gVisor or a seccomp filter that
 # blocks it (docker's default). Only this process tree sees it: the kernel's sysctl is untouched.
-NO_IO_URING_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdarg.h>
-#include <sys/syscall.h>
-long syscall(long n, ...)
-{
-    va_list ap;
-    long a[6];
-    va_start(ap, n);
-    for (int i = 0; i < 6; i++)
-        a[i] = va_arg(ap, long);
-    va_end(ap);
+NO_IO_URING_SHIM = syscall_shim(r"""
     if (n == __NR_io_uring_setup) {
         errno = ENOSYS;
         return -1;
     }
-    static long (*real)(long, ...);
-    if (!real)
-        real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
     return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
-}
-"""
+""")
 
 
 class TestRequiresIoUring:

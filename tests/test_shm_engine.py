@@ -10,7 +10,7 @@ import fcntl
 import os
 
 import pytest
-from lsk_helpers import ENGINES, RawProducer, build_shim, make_records, protocol, wait_for
+from lsk_helpers import ENGINES, RawProducer, build_shim, make_records, protocol, syscall_shim, wait_for
 
 
 def _shm_producer(d, stream: str = "app", **kw) -> RawProducer:
@@ -195,30 +195,13 @@ class TestShmProducerEnds:
 
 # An LD_PRELOAD shim: io_uring_register refuses one opcode (REFUSE_OP) with REFUSE_ERR, as an older
 # kernel (no sparse buffer table: EINVAL) or a service user past RLIMIT_MEMLOCK (ENOMEM) would.
-REGISTER_REFUSED_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdarg.h>
-#include <sys/syscall.h>
-long syscall(long n, ...)
-{
-    va_list ap;
-    long a[6];
-    va_start(ap, n);
-    for (int i = 0; i < 6; i++)
-        a[i] = va_arg(ap, long);
-    va_end(ap);
+REGISTER_REFUSED_SHIM = syscall_shim(r"""
     if (n == __NR_io_uring_register && a[1] == REFUSE_OP) {
         errno = REFUSE_ERR;
         return -1;
     }
-    static long (*real)(long, ...);
-    if (!real)
-        real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
     return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
-}
-"""
+""")
 
 
 class TestRegisteredBufferStepDown:
