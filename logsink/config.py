@@ -58,6 +58,10 @@ class Config:
     # Largest arena (memfd) a producer on transport "shm" may pass. The engine maps it and io_uring pins
     # its pages while the producer is connected: max_producers x max_arena bounds that memory.
     max_arena: int = 16 << 20
+    # io_uring engine, shm batches: "auto" (WRITE_FIXED where the filesystem takes non-blocking buffered
+    # writes, else pwrite from the engine thread: docs/architecture.md), "ring" (always WRITE_FIXED),
+    # "inline" (always pwrite).
+    shm_write: str = "auto"
     # TCP ingest: off unless configured; an address without a host binds loopback.
     listen: list = field(default_factory=list)
     # Prometheus metrics (logsink/daemon/metrics.py): "" = off; tcp://HOST:PORT serves GET /metrics there.
@@ -153,6 +157,8 @@ def load(path: str | None, overrides: dict) -> Config:
     _check_hygiene(cfg)
     _check_fsync(cfg)
     _check_rates(cfg)
+    if cfg.shm_write not in SHM_WRITES:
+        raise ConfigError(f"shm_write must be one of {', '.join(SHM_WRITES)}, got {cfg.shm_write!r}")
     try:
         cfg.access_rules = rules_from_config(cfg.access, cfg.stream, cfg.streams_default)
     except ValueError as exc:
@@ -222,6 +228,7 @@ def _check_hygiene(cfg: Config) -> None:
 
 
 FSYNC_POLICIES = ("never", "batch", "interval")
+SHM_WRITES = ("auto", "ring", "inline")  # LS_SHM_WRITE_AUTO, _RING, _INLINE
 RATE_KEYS = ("rate_bytes", "rate_records", "uid_rate_bytes", "uid_rate_records")
 
 

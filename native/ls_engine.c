@@ -839,7 +839,32 @@ int ls_engine_add_shm_producer(struct ls_engine *e, uint32_t id, uint32_t stream
 
 const char *ls_engine_shm_path(struct ls_engine *e)
 {
-    return e->shm_path[0] ? e->shm_path : "pwrite from the mapping";
+    pthread_mutex_lock(&e->mu);
+    char ring[224];
+    if (e->shm_reg[0])
+        snprintf(ring, sizeof ring, "WRITE from the mapping (%s)", e->shm_reg);
+    else
+        snprintf(ring, sizeof ring, "WRITE_FIXED from registered buffers");
+    if (e->kind != LS_ENGINE_IO_URING || e->shm_write == LS_SHM_WRITE_INLINE)
+        snprintf(e->shm_path, sizeof e->shm_path, "pwrite from the mapping");
+    else if (e->shm_write == LS_SHM_WRITE_RING)
+        snprintf(e->shm_path, sizeof e->shm_path, "%s", ring);
+    else
+        snprintf(e->shm_path, sizeof e->shm_path,
+                 "auto: %s on filesystems that take non-blocking buffered writes (xfs, btrfs), else (and for "
+                 "batches up to 256 KiB) pwrite from the mapping", ring);
+    pthread_mutex_unlock(&e->mu);
+    return e->shm_path;
+}
+
+int ls_engine_set_shm_write(struct ls_engine *e, int mode)
+{
+    if (mode < LS_SHM_WRITE_AUTO || mode > LS_SHM_WRITE_INLINE)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    e->shm_write = mode;
+    pthread_mutex_unlock(&e->mu);
+    return 0;
 }
 
 int ls_engine_add_socket_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int sock_fd)

@@ -89,6 +89,7 @@ struct stream {
     int paused;           /* no new batch starts (a full spool with the "block" policy) */
     int copy;             /* the file refused splice (no splice_write): batches move by read + pwrite */
     int sync;             /* LS_SYNC_BATCH: a batch is released only once fdatasync covered it */
+    int ring_writes;      /* io_uring: its filesystem takes non-blocking buffered writes (no io-wq punt) */
     int pending_resume;   /* unpaused: serve the waiters on the next wake */
     int pending;          /* a set_stream request waits to be applied */
     int pending_fd;
@@ -134,7 +135,9 @@ struct ls_engine {
     struct ls_ring ring;
     int ring_ok;
     int bufs_sparse;       /* the buffer table has a slot per producer (IORING_REGISTER_BUFFERS2) */
-    char shm_path[160];    /* how shm batches are written (ls_engine_shm_path) */
+    char shm_path[512];    /* how shm batches are written (ls_engine_shm_path builds it) */
+    char shm_reg[160];     /* why arenas are not registered ("" = they are) */
+    int shm_write;         /* LS_SHM_WRITE_* */
     int wake_armed;
     uint64_t wake_val;
 };

@@ -12,6 +12,7 @@
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 static uint32_t fixed_stream_slot(struct ls_engine *e, uint32_t sid) { return e->max_producers + sid; }
@@ -211,7 +212,13 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
     case P_DISCARD: {
         /* All of the payload was queued before the batch began: splice the rest in one go. */
         uint32_t want = p->h.payload_len - p->moved;
-        if (p->state == P_PAYLOAD && want <= INLINE_MAX && !e->streams[p->stream_id].copy) {
+        struct stream *st = &e->streams[p->stream_id];
+        int inline_now = want <= INLINE_MAX && e->shm_write != LS_SHM_WRITE_RING;
+        if (p->arena && e->shm_write != LS_SHM_WRITE_RING && (e->shm_write == LS_SHM_WRITE_INLINE || !st->ring_writes))
+            inline_now = 1; /* the ring would punt this buffered write to io-wq: do the copy here */
+        if (!p->arena && want <= INLINE_MAX)
+            inline_now = 1;
+        if (p->state == P_PAYLOAD && inline_now && !st->copy) {
             /* A small batch (a flush()'s partial segment) is written here, not handed to io-wq: the
              * copy costs the same, the two thread hand-offs (~55 us) are a third of a flush. */
             long r = p->arena ? eng_write_shared(e, p) : inline_splice(e, p, want);
@@ -453,7 +460,7 @@ static int uring_setup(struct ls_engine *e)
     if (r == 0) {
         e->bufs_sparse = 1;
     } else {
-        snprintf(e->shm_path, sizeof e->shm_path, "WRITE from the mapping (no sparse buffer table: %s)", strerror(-r));
+        snprintf(e->shm_reg, sizeof e->shm_reg, "no sparse buffer table: %s", strerror(-r));
         r = ls_ring_register_buffers(&e->ring, &iov, 1);
     }
     if (r < 0) {
@@ -486,10 +493,9 @@ static int uring_watch(struct ls_engine *e, struct producer *p)
     r = ls_ring_update_buffer(&e->ring, arena_slot(p), (void *)p->arena, p->arena_len);
     p->arena_fixed = r == 0;
     if (r == 0)
-        snprintf(e->shm_path, sizeof e->shm_path, "WRITE_FIXED from registered buffers");
+        e->shm_reg[0] = '\0';
     else
-        snprintf(e->shm_path, sizeof e->shm_path, "WRITE from the mapping (registering the arena failed: %s)",
-                 strerror(-r));
+        snprintf(e->shm_reg, sizeof e->shm_reg, "registering the arena failed: %s", strerror(-r));
     return 0;
 }
 
@@ -506,8 +512,18 @@ static void uring_arm(struct ls_engine *e, struct producer *p, int on)
     (void)e, (void)p, (void)on; /* io_uring polls per operation */
 }
 
+/* Filesystems whose buffered writes io_uring completes without io-wq (FMODE_BUF_WASYNC). */
+static int takes_nowait_writes(int fd)
+{
+    struct statfs sf;
+    if (fd < 0 || fstatfs(fd, &sf) < 0)
+        return 0;
+    return sf.f_type == 0x58465342 /* XFS */ || sf.f_type == (typeof(sf.f_type))0x9123683E /* btrfs */;
+}
+
 static void uring_stream_fd(struct ls_engine *e, uint32_t sid, int fd)
 {
+    e->streams[sid].ring_writes = takes_nowait_writes(fd);
     /* -1 clears the slot (the ring drops its reference to the old file). A failed update would
      * send batches to the old, rotated file: never silently. */
     int r = ls_ring_update_file(&e->ring, fixed_stream_slot(e, sid), fd);

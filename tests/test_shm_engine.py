@@ -19,6 +19,43 @@ def _shm_producer(d, stream: str = "app", **kw) -> RawProducer:
     return p
 
 
+def _ring_config(tmp_path, mode: str = "ring") -> tuple[str, str]:
+    cfg = tmp_path / f"shm-{mode}.toml"
+    cfg.write_text(f'shm_write = "{mode}"\n')
+    return "--config", str(cfg)
+
+
+class TestShmWriteModes:
+    @pytest.mark.parametrize(("mode", "path"), [("ring", "WRITE_FIXED from registered buffers"),
+                                                 ("inline", "pwrite from the mapping")])
+    def test_forced_write_mode_lands_exact_and_says_so(self, daemon, tmp_path, mode, path):
+        """shm_write = "ring" writes every shm batch with WRITE_FIXED through the ring, "inline" with pwrite in the engine thread: both byte-exact, all counted shared, status says which."""
+        d = daemon("io_uring", *_ring_config(tmp_path, mode))
+        p = _shm_producer(d, size=4 << 20)
+        p.expect_welcome()
+        want = b""
+        for seq in range(1, 9):
+            recs = make_records(f"m{seq}", 3000)  # ~100 KiB .. batches both under and over 256 KiB below
+            if seq % 2:
+                recs = recs * 4
+            p.send_shm_batch(recs, seq, offset=(seq % 2) << 21)
+            p.wait_release(seq)
+            want += b"".join(recs)
+        p.close()
+        assert d.log("app").read_bytes() == want
+        st = d.status()
+        assert st["shm_path"] == path
+        assert st["totals"]["bytes_shared"] == len(want) and st["totals"]["bytes_spliced"] == 0
+
+    def test_unknown_mode_is_a_config_error(self, daemon, tmp_path):
+        """shm_write must be auto, ring or inline."""
+        from logsink.config import load
+        from logsink.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="shm_write"):
+            load(_ring_config(tmp_path, "fast")[1], {})
+
+
 class TestShmBatchesLand:
     @pytest.mark.parametrize("engine", ENGINES)
     def test_batches_from_the_arena_land_byte_exact_and_never_through_a_pipe(self, daemon, engine):
@@ -41,8 +78,8 @@ class TestShmBatchesLand:
         assert t["bytes_spliced"] == 0 and t["bytes_copied"] == 0
         assert t["header_bytes"] == 32 * 40  # the engine read the descriptors, nothing else
         assert st["streams"]["app"]["bytes_shared"] == len(want)
-        if engine == "io_uring":
-            assert st["shm_path"] == "WRITE_FIXED from registered buffers"
+        if engine == "io_uring":  # auto: on ext4/tmpfs io_uring would punt to io-wq, so pwrite, and it says so
+            assert st["shm_path"].startswith("auto: WRITE_FIXED from registered buffers on filesystems that take")
         else:
             assert st["shm_path"] == "pwrite from the mapping"
 
@@ -213,7 +250,7 @@ class TestRegisteredBufferStepDown:
         """Where the kernel refuses the sparse buffer table or an arena's registration, io_uring still runs and writes shm batches with a plain WRITE; status says which and why."""
         source = REGISTER_REFUSED_SHIM.replace("REFUSE_OP", str(op)).replace("REFUSE_ERR", err)
         shim = build_shim(tmp_path, f"refuse{op}", source)
-        d = daemon("io_uring", env={"LD_PRELOAD": shim})
+        d = daemon("io_uring", *_ring_config(tmp_path), env={"LD_PRELOAD": shim})
         p = _shm_producer(d)
         p.expect_welcome()
         p.send_shm_batch(make_records("fb", 100), 1)

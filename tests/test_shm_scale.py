@@ -99,8 +99,8 @@ class TestThousandShmProducers:
         st = d.status()
         assert st["totals"]["bytes_shared"] == st["totals"]["bytes"] == sum(map(len, lines))
         assert st["errors"].get("bad-frame", 0) == 0
-        if st["engine"] == "io_uring":  # 1000 arenas in the ring's sparse buffer table
-            assert st["shm_path"] == "WRITE_FIXED from registered buffers"
+        if st["engine"] == "io_uring":  # 1000 arenas registered in the ring's sparse buffer table
+            assert "WRITE_FIXED from registered buffers" in st["shm_path"]
 
 
 class TestFdLimit:

@@ -24,7 +24,7 @@ import structlog
 from logsink import protocol
 from logsink._native import ENGINE_KINDS, ENGINE_NAMES, check, ffi, lib
 from logsink._version import __version__
-from logsink.config import Config, resolve_group
+from logsink.config import SHM_WRITES, Config, resolve_group
 from logsink.daemon import activation
 from logsink.daemon import status as status_report
 from logsink.daemon.admission import DaemonFacts, admit_hello, status_refusal
@@ -100,6 +100,7 @@ class Daemon:
             f"starting the {self.cfg.engine} engine",
         )
         self.engine = out[0]
+        check(lib.ls_engine_set_shm_write(self.engine, SHM_WRITES.index(self.cfg.shm_write)), "shm_write")
         self.engine_name = ENGINE_NAMES[lib.ls_engine_kind(self.engine)]
         self.fallback_reason = ffi.string(lib.ls_engine_fallback_reason(self.engine)).decode()
         self.forward = ForwardManager(self.cfg.forwards, self._state_dir(), self.engine, self.cfg.file_mode, self.cfg.dir_mode)
