@@ -198,7 +198,9 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"logsink {st['version']}  pid {st['pid']}  engine {eng}  up {st['uptime']:.0f}s")
     print(f"dir {st['dir']}  socket {st['socket']}")
     print(f"totals: {t['bytes']} bytes, {t['records']} records, {t['batches']} batches; spliced {t['bytes_spliced']}, "
-          f"copied {t['bytes_copied']}, shared {t.get('bytes_shared', 0)} (shm: {st.get('shm_path', '?')})")
+          f"copied {t['bytes_copied']}, shared {t.get('bytes_shared', 0)}")
+    if t.get("bytes_shared") or any(p["transport"] == "shm" for p in st["producers"]):
+        print(f"shm batches: {st.get('shm_path', '?')}")
     print(f"\n{'STREAM':<24} {'BYTES':>14} {'RECORDS':>12} {'BYTES/S':>10} {'REC/S':>9} {'PROD':>5} {'ERR':>5}  FILE")
     for name, s in sorted(st["streams"].items()):
         print(f"{name:<24} {s['bytes']:>14} {s['records']:>12} {_human(s.get('bytes_per_s', 0)):>10} "
