@@ -135,8 +135,9 @@ class Client:
             raise ValueError(exc.reason) from None
         if address is not None and not address.startswith("tcp://"):
             raise ValueError(f"address {address!r} must look like tcp://HOST:PORT")
-        if transport == "auto":
-            transport = "zerocopy" if address else "vmsplice"
+        auto = transport == "auto"
+        if auto:  # locally shm (measured ahead of vmsplice: docs/performance.md), stepping down if refused
+            transport = "zerocopy" if address else "shm"
         allowed = protocol.TCP_TRANSPORTS if address else protocol.LOCAL_TRANSPORTS
         if transport not in allowed:
             where = ("over TCP (shm and vmsplice are for the local socket)" if address
@@ -180,7 +181,16 @@ class Client:
         self._opts.reconnect = 1 if reconnect else 0
         self._p = ffi.NULL
         self._closed = False
-        self._open()
+        try:
+            self._open()
+        except ConnectionError as exc:
+            # auto on a daemon that refuses the shm arena (an older daemon: bad-message; an arena over its
+            # max_arena: bad-frame): step down to vmsplice, as the engines step down their ladder.
+            if not (auto and transport == "shm" and any(c in str(exc) for c in (protocol.E_BAD_MESSAGE, protocol.E_BAD_FRAME))):
+                raise
+            self.transport = "vmsplice"
+            self._opts.transport = _TRANSPORT_IDS["vmsplice"]
+            self._open()
         _live.add(self)
 
     # -- connection -------------------------------------------------------------------------------
