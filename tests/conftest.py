@@ -27,6 +27,13 @@ STOP_TIMEOUT = 30.0
 WATCHDOG_SECONDS = 240
 
 
+def proc_state_of(stat_path: str) -> str:
+    try:
+        return Path(stat_path).read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "T"  # a thread that is gone does not run
+
+
 class Daemon:
     """One ``logsink serve`` subprocess with its own log directory, socket and captured stderr."""
 
@@ -98,8 +105,16 @@ class Daemon:
         return status(self.sock)
 
     def sigstop(self) -> None:
+        """SIGSTOP, and return once every thread is stopped: kill() returns before that, and the engine
+        thread can still answer a batch meanwhile."""
         os.kill(self.pid, signal.SIGSTOP)
         self.stopped = True
+        task = Path(f"/proc/{self.pid}/task")
+
+        def all_stopped() -> bool:
+            return all(proc_state_of(f"{task}/{t}/stat") in ("T", "t") for t in os.listdir(task))
+
+        wait_for(all_stopped, 10, "every thread of the daemon to stop")
 
     def sigcont(self) -> None:
         os.kill(self.pid, signal.SIGCONT)

@@ -66,7 +66,7 @@ class TestAsyncClient:
     async def test_flush_timeout_raises_timeout_error(self, daemon):
         """flush(timeout) on a stopped daemon raises TimeoutError after about the timeout."""
         d = daemon("io_uring")
-        c = await logsink.AsyncClient.open("to", socket=d.sock)
+        c = await logsink.AsyncClient.open("to", socket=d.sock, flush_interval=None)
         await c.write(b"one\n")
         d.sigstop()
         try:

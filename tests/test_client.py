@@ -84,7 +84,7 @@ class TestFlush:
         """stats() has the contract keys and counts records and bytes written."""
         d = daemon("readwrite")
         recs = make_records("k", 3000)
-        with logsink.Client("app", socket=d.sock, segment_size=8192, segments=3) as c:
+        with logsink.Client("app", socket=d.sock, transport="vmsplice", segment_size=8192, segments=3) as c:
             for r in recs:
                 c.write(r)
             c.flush(timeout=10)
@@ -270,3 +270,28 @@ c.close()
                 proc.kill()
         assert proc.returncode == 0, err.decode()
         assert elapsed < 20, f"exit took {elapsed:.1f} s"
+
+
+class TestAutoTransport:
+    def test_auto_is_shm_locally(self, daemon, logsink):
+        """A local Client with the default transport uses the shared-memory arena: every byte is written from it."""
+        d = daemon("io_uring")
+        with logsink.Client("auto", socket=d.sock) as c:
+            c.write(b"one\ntwo\n")
+            c.flush(timeout=10)
+            assert c.transport == "shm" and c.stats()["transport"] == "shm"
+        st = d.status()
+        assert st["totals"]["bytes_shared"] == 8 and st["totals"]["bytes_spliced"] == 0
+
+    def test_auto_steps_down_to_vmsplice_when_the_daemon_refuses_the_arena(self, daemon, tmp_path, logsink):
+        """A daemon whose max_arena is below the client's arena refuses shm (bad-frame): auto connects with vmsplice instead and lands every record; an explicit transport="shm" fails with the daemon's reason."""
+        cfg = tmp_path / "tiny-arena.toml"
+        cfg.write_text("max_arena = 65536\n")
+        d = daemon("io_uring", "--config", str(cfg))
+        with pytest.raises(ConnectionError, match="max_arena"):
+            logsink.Client("auto", socket=d.sock, transport="shm")
+        with logsink.Client("auto", socket=d.sock) as c:
+            c.write(b"still lands\n")
+            c.flush(timeout=10)
+            assert c.transport == "vmsplice"
+        assert d.log("auto").read_bytes() == b"still lands\n"

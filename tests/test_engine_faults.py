@@ -37,7 +37,7 @@ class TestSpliceRefusedByTheFile:
         shim = build_shim(tmp_path, "nosplicewrite", NO_SPLICE_WRITE_SHIM)
         d = daemon("splice", env={"LD_PRELOAD": shim})
         recs = make_records("cp", 20_000)
-        with logsink.Client("app", socket=d.sock) as c:
+        with logsink.Client("app", socket=d.sock, transport="vmsplice") as c:  # the splice path
             for r in recs:
                 c.write(r)
             c.flush(timeout=30)

@@ -40,7 +40,7 @@ class TestDaemonLadder:
         recs = make_records("lad", 20_000)
         import logsink
 
-        with logsink.Client("lad", socket=d.sock) as c:
+        with logsink.Client("lad", socket=d.sock, transport="vmsplice") as c:
             for r in recs:
                 c.write(r)
         assert_file(d.log("lad"), {"lad": recs})
@@ -80,7 +80,7 @@ class TestClientLadder:
         d = daemon("io_uring")
         script = f"""
 import json, logsink
-c = logsink.Client("novs", socket={d.sock!r}, segments=4, segment_size=4096)
+c = logsink.Client("novs", socket={d.sock!r}, transport="vmsplice", segments=4, segment_size=4096)
 for i in range(20000):
     c.write(b"rec %d\\n" % i)
 c.flush()
