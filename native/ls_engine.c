@@ -941,7 +941,7 @@ long ls_engine_ctl_send(struct ls_engine *e, uint32_t id, const void *buf, uint3
         r = n < 0 ? -errno : n;
         if (r >= 0 && (uint32_t)r == len)
             p->release_hold &= ~HOLD_CTL;
-        else if (r > 0)
+        else if (r > 0 || r == -EAGAIN)
             p->release_hold |= HOLD_CTL; /* the rest is the control plane's to send before anything else */
     }
     pthread_mutex_unlock(&e->mu);
@@ -955,7 +955,11 @@ int ls_engine_release_resume(struct ls_engine *e, uint32_t id)
     pthread_mutex_lock(&e->mu);
     struct producer *p = &e->prod[id];
     int r = p->state == P_FREE ? -ENOENT : 0;
-    p->release_hold &= ~HOLD_FAIL;
+    int later = 0; /* a failure emitted after the control plane polled: its RELEASE is still to come */
+    for (size_t i = 0; i < e->ev_len && !later; i++)
+        later = e->ev[i].producer_id == id && (e->ev[i].kind == LS_EV_BATCH_FAILED || e->ev[i].kind == LS_EV_BATCH_SUPPRESSED);
+    if (!later)
+        p->release_hold &= ~HOLD_FAIL;
     pthread_mutex_unlock(&e->mu);
     return r;
 }

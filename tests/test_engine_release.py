@@ -73,3 +73,48 @@ class TestFailureComesFirst:
         assert first_cover is not None and [f[0] for f in first_cover.get("failed", [])] == [2], first_cover
         p.close()
         assert path.read_bytes() == b"a" * 999 + b"\n" + (b"a" * 999 + b"\n") * 39 + (b"c" * 99 + b"\n") * 10
+
+
+class TestHoldRaces:
+    @pytest.mark.parametrize("engine", ["io_uring", "splice"])
+    def test_release_never_overtakes_a_suppression(self, daemon, tmp_path, engine):
+        """Under a stream of tiny batches over a rate limit, every suppressed seq is told in the first RELEASE whose through covers it: the engine's hold is not cleared while another suppression waits in its event queue, nor while the daemon's RELEASE sits unsent (from an independent review's repro)."""
+        import threading
+
+        cfg = tmp_path / "limit.toml"
+        cfg.write_text("rate_records = 20000\n")
+        d = daemon(engine, "--config", str(cfg))
+        rp = RawProducer(d.sock, timeout=30)
+        rp.hello("s")
+        rp.expect_welcome()
+        n = 100000
+        msgs: list[dict] = []
+
+        def reader() -> None:
+            while True:
+                m = rp.next_message(timeout=30)
+                if m is None:
+                    return
+                msgs.append(m)
+                if m["t"] == protocol.RELEASE and m["through"] >= n:
+                    return
+
+        t = threading.Thread(target=reader)
+        t.start()
+        frames = [protocol.pack_frame_header(2, 1, seq) + b"x\n" for seq in range(1, n + 1)]
+        for i in range(0, n, 200):
+            rp.write_pipe(b"".join(frames[i:i + 200]))
+        t.join(60)
+        assert not t.is_alive(), "the daemon did not release every batch"
+        through, bad, suppressed = 0, [], 0
+        for m in msgs:
+            if m["t"] != protocol.RELEASE:
+                continue
+            for seq, _ in m.get("suppressed", []):
+                suppressed += 1
+                if seq <= through:
+                    bad.append((seq, through))
+            through = max(through, m["through"])
+        rp.close()
+        assert suppressed > 0
+        assert not bad, f"{len(bad)} suppressed seqs were covered by an earlier RELEASE that did not carry them: {bad[:5]}"
