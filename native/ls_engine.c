@@ -628,9 +628,38 @@ long eng_move_copy(struct ls_engine *e, struct producer *p, int discard)
     return n;
 }
 
+/* Drive p: issue its next operation (io_uring) or run it as far as it goes (epoll). A drive started
+ * while another runs - a landed batch hands the stream to the next waiter, which drives it, whose
+ * inline write lands, which drives the next... - is queued and run by the outermost drive instead,
+ * so the stack never grows with the number of batches or waiters (a pipe full of tiny batches once
+ * recursed 68,773 frames deep and crashed the engine thread). Every backend drive acts on p's state
+ * as it finds it, so running it later, or once more, is harmless. */
 void eng_drive(struct ls_engine *e, struct producer *p)
 {
+    if (e->in_drive) {
+        if (!p->run_queued) {
+            p->run_queued = 1;
+            p->next_run = NULL;
+            if (e->run_tail)
+                e->run_tail->next_run = p;
+            else
+                e->run_head = p;
+            e->run_tail = p;
+        }
+        return;
+    }
+    e->in_drive = 1;
     e->be->drive(e, p);
+    while (e->run_head) {
+        struct producer *q = e->run_head;
+        e->run_head = q->next_run;
+        if (!e->run_head)
+            e->run_tail = NULL;
+        q->run_queued = 0;
+        if (q->state != P_FREE)
+            e->be->drive(e, q);
+    }
+    e->in_drive = 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -743,9 +772,13 @@ static int claim_slot(struct ls_engine *e, uint32_t id, uint32_t stream_id, int 
         return p->state != P_FREE ? -EBUSY : -ENOENT;
     }
     unsigned char *hdr = p->hdr;
+    struct producer *next_run = p->next_run; /* a slot ended while queued may still be on the run queue */
+    int run_queued = p->run_queued;
     memset(p, 0, sizeof *p);
     p->id = id;
     p->hdr = hdr;
+    p->next_run = next_run;
+    p->run_queued = run_queued;
     p->stream_id = stream_id;
     p->fd = fd;
     p->is_sock = stage_r >= 0;

@@ -301,7 +301,7 @@ static void epoll_stream_fd(struct ls_engine *e, uint32_t sid, int fd)
 static void epoll_removal(struct ls_engine *e, struct producer *p)
 {
     if (p->state == P_HEADER || p->state == P_WAIT_DATA || p->state == P_PAYLOAD || p->state == P_DISCARD)
-        epoll_drive(e, p);
+        eng_drive(e, p);
 }
 
 const struct ls_backend ls_backend_splice = {

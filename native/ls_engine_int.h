@@ -78,6 +78,8 @@ struct producer {
     int release_hold;      /* HOLD_* bits: the engine leaves RELEASE to the control plane */
     int32_t bucket[2];     /* rate-limit buckets this producer draws on (-1: none) */
     int suppress;          /* DISCARD of a batch over the rate limit (not a failed write) */
+    int run_queued;        /* on the engine's run queue (eng_drive) */
+    struct producer *next_run;
     struct ls_counters c;
 };
 
@@ -128,6 +130,8 @@ struct ls_engine {
     int events_lost;       /* an event could not be queued (out of memory): counters must tell */
     struct ls_counters total;
     struct bucket *buckets; /* 2 * max_producers, allocated on first use */
+    int in_drive;           /* eng_drive is running: a nested drive is queued, not recursed into */
+    struct producer *run_head, *run_tail;
     char *rwbuf;           /* read + pwrite bounce buffer: readwrite, and streams in copy mode */
     /* epoll engines */
     int ep;

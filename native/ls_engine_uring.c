@@ -542,7 +542,7 @@ static void uring_removal(struct ls_engine *e, struct producer *p)
     if (p->inflight)
         cancel_op(e, p); /* a poll may wait forever; other ops are short and finish by themselves */
     else
-        uring_drive(e, p);
+        eng_drive(e, p);
 }
 
 const struct ls_backend ls_backend_uring = {

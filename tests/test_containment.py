@@ -174,3 +174,23 @@ class TestStoppedClient:
         assert_file(d.log("app"), {**{f"g{i}": make_records(f"g{i}", 100) for i in range(12)}},
                     prefix_of={"busy": lambda i: record("busy", i)})
         assert out["count"] > 0
+
+
+class TestDeepPipe:
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_a_pipe_full_of_tiny_batches_never_overflows_the_engine_stack(self, daemon, engine):
+        """200 000 one-record batches written back to back: the engine lands them all in order (it once recursed a frame per batch, 68 773 deep, and crashed with SIGSEGV)."""
+        import threading
+
+        d = daemon(engine)
+        p = RawProducer(d.sock, timeout=60)
+        p.hello("deep")
+        p.expect_welcome()
+        n = 200000
+        frames = [protocol.pack_frame_header(8, 1, seq) + b"%07d\n" % seq for seq in range(1, n + 1)]
+        writer = threading.Thread(target=lambda: [p.write_pipe(b"".join(frames[i:i + 500])) for i in range(0, n, 500)])
+        writer.start()
+        p.wait_release(n)
+        writer.join(60)
+        p.close()
+        assert d.log("deep").read_bytes() == b"".join(b"%07d\n" % seq for seq in range(1, n + 1))

@@ -88,6 +88,7 @@ class Conn:
         # Set while the engine answers this producer's batches itself (ls_engine_set_release_fd): sends
         # the bytes it can and returns how many (BlockingIOError: none), or None once the engine let go.
         self.sender: Callable[[bytearray], int | None] | None = None
+        self.detach: Callable[[], None] | None = None  # takes the socket back from the engine (teardown)
         self.producer: Producer | None = None
         self.reading = True
         self.tcp = peer is not None
@@ -246,6 +247,9 @@ class Conn:
             self.fd_timer = None
         self.stop_reading()
         self.loop.remove_writer(self.sock.fileno())
+        if self.detach is not None:  # the engine's copy of the socket goes: no RELEASE after our last word, and EOF
+            self.detach()
+        self.detach = self.sender = None
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()

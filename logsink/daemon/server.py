@@ -454,6 +454,12 @@ class Daemon:
 
         conn.sender = send
 
+        def detach() -> None:
+            if self.engine != ffi.NULL:
+                lib.ls_engine_set_release_fd(self.engine, pid, -1, 0)
+
+        conn.detach = detach
+
     def _check_pipe_size(self, p: Producer) -> None:
         """A pipe producer whose pipe cannot hold its segment sends smaller batches than it asked for: the
         uid's pipe budget (fs.pipe-user-pages-soft) is spent. Count it, and say so once per uid."""
@@ -604,7 +610,7 @@ class Daemon:
         kind = ev.kind
         conn = p.conn
         if conn is not None:
-            conn.sender = None  # the engine closed its copy of the socket: ours alone (before its id is reused)
+            conn.sender = conn.detach = None  # the engine closed its copy of the socket: ours alone (before its id is reused)
         self.limits.detach(p)
         if kind == lib.LS_EV_PRODUCER_DIED:
             self.errors[protocol.E_PRODUCER_DIED] += 1
