@@ -221,7 +221,11 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
         if (p->state == P_PAYLOAD && inline_now && !st->copy) {
             /* A small batch (a flush()'s partial segment) is written here, not handed to io-wq: the
              * copy costs the same, the two thread hand-offs (~55 us) are a third of a flush. */
+            /* Without the mutex: the control plane's calls (status, ctl_send, events) must not wait on a
+             * slow disk. Nothing they do touches a producer in PAYLOAD or its busy stream's fd. */
+            pthread_mutex_unlock(&e->mu);
             long r = p->arena ? eng_write_shared(e, p) : inline_splice(e, p, want);
+            pthread_mutex_lock(&e->mu);
             if (r == -EAGAIN && !p->arena) {
                 eng_payload_vanished(e, p);
                 return;
