@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from lsk_helpers import build_shim, wait_for
+from lsk_helpers import RawProducer, build_shim, wait_for
 from test_engine_faults import EPOLL_WAIT_FAILS_SHIM
 
 import logsink
@@ -334,3 +334,40 @@ class TestSocketActivation:
                 _, err = proc.communicate()
         assert "socket_activation" in err and str(sock) in err, err
         assert sock.exists(), "the daemon must not unlink a socket systemd owns"
+
+
+class TestAbstractActivation:
+    @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+    def test_abstract_control_socket_serves_and_shuts_down_cleanly(self, tmp_path):
+        """An abstract socket passed by systemd (ListenStream=@name) is adopted; SIGTERM then drains and exits 0 (it crashed on os.lstat of the name)."""
+        name = f"logsink-test-{uuid.uuid4().hex[:8]}"
+        logs = tmp_path / "logs"
+        proc = subprocess.Popen(["systemd-socket-activate", "-l", f"@{name}", sys.executable, "-m", "logsink", "serve",
+                                 "--dir", str(logs), "--engine", "readwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def connected() -> socket.socket | None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect("\0" + name)
+                    return s
+                except OSError:
+                    s.close()
+                    return None
+
+            s = wait_for(connected, 30, "systemd-socket-activate to listen")
+            s.close()  # the first connection starts the daemon
+            p = RawProducer("\0" + name, timeout=30)  # (the C client takes filesystem paths only)
+            p.hello("abs")
+            p.expect_welcome()
+            p.send_batch([b"abstract\n"], 1)
+            p.wait_release(1)
+            p.close()
+            assert (logs / "abs.log").read_bytes() == b"abstract\n"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        assert proc.returncode == 0 and "embedded null" not in err, err

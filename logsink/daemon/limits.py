@@ -56,7 +56,7 @@ class RateLimiter:
             check(lib.ls_engine_set_bucket(self.engine, p.id, lim.rate_bytes, lim.rate_records), "rate limit")
             own = p.id
         shared = -1
-        if lim.uid_rate_bytes or lim.uid_rate_records:
+        if (lim.uid_rate_bytes or lim.uid_rate_records) and p.uid >= 0:  # TCP producers have no uid: no shared bucket
             key = (p.uid, p.stream.name)
             entry = self.uid_buckets.get(key)
             if entry is None:

@@ -182,7 +182,8 @@ class Daemon:
         activated = activation.take()  # systemd's sockets (logsink.socket), if it passed any
         if activated.control is not None:
             srv = activated.control
-            self.socket_path = srv.getsockname()  # systemd owns the file: we neither chmod nor unlink it
+            name = srv.getsockname()  # systemd owns the file: we neither chmod nor unlink it
+            self.socket_path = name if isinstance(name, str) else "@" + name[1:].decode(errors="replace")  # abstract
         else:
             srv = self.open_listener()
         self.listener = srv
@@ -229,9 +230,10 @@ class Daemon:
             loop.remove_reader(tl.fileno())
             tl.close()
         try:
-            st = os.lstat(self.socket_path)
-            if (st.st_dev, st.st_ino) == self.socket_identity:  # ours, not something put there since
-                os.unlink(self.socket_path)
+            if self.socket_identity is not None:  # a socket systemd passed (maybe abstract) is not ours to remove
+                st = os.lstat(self.socket_path)
+                if (st.st_dev, st.st_ino) == self.socket_identity:  # ours, not something put there since
+                    os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         log.info("shutting_down", producers=len(self.producers), grace=self.cfg.shutdown_grace)
