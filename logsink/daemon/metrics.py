@@ -25,6 +25,8 @@ log = structlog.get_logger("logsink.daemon")
 
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 8192
+# Scrapes served at once; more connections are closed at once (they would hold fds producers need).
+MAX_SCRAPES = 8
 
 
 class StatusCollector:
@@ -106,6 +108,7 @@ class MetricsServer:
         self.registry.register(StatusCollector(status))  # type: ignore[arg-type]
         self.server: asyncio.base_events.Server | None = None
         self.address = ""
+        self.active = 0
 
     async def start(self, address: str) -> None:
         host, port = parse_tcp_address(address, listen=True)
@@ -118,6 +121,10 @@ class MetricsServer:
         log.info("metrics_listening", address=self.address, path="/metrics")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_SCRAPES:
+            writer.close()
+            return
+        self.active += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
             parts = head.split(b"\r\n", 1)[0].split()
@@ -132,6 +139,7 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, IndexError):
             pass
         finally:
+            self.active -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

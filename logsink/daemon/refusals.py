@@ -42,6 +42,9 @@ def raise_add_refusal(ret: int, max_arena: int) -> None:
     if err == errno.EPERM:
         raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena memfd is not sealed against shrinking: "
                                                            "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before HELLO")
+    if err == errno.EACCES:
+        raise protocol.ProtocolError(protocol.E_BAD_FRAME, "the arena memfd cannot be mapped (opened read-only or write-only?): "
+                                                           "pass the fd memfd_create returned, open for reading and writing")
     if err == errno.EFBIG:
         raise protocol.ProtocolError(protocol.E_BAD_FRAME, f"the arena memfd is empty or larger than the daemon's max_arena ({max_arena} bytes): "
                                                            "use fewer or smaller segments, or raise max_arena in the daemon's config")

@@ -179,6 +179,11 @@ class Daemon:
         self.start_engine()
         if self.fallback_reason and self.cfg.engine == "auto":
             log.warning("engine_fallback", engine=self.engine_name, reason=self.fallback_reason)
+        if self.cfg.metrics:  # before the control socket: a metrics address that cannot be bound fails the start
+            from logsink.daemon.metrics import MetricsServer  # prometheus-client only when asked for
+
+            self.metrics = MetricsServer(self.status)
+            await self.metrics.start(self.cfg.metrics)
         activated = activation.take()  # systemd's sockets (logsink.socket), if it passed any
         if activated.control is not None:
             srv = activated.control
@@ -210,11 +215,6 @@ class Daemon:
                  tcp=[f"tcp://{t.getsockname()[0]}:{t.getsockname()[1]}" for t in self.tcp_listeners])
         self.notify.start(loop, self._notify_status, self._engine_alive)  # READY=1: the socket accepts
         self._sample_rates()
-        if self.cfg.metrics:
-            from logsink.daemon.metrics import MetricsServer  # prometheus-client only when asked for
-
-            self.metrics = MetricsServer(self.status)
-            await self.metrics.start(self.cfg.metrics)
         await stop.wait()
         await self.shutdown()
         return 0
@@ -519,6 +519,9 @@ class Daemon:
                     continue
                 p = self.producers.get(ev.producer_id)
                 if p is None:
+                    if kind == lib.LS_EV_BATCH_FAILED and self.limits.is_internal(ev.producer_id):
+                        log.error("suppressed_line_failed", error=os.strerror(-ev.err) if ev.err < 0 else "write failed",
+                                  detail="the daemon's own line about suppressed records could not be written")
                     continue
                 if kind == lib.LS_EV_STREAM_COPY:
                     log.warning("stream_copy_mode", stream=p.stream.name, file=p.stream.path, error=os.strerror(-ev.err),
