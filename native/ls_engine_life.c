@@ -195,8 +195,11 @@ void ls_engine_free(struct ls_engine *e)
         }
         if (p->state != P_FREE && p->ctl_fd >= 0)
             close(p->ctl_fd);
-        if (p->state != P_FREE && p->arena)
-            munmap((void *)p->arena, p->arena_len); /* after the thread: no write reads it now */
+        /* After the thread: no write reads it now - unless the io_uring thread ended on an error with
+         * operations still in flight (an io-wq WRITE may still read the arena; closing the ring does
+         * not wait for it): then the mapping stays, so no other memory can ever appear at its address. */
+        if (p->state != P_FREE && p->arena && !(e->failed && p->inflight))
+            munmap((void *)p->arena, p->arena_len);
     }
     if (e->be)
         e->be->teardown(e);
