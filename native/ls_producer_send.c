@@ -326,6 +326,7 @@ int prod_pump_locked(struct ls_producer *p)
 /* The current segment becomes a batch: queued, and sent at once if connected. */
 int prod_handover_current_locked(struct ls_producer *p)
 {
+    prod_fast_revoke_locked(p); /* pos and nrec are final only once nobody appends lock-free */
     if (!p->active || !p->pos)
         return 0;
     if (!p->reconnect && p->pipe_w < 0) {
@@ -392,6 +393,7 @@ int prod_reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **
 {
     int r;
     int64_t deadline = -2; /* computed on first wait */
+    prod_fast_revoke_locked(p); /* the caller is about to move pos */
     while (!p->active || p->pos + len > p->capacity) {
         if ((r = prod_usable_locked(p)) < 0)
             return r;
