@@ -307,6 +307,24 @@ static struct prod_fast_slot *fast_my_slot(void)
     return s;
 }
 
+/* A full barrier on every running thread of the process. fast_init registered us (a forked child
+ * inherits the registration; should it ever be missing, register again, else take the global
+ * command, which needs none). Without one a lock-free append could tear: no way on but abort. */
+static void fast_barrier(void)
+{
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+        return;
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+        return;
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0)
+        return;
+    static const char msg[] = "liblogsink: membarrier() failed after it had worked: cannot take a segment back safely\n";
+    if (write(2, msg, sizeof msg - 1) < 0) {
+    }
+    abort();
+}
+
 void prod_fast_revoke_locked(struct ls_producer *p)
 {
     struct prod_fast_slot *o = p->fast_owner;
@@ -318,8 +336,7 @@ void prod_fast_revoke_locked(struct ls_producer *p)
         return;
     }
     /* Pairs with the owner's busy = 1 ... fast_owner load in fast_append. */
-    if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
-        abort(); /* registered in fast_init: cannot fail, and without it the segment would tear */
+    fast_barrier();
     while (__atomic_load_n(&o->busy, __ATOMIC_ACQUIRE)) /* pairs with fast_append's release */
         sched_yield();
     if (tls_slot) { /* another writer (not the background thread, which never writes): contention */
