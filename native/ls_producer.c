@@ -89,7 +89,6 @@ int prod_cond_wait_until(struct ls_producer *p, int64_t deadline_ms)
 /* Mark the producer unusable (the first reason wins) and wake everyone. Lock held. */
 void prod_fail_locked(struct ls_producer *p, int err, const char *why)
 {
-    prod_fast_revoke_locked(p); /* its next write takes the locked path and sees why */
     if (!p->broken && !p->closed) {
         p->broken = err;
         snprintf(p->last_error, ERRLEN, "%s", why);
@@ -367,7 +366,10 @@ static inline int fast_append(struct ls_producer *p, const char *data, size_t le
     __atomic_store_n(&me->busy, 1, __ATOMIC_RELAXED);
     __asm__ __volatile__("" ::: "memory"); /* the CPU barrier is the revoker's membarrier */
     int done = 0;
-    if (__atomic_load_n(&p->fast_owner, __ATOMIC_RELAXED) == me) {
+    /* broken and stopping are set under the lock (not always with a revoke): a write racing them
+     * is one that came just before; the next one sees them and takes the locked path to say why. */
+    if (__atomic_load_n(&p->fast_owner, __ATOMIC_RELAXED) == me && !__atomic_load_n(&p->broken, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&p->stopping, __ATOMIC_RELAXED)) {
         uint32_t pos = p->pos; /* ours while we own the segment */
         if (pos + len <= __atomic_load_n(&p->capacity, __ATOMIC_RELAXED)) {
             char *dst = p->arena + (size_t)p->cur * p->segment_size + LS_FRAME_HEADER_SIZE + pos;

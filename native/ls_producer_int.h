@@ -19,10 +19,12 @@
  * The single-writer fast path (ls_producer.c, "fast path"): the thread that last wrote may own the
  * current segment (p->fast_owner, its struct prod_fast_slot) and append to it without the lock,
  * raising its slot's `busy` around the append. Whoever changes the fill state (cur, active, pos,
- * nrec) or breaks the producer first calls prod_fast_revoke_locked, which clears fast_owner,
- * issues membarrier(PRIVATE_EXPEDITED) (the owner's full barrier between its busy store and its
- * fast_owner load) and waits for busy to drop. Only do_write grants ownership, under the lock,
- * with the segment active and non-empty.
+ * nrec) first calls prod_fast_revoke_locked (prod_reserve_locked and prod_handover_current_locked
+ * do; reserve again after each wait, as the lock was dropped), which clears fast_owner, issues
+ * membarrier(PRIVATE_EXPEDITED) (the owner's full barrier between its busy store and its
+ * fast_owner load) and waits for busy to drop. The owner itself checks `broken` and `stopping`
+ * before each append. Only do_write grants ownership, under the lock, with the segment active and
+ * non-empty.
  *
  * Batches and reconnects: a full segment becomes a batch with the next producer-wide number
  * (`seq`, never reset) and joins the queue `q`; the queue's first `qsent` entries went out on the
