@@ -257,9 +257,23 @@ static int fast_ok;                     /* membarrier registered: ownership may 
 static pthread_key_t fast_key;          /* its destructor hands the thread's slot back */
 static pthread_mutex_t fast_free_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct prod_fast_slot *fast_free; /* slots of threads that exited */
-/* initial-exec: one %fs-relative load per write, no __tls_get_addr call, also in the shared
- * libraries (liblogsink.so, the Python extension); 8 bytes of the static TLS surplus. */
-static __thread struct prod_fast_slot *tls_slot __attribute__((tls_model("initial-exec")));
+static __thread struct prod_fast_slot *tls_slot; /* the locked path's way to our slot */
+
+/* Who we are, without TLS: fast_append runs in shared libraries (liblogsink.so, the Python
+ * extension), where a __thread variable costs a __tls_get_addr call (initial-exec TLS would fail
+ * dlopen once the static TLS block is used up). The thread pointer is unique among live threads. */
+static inline uintptr_t fast_self(void)
+{
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_thread_pointer)
+#define LS_HAVE_THREAD_POINTER 1
+    return (uintptr_t)__builtin_thread_pointer();
+#endif
+#endif
+#ifndef LS_HAVE_THREAD_POINTER
+    return (uintptr_t)pthread_self();
+#endif
+}
 
 /* Contended revokes back off: after one, the next this many slow writes do not take ownership
  * (doubling up to FAST_BACKOFF_MAX; cleared when an owner fills a segment alone). Two threads
@@ -270,6 +284,8 @@ static __thread struct prod_fast_slot *tls_slot __attribute__((tls_model("initia
 static void fast_slot_release(void *v)
 {
     struct prod_fast_slot *s = v; /* busy is 0: a thread is not in fast_append when it exits */
+    /* A later thread may get our thread pointer: it must not match a handle that still names us. */
+    __atomic_store_n(&s->thread, 0, __ATOMIC_RELAXED);
     pthread_mutex_lock(&fast_free_lock);
     s->next_free = fast_free;
     fast_free = s;
@@ -304,6 +320,7 @@ static struct prod_fast_slot *fast_my_slot(void)
         fast_slot_release(s);
         return NULL;
     }
+    __atomic_store_n(&s->thread, fast_self(), __ATOMIC_RELAXED);
     tls_slot = s;
     return s;
 }
@@ -362,8 +379,10 @@ static void fast_grant_locked(struct ls_producer *p, struct prod_fast_slot *me)
  * segment and it has room. Returns 1 if done, 0 to take the locked path. */
 static inline int fast_append(struct ls_producer *p, const char *data, size_t len)
 {
-    struct prod_fast_slot *me = tls_slot;
-    if (!me)
+    /* Our slot if we own the segment: a slot names its live thread only (cleared at thread exit),
+     * so only we can match it and only we write its busy. */
+    struct prod_fast_slot *me = __atomic_load_n(&p->fast_owner, __ATOMIC_RELAXED);
+    if (!me || __atomic_load_n(&me->thread, __ATOMIC_RELAXED) != fast_self())
         return 0;
     __atomic_store_n(&me->busy, 1, __ATOMIC_RELAXED);
     __asm__ __volatile__("" ::: "memory"); /* the CPU barrier is the revoker's membarrier */

@@ -76,7 +76,8 @@ struct batch {
 /* One per thread that ever wrote (never freed: reused by a later thread when its thread exits), so
  * a revoker may read `busy` of an owner whose thread is gone. Only its thread writes `busy`. */
 struct prod_fast_slot {
-    int busy; /* 1 while its thread appends to a segment lock-free */
+    int busy;         /* 1 while its thread appends to a segment lock-free */
+    uintptr_t thread; /* its thread (the thread pointer); 0 once that thread exited */
     struct prod_fast_slot *next_free;
 } __attribute__((aligned(64)));
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
-from lsk_helpers import build_shim
+from lsk_helpers import assert_file, build_shim, make_records
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
@@ -119,6 +120,38 @@ class TestThreadsSharingAHandle:
         nrec, _ = run_stress(stress, d.sock, "nomb", 3, 20000, "vmsplice", 1, env={"LD_PRELOAD": shim})
         assert nrec == 60000
         check_stream(d.log("nomb"), 3, 20000)
+
+
+class TestThreadsComingAndGoing:
+    def test_threads_that_exit_while_owning_the_segment_hand_it_on_cleanly(self, daemon):
+        """60 short-lived threads, 4 at a time, each writing then exiting (often still the segment's owner): every record lands once, in order."""
+        from logsink import Client
+
+        d = daemon("io_uring")
+        recs = {f"w{i}": make_records(f"w{i}", 500) for i in range(60)}
+        c = Client("churn", socket=d.sock, flush_interval=0.001)
+        errs: list[BaseException] = []
+
+        def run(tag):
+            try:
+                for r in recs[tag]:
+                    c.write(r)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                errs.append(exc)
+
+        try:
+            tags = list(recs)
+            for i in range(0, len(tags), 4):
+                ts = [threading.Thread(target=run, args=(t,)) for t in tags[i:i + 4]]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+            assert not errs, errs
+            c.flush()
+        finally:
+            c.close()
+        assert_file(d.log("churn"), recs)
 
 
 class TestRecordCounts:
