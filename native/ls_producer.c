@@ -357,7 +357,9 @@ void prod_fast_revoke_locked(struct ls_producer *p)
     fast_barrier();
     while (__atomic_load_n(&o->busy, __ATOMIC_ACQUIRE)) /* pairs with fast_append's release */
         sched_yield();
-    if (tls_slot) { /* another writer (not the background thread, which never writes): contention */
+    /* Another thread of the application wrote, flushed or logged: contention. (The background
+     * thread's timed hand-overs are not: the owner simply takes the next segment back.) */
+    if (!p->thread_started || !pthread_equal(pthread_self(), p->thread)) {
         p->fast_backoff = p->fast_backoff ? (p->fast_backoff * 2 > FAST_BACKOFF_MAX ? FAST_BACKOFF_MAX : p->fast_backoff * 2) : 16;
         p->fast_cooldown = p->fast_backoff;
     }
