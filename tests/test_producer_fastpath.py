@@ -122,6 +122,49 @@ class TestThreadsSharingAHandle:
         check_stream(d.log("nomb"), 3, 20000)
 
 
+class TestMixedCalls:
+    def test_writes_and_native_json_records_from_two_threads_all_land_in_order(self, daemon):
+        """One thread's write() (lock-free owner) and another's write_log_json (locked, takes the segment back): both sequences are whole and in order."""
+        import json
+
+        from logsink import Client
+
+        d = daemon("io_uring")
+        n = 20000
+        plain = make_records("plain", n)
+        c = Client("mixed", socket=d.sock, flush_interval=0.001)
+        errs: list[BaseException] = []
+
+        def writer():
+            try:
+                for r in plain:
+                    c.write(r)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                errs.append(exc)
+
+        def logger():
+            try:
+                for i in range(n):
+                    assert c.write_log_json(1.7e9 + i, b"INFO", b"app", b"msg %08d" % i)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                errs.append(exc)
+
+        try:
+            ts = [threading.Thread(target=writer), threading.Thread(target=logger)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert not errs, errs
+            c.flush()
+        finally:
+            c.close()
+        lines = d.log("mixed").read_bytes().splitlines(keepends=True)
+        assert [ln for ln in lines if not ln.startswith(b"{")] == plain
+        msgs = [json.loads(ln)["message"] for ln in lines if ln.startswith(b"{")]
+        assert msgs == [f"msg {i:08d}" for i in range(n)]
+
+
 class TestThreadsComingAndGoing:
     def test_threads_that_exit_while_owning_the_segment_hand_it_on_cleanly(self, daemon):
         """60 short-lived threads, 4 at a time, each writing then exiting (often still the segment's owner): every record lands once, in order."""
