@@ -44,9 +44,13 @@ static __thread char tls_error_copy[ERRLEN]; /* what ls_producer_last_error(p) h
 unsigned long prod_fork_generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+static pthread_mutex_t fast_free_lock = PTHREAD_MUTEX_INITIALIZER; /* see "the single-writer fast path" */
+
 static void on_fork_child(void)
 {
     __atomic_add_fetch(&prod_fork_generation, 1, __ATOMIC_RELAXED);
+    /* Another parent thread may have held it at fork(): it does not exist here to unlock it. */
+    pthread_mutex_init(&fast_free_lock, NULL);
 }
 
 static void register_atfork(void)
@@ -255,8 +259,7 @@ static inline size_t copy_records(char *dst, const char *src, size_t n)
 static pthread_once_t fast_once = PTHREAD_ONCE_INIT;
 static int fast_ok;                     /* membarrier registered: ownership may be granted */
 static pthread_key_t fast_key;          /* its destructor hands the thread's slot back */
-static pthread_mutex_t fast_free_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct prod_fast_slot *fast_free; /* slots of threads that exited */
+static struct prod_fast_slot *fast_free; /* slots of threads that exited (under fast_free_lock) */
 static __thread struct prod_fast_slot *tls_slot; /* the locked path's way to our slot */
 
 /* Who we are, without TLS: fast_append runs in shared libraries (liblogsink.so, the Python
