@@ -16,6 +16,16 @@
  * client.py), so batches enter the pipe in seq order. A prod_*_locked function is called with the
  * lock held.
  *
+ * The single-writer fast path (ls_producer.c, "fast path"): the thread that last wrote may own the
+ * current segment (p->fast_owner, its struct prod_fast_slot) and append to it without the lock,
+ * raising its slot's `busy` around the append. Whoever changes the fill state (cur, active, pos,
+ * nrec) first calls prod_fast_revoke_locked (prod_reserve_locked and prod_handover_current_locked
+ * do; reserve again after each wait, as the lock was dropped), which clears fast_owner, issues
+ * membarrier(PRIVATE_EXPEDITED) (the owner's full barrier between its busy store and its
+ * fast_owner load) and waits for busy to drop. The owner itself checks `broken` and `stopping`
+ * before each append. Only do_write grants ownership, under the lock, with the segment active and
+ * non-empty.
+ *
  * Batches and reconnects: a full segment becomes a batch with the next producer-wide number
  * (`seq`, never reset) and joins the queue `q`; the queue's first `qsent` entries went out on the
  * current connection, numbered 1, 2, 3... there (`wire`: the daemon numbers per connection). A
@@ -63,6 +73,14 @@ struct batch {
     int sent_before;    /* went out (at least partly) on an earlier connection */
 };
 
+/* One per thread that ever wrote (never freed: reused by a later thread when its thread exits), so
+ * a revoker may read `busy` of an owner whose thread is gone. Only its thread writes `busy`. */
+struct prod_fast_slot {
+    int busy;         /* 1 while its thread appends to a segment lock-free */
+    uintptr_t thread; /* its thread (the thread pointer); 0 once that thread exited */
+    struct prod_fast_slot *next_free;
+} __attribute__((aligned(64)));
+
 struct ls_producer {
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -98,7 +116,11 @@ struct ls_producer {
     unsigned rand_state;
     uint32_t cur;          /* the ring position: last segment taken */
     int active;            /* cur is being filled (not yet handed over) */
-    uint32_t pos, nrec;    /* payload bytes and records in the current segment */
+    uint32_t pos, nrec;    /* payload bytes and records in the current segment (the fast owner
+                            * writes them lock-free: relaxed atomics) */
+    struct prod_fast_slot *fast_owner; /* may append to cur without the lock; NULL: nobody */
+    uint32_t fast_backoff; /* slow writes to skip before granting again after a contended revoke */
+    uint32_t fast_cooldown; /* ...left of the current backoff */
     int64_t filled_at_ms;  /* when the current segment got its first record */
     uint64_t seq;          /* last seq handed over */
     uint64_t released;     /* daemon: every seq <= this is dealt with */
@@ -176,6 +198,8 @@ void prod_lost_locked(struct ls_producer *p, const char *why);
 void prod_close_pipe_locked(struct ls_producer *p);
 /* Wake the background thread (close, connection lost). */
 void prod_wake_background(struct ls_producer *p);
+/* Take the current segment back from its lock-free owner (if any) before changing the fill state. */
+void prod_fast_revoke_locked(struct ls_producer *p);
 
 /* ls_producer_send.c */
 /* prod_reserve_locked's results besides -errno. */

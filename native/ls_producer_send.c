@@ -326,6 +326,7 @@ int prod_pump_locked(struct ls_producer *p)
 /* The current segment becomes a batch: queued, and sent at once if connected. */
 int prod_handover_current_locked(struct ls_producer *p)
 {
+    prod_fast_revoke_locked(p); /* pos and nrec are final only once nobody appends lock-free */
     if (!p->active || !p->pos)
         return 0;
     if (!p->reconnect && p->pipe_w < 0) {
@@ -392,6 +393,9 @@ int prod_reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **
 {
     int r;
     int64_t deadline = -2; /* computed on first wait */
+    /* The caller is about to move pos. Again after every wait: the lock was dropped there, and a
+     * writer may have taken the segment with its lock-free ownership meanwhile. */
+    prod_fast_revoke_locked(p);
     while (!p->active || p->pos + len > p->capacity) {
         if ((r = prod_usable_locked(p)) < 0)
             return r;
@@ -404,6 +408,7 @@ int prod_reserve_locked(struct ls_producer *p, size_t len, int nonblock, char **
         r = next_segment_locked(p, deadline, nonblock);
         if (r == PROD_DROPPED || r < 0)
             return r;
+        prod_fast_revoke_locked(p);
     }
     if (!p->pos)
         p->filled_at_ms = prod_now_ms();
