@@ -28,7 +28,8 @@
  *   -EIO         (flush) the daemon reported batches it could not write (e.g. disk full)
  *   -ECHILD      called in a forked child: a producer belongs to the process that opened it
  *                (the connection is shared with the parent; open a new producer in the child)
- * Thread safety: every call may come from any thread (one mutex per producer), except that
+ * Thread safety: every call may come from any thread (one mutex per producer; the thread that wrote
+ * last appends lock-free until another call takes the segment back), except that
  * ls_producer_close must be the last call.
  *
  * SIGPIPE: writing to the data pipe after the daemon died raises SIGPIPE. The producer never lets

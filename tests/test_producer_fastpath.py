@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from lsk_helpers import assert_file, build_shim, make_records
 
 ROOT = Path(__file__).resolve().parent.parent
