@@ -1,0 +1,797 @@
+/* ls_fastlog.c - logsink._fastlog: structlog's default logsink pipeline in C.
+ *
+ * logsink.structlog.configure() installs, by default: merge_contextvars, add_log_level,
+ * TimeStamper(fmt="iso", utc=True), StackInfoRenderer, format_exc_info and
+ * JSONRenderer(serializer=orjson.dumps(default=str)). Stage.emit does what those do, fused: it
+ * builds the event dict, merges the structlog contextvars, sets level and timestamp, renders the
+ * dict to the JSON line orjson would write and hands it to the producer (ls_producer_try_write,
+ * called through the pointer logsink._core gives us). Stack and exception text stay the Python
+ * processors' job (rare, and traceback formatting costs more than the call).
+ *
+ * Correctness first: a value this renderer cannot write exactly as orjson does (an int beyond 64
+ * bits, a str with lone surrogates, a non-str dict key, a datetime, an enum, a subclass, ...) makes
+ * the whole event go through the Python renderer instead, counted in Stage.fallbacks. Rendering
+ * happens into a scratch buffer, not under the producer's lock: default=str runs arbitrary Python
+ * code, which may itself log to the same producer.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#include "ls_render.h"
+
+typedef int (*ls_write_fn)(void *p, const void *data, size_t len);
+
+/* -- growable output buffer ------------------------------------------------------------------- */
+
+struct buf {
+    char *p;
+    size_t len, cap;
+    int heap;
+    char stack[2048];
+};
+
+static void buf_init(struct buf *b)
+{
+    b->p = b->stack;
+    b->len = 0;
+    b->cap = sizeof b->stack;
+    b->heap = 0;
+}
+
+static void buf_free(struct buf *b)
+{
+    if (b->heap)
+        PyMem_Free(b->p);
+}
+
+/* Room for n more bytes: 0, or -1 (out of memory; no Python error left set). */
+static int buf_reserve(struct buf *b, size_t n)
+{
+    if (b->cap - b->len >= n)
+        return 0;
+    size_t cap = b->cap * 2;
+    while (cap - b->len < n)
+        cap *= 2;
+    char *p = b->heap ? PyMem_Realloc(b->p, cap) : PyMem_Malloc(cap);
+    if (!p)
+        return -1;
+    if (!b->heap)
+        memcpy(p, b->p, b->len);
+    b->p = p;
+    b->cap = cap;
+    b->heap = 1;
+    return 0;
+}
+
+static int buf_put(struct buf *b, const char *s, size_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_string(struct buf *b, const char *s, size_t n)
+{
+    if (buf_reserve(b, 6 * n + 2) < 0)
+        return -1;
+    b->len += ls_render_json_string(b->p + b->len, b->cap - b->len, s, n);
+    return 0;
+}
+
+/* -- orjson-compatible rendering --------------------------------------------------------------- */
+
+/* Types orjson serializes natively in ways this renderer does not reproduce (subclasses of
+ * str/int/dict/list, float and tuple subclasses orjson hands to default, datetime, UUID, Enum,
+ * orjson.Fragment): set by logsink.structlog; values of these types make the event fall back. */
+#define MAX_DEPTH 200 /* orjson stops at 255 (an error): leave that case to it */
+
+enum { RN_OK = 0, RN_FALLBACK = -1 };
+
+/* How to render: orjson.dumps(default=deflt), or (stdlib) json.dumps(separators=(",", ":"),
+ * ensure_ascii=False, default=deflt) - what logsink.structlog.json_serializer() picks. */
+struct rctx {
+    PyObject *deflt;  /* NULL: none (a value needing it falls back) */
+    PyObject *native; /* tuple of the types the serializer handles itself (see goes_to_default) */
+    int stdlib;
+};
+
+static int render(struct buf *b, PyObject *o, const struct rctx *c, int depth);
+
+static int render_str(struct buf *b, PyObject *o)
+{
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (!s) { /* lone surrogates: orjson raises, and so will the Python path */
+        PyErr_Clear();
+        return RN_FALLBACK;
+    }
+    return buf_string(b, s, (size_t)n) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+/* orjson writes the shortest round-trip digits (repr's), in repr's layout except: exponents
+ * -5 written out in full (2.5e-05 -> 0.000025) and no zero padding in negative exponents
+ * (1e-07 -> 1e-7); inf and nan are null. Checked against orjson over 400k values in the tests. */
+static int render_float(struct buf *b, double v, int stdlib)
+{
+    if (stdlib && !isfinite(v)) { /* json.dumps: float.__repr__ but for these */
+        const char *t = isnan(v) ? "NaN" : v > 0 ? "Infinity" : "-Infinity";
+        return buf_put(b, t, strlen(t)) < 0 ? RN_FALLBACK : RN_OK;
+    }
+    if (!isfinite(v))
+        return buf_put(b, "null", 4) < 0 ? RN_FALLBACK : RN_OK;
+    char *r = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!r) {
+        PyErr_Clear();
+        return RN_FALLBACK;
+    }
+    char out[64];
+    size_t n = 0;
+    char *e = stdlib ? NULL : strchr(r, 'e');
+    if (!e) {
+        n = strlen(r);
+        if (n < sizeof out)
+            memcpy(out, r, n);
+        else
+            n = 0;
+    } else if (e[1] == '-') {
+        int exp = atoi(e + 2);
+        const char *m = r;
+        int neg = 0;
+        if (*m == '-') {
+            neg = 1;
+            m++;
+        }
+        if (exp == 5) { /* d.ddde-05 -> 0.0000dddd */
+            if (neg)
+                out[n++] = '-';
+            memcpy(out + n, "0.0000", 6);
+            n += 6;
+            for (const char *c = m; c < e && n < sizeof out - 1; c++)
+                if (*c != '.')
+                    out[n++] = *c;
+        } else {
+            size_t ml = (size_t)(e - r);
+            n = (size_t)snprintf(out, sizeof out, "%.*se-%d", (int)ml, r, exp);
+        }
+    } else {
+        n = strlen(r);
+        if (n < sizeof out)
+            memcpy(out, r, n);
+        else
+            n = 0;
+    }
+    PyMem_Free(r);
+    if (n == 0 || n >= sizeof out)
+        return RN_FALLBACK;
+    return buf_put(b, out, n) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+static int render_raw_str(struct buf *b, PyObject *t)
+{
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(t, &n);
+    if (!s) {
+        PyErr_Clear();
+        return RN_FALLBACK;
+    }
+    return buf_put(b, s, (size_t)n) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+static int render_int(struct buf *b, PyObject *o, int stdlib)
+{
+    char tmp[32];
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    int n;
+    if (overflow && stdlib) { /* json.dumps writes any int */
+        PyObject *t = PyObject_Str(o);
+        int r = t ? render_raw_str(b, t) : RN_FALLBACK;
+        Py_XDECREF(t);
+        if (!t)
+            PyErr_Clear();
+        return r;
+    }
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) { /* beyond 64 bits: orjson raises */
+            PyErr_Clear();
+            return RN_FALLBACK;
+        }
+        n = snprintf(tmp, sizeof tmp, "%llu", u);
+    } else if (overflow < 0) {
+        return RN_FALLBACK;
+    } else {
+        if (v == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return RN_FALLBACK;
+        }
+        n = snprintf(tmp, sizeof tmp, "%lld", v);
+    }
+    return buf_put(b, tmp, (size_t)n) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+static int render_dict(struct buf *b, PyObject *o, const struct rctx *c, int depth)
+{
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    int first = 1, r = RN_OK;
+    if (buf_put(b, "{", 1) < 0)
+        return RN_FALLBACK;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k))
+            return RN_FALLBACK;
+        if (!first && buf_put(b, ",", 1) < 0)
+            return RN_FALLBACK;
+        first = 0;
+        /* default() may run Python code that mutates the dict: hold what we render. */
+        Py_INCREF(k);
+        Py_INCREF(v);
+        r = render_str(b, k);
+        if (r == RN_OK)
+            r = buf_put(b, ":", 1) < 0 ? RN_FALLBACK : render(b, v, c, depth + 1);
+        Py_DECREF(k);
+        Py_DECREF(v);
+        if (r != RN_OK)
+            return r;
+    }
+    return buf_put(b, "}", 1) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+static int render_seq(struct buf *b, PyObject *o, const struct rctx *c, int depth)
+{
+    int is_list = PyList_CheckExact(o);
+    if (buf_put(b, "[", 1) < 0)
+        return RN_FALLBACK;
+    for (Py_ssize_t i = 0; i < (is_list ? PyList_GET_SIZE(o) : PyTuple_GET_SIZE(o)); i++) {
+        if (i && buf_put(b, ",", 1) < 0)
+            return RN_FALLBACK;
+        PyObject *item = is_list ? PyList_GET_ITEM(o, i) : PyTuple_GET_ITEM(o, i);
+        Py_INCREF(item);
+        int r = render(b, item, c, depth + 1);
+        Py_DECREF(item);
+        if (r != RN_OK)
+            return r;
+    }
+    return buf_put(b, "]", 1) < 0 ? RN_FALLBACK : RN_OK;
+}
+
+/* A value orjson hands to default(), and this renderer may too: not one of the natively
+ * serialized types (nor a dataclass, nor numpy's). */
+static int goes_to_default(PyObject *o, const struct rctx *c)
+{
+    PyTypeObject *t = Py_TYPE(o);
+    if (strncmp(t->tp_name, "numpy.", 6) == 0)
+        return 0;
+    if (!c->native)
+        return 0;
+    int r = PyObject_IsInstance(o, c->native);
+    if (r != 0) {
+        if (r < 0)
+            PyErr_Clear();
+        return 0;
+    }
+    return c->stdlib || !PyObject_HasAttrString((PyObject *)t, "__dataclass_fields__");
+}
+
+static int render(struct buf *b, PyObject *o, const struct rctx *c, int depth)
+{
+    if (depth > MAX_DEPTH)
+        return RN_FALLBACK;
+    if (PyUnicode_CheckExact(o))
+        return render_str(b, o);
+    if (o == Py_None)
+        return buf_put(b, "null", 4) < 0 ? RN_FALLBACK : RN_OK;
+    if (o == Py_True)
+        return buf_put(b, "true", 4) < 0 ? RN_FALLBACK : RN_OK;
+    if (o == Py_False)
+        return buf_put(b, "false", 5) < 0 ? RN_FALLBACK : RN_OK;
+    if (PyLong_CheckExact(o))
+        return render_int(b, o, c->stdlib);
+    if (PyFloat_CheckExact(o))
+        return render_float(b, PyFloat_AS_DOUBLE(o), c->stdlib);
+    if (PyDict_CheckExact(o))
+        return render_dict(b, o, c, depth);
+    if (PyList_CheckExact(o) || PyTuple_CheckExact(o))
+        return render_seq(b, o, c, depth);
+    if (!c->deflt || !goes_to_default(o, c))
+        return RN_FALLBACK;
+    PyObject *d = c->deflt == (PyObject *)&PyUnicode_Type ? PyObject_Str(o) : PyObject_CallOneArg(c->deflt, o);
+    if (!d) { /* orjson raises; let the Python path raise it */
+        PyErr_Clear();
+        return RN_FALLBACK;
+    }
+    int r = render(b, d, c, depth + 1);
+    Py_DECREF(d);
+    return r;
+}
+
+/* render(obj, default, native_types, stdlib) -> bytes (orjson.dumps(obj, default=default), or
+ * with stdlib true json.dumps's compact form), or None when this renderer cannot produce exactly
+ * those bytes. For the tests and for callers outside structlog. */
+static PyObject *py_render(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *o, *deflt, *native;
+    int stdlib;
+    if (!PyArg_ParseTuple(args, "OOO!p:render", &o, &deflt, &PyTuple_Type, &native, &stdlib))
+        return NULL;
+    struct rctx c = {deflt == Py_None ? NULL : deflt, native, stdlib};
+    struct buf b;
+    buf_init(&b);
+    int r = render(&b, o, &c, 0);
+    PyObject *out = r == RN_OK ? PyBytes_FromStringAndSize(b.p, (Py_ssize_t)b.len) : Py_NewRef(Py_None);
+    buf_free(&b);
+    return out;
+}
+
+/* -- timestamps: datetime.now(timezone.utc).isoformat().replace("+00:00", "Z") ---------------- */
+
+/* datetime.now floors the system clock to microseconds; isoformat drops a zero fraction. */
+static size_t iso_utc(char *out, time_t sec, long usec, time_t *cached_sec, char *cached)
+{
+    if (sec != *cached_sec) {
+        struct tm tm;
+        gmtime_r(&sec, &tm);
+        snprintf(cached, 80, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                 tm.tm_min, tm.tm_sec);
+        *cached_sec = sec;
+    }
+    size_t n = strlen(cached);
+    memcpy(out, cached, n);
+    if (usec)
+        n += (size_t)snprintf(out + n, 16, ".%06ld", usec);
+    out[n++] = 'Z';
+    out[n] = 0;
+    return n;
+}
+
+static PyObject *py_iso_utc(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    long long sec;
+    long usec;
+    if (!PyArg_ParseTuple(args, "Ll:iso_utc", &sec, &usec))
+        return NULL;
+    char out[128], cached[80];
+    time_t cs = (time_t)-1;
+    size_t n = iso_utc(out, (time_t)sec, usec, &cs, cached);
+    return PyUnicode_FromStringAndSize(out, (Py_ssize_t)n);
+}
+
+/* -- Stage: the fused default pipeline ----------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *procs;       /* the processors list configure() installed */
+    PyObject *snapshot;    /* tuple of its items when installed: a changed list is not fused */
+    PyObject *logger_type; /* LogsinkLogger */
+    struct rctx rc;        /* the renderer's default (str), native types (owned), stdlib json or orjson */
+    PyObject *stack_proc, *exc_proc, *renderer; /* the Python processors, for what is not fused */
+    PyObject *interpolate; /* structlog._native._maybe_interpolate */
+    PyObject *resolve;     /* resolve(client) -> (p_cdata, address) */
+    PyObject *failed;      /* failed(client, ret, data): fork reopen or the Python exception */
+    PyObject *var_keys;    /* ContextVar -> event dict key (str), or None: not structlog's */
+    PyObject *last_p;      /* the client's _p object the cached address belongs to */
+    uintptr_t last_addr;
+    ls_write_fn try_write, write;
+    time_t ts_sec;
+    char ts_text[80];
+    unsigned long long fused, fallbacks;
+} Stage;
+
+static PyObject *s_context, *s_processors, *s_logger, *s_client, *s_p, *s_msg, *s_level, *s_timestamp, *s_event,
+    *s_stack_info, *s_exc_info, *s_name, *s_proxy, *s_prefix, *s_warning, *s_error, *s_warn, *s_exception;
+
+static int stage_init(Stage *s, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"processors", "logger_type", "default", "native_types", "stdlib", "stack_proc", "exc_proc",
+                            "renderer", "interpolate", "resolve", "failed", "try_write", "write", NULL};
+    PyObject *procs, *lt, *df, *nt, *sp, *ep, *rn, *ip, *rs, *fl;
+    int stdlib;
+    unsigned long long tw, w;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOO!pOOOOOOKK:Stage", names, &PyList_Type, &procs, &lt, &df,
+                                     &PyTuple_Type, &nt, &stdlib, &sp, &ep, &rn, &ip, &rs, &fl, &tw, &w))
+        return -1;
+    if (!tw || !w) {
+        PyErr_SetString(PyExc_ValueError, "Stage needs the addresses of ls_producer_try_write and ls_producer_write");
+        return -1;
+    }
+    PyObject *snap = PyList_AsTuple(procs), *vk = PyDict_New();
+    if (!snap || !vk) {
+        Py_XDECREF(snap);
+        Py_XDECREF(vk);
+        return -1;
+    }
+    Py_XSETREF(s->procs, Py_NewRef(procs));
+    Py_XSETREF(s->snapshot, snap);
+    Py_XSETREF(s->logger_type, Py_NewRef(lt));
+    Py_XSETREF(s->rc.deflt, Py_NewRef(df));
+    Py_XSETREF(s->rc.native, Py_NewRef(nt));
+    s->rc.stdlib = stdlib;
+    Py_XSETREF(s->stack_proc, Py_NewRef(sp));
+    Py_XSETREF(s->exc_proc, Py_NewRef(ep));
+    Py_XSETREF(s->renderer, Py_NewRef(rn));
+    Py_XSETREF(s->interpolate, Py_NewRef(ip));
+    Py_XSETREF(s->resolve, Py_NewRef(rs));
+    Py_XSETREF(s->failed, Py_NewRef(fl));
+    Py_XSETREF(s->var_keys, vk);
+    Py_CLEAR(s->last_p);
+    s->try_write = (ls_write_fn)(uintptr_t)tw;
+    s->write = (ls_write_fn)(uintptr_t)w;
+    s->ts_sec = (time_t)-1;
+    return 0;
+}
+
+static int stage_traverse(Stage *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->procs);
+    Py_VISIT(s->snapshot);
+    Py_VISIT(s->logger_type);
+    Py_VISIT(s->rc.deflt);
+    Py_VISIT(s->rc.native);
+    Py_VISIT(s->stack_proc);
+    Py_VISIT(s->exc_proc);
+    Py_VISIT(s->renderer);
+    Py_VISIT(s->interpolate);
+    Py_VISIT(s->resolve);
+    Py_VISIT(s->failed);
+    Py_VISIT(s->var_keys);
+    Py_VISIT(s->last_p);
+    return 0;
+}
+
+static int stage_clear(Stage *s)
+{
+    Py_CLEAR(s->procs);
+    Py_CLEAR(s->snapshot);
+    Py_CLEAR(s->logger_type);
+    Py_CLEAR(s->rc.deflt);
+    Py_CLEAR(s->rc.native);
+    Py_CLEAR(s->stack_proc);
+    Py_CLEAR(s->exc_proc);
+    Py_CLEAR(s->renderer);
+    Py_CLEAR(s->interpolate);
+    Py_CLEAR(s->resolve);
+    Py_CLEAR(s->failed);
+    Py_CLEAR(s->var_keys);
+    Py_CLEAR(s->last_p);
+    return 0;
+}
+
+static void stage_dealloc(Stage *s)
+{
+    PyObject_GC_UnTrack(s);
+    stage_clear(s);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* The processors are still the ones configure() installed, unchanged. */
+static int stage_matches(Stage *s, PyObject *procs)
+{
+    if (procs != s->procs)
+        return 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(s->snapshot);
+    if (PyList_GET_SIZE(procs) != n)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyList_GET_ITEM(procs, i) != PyTuple_GET_ITEM(s->snapshot, i))
+            return 0;
+    return 1;
+}
+
+/* merge_contextvars: for each context variable set in this context whose name starts with
+ * "structlog_" and whose value is not Ellipsis, setdefault(name without the prefix, value), in
+ * the context's iteration order. The key of each variable is looked up once. */
+static int merge_contextvars(Stage *s, PyObject *d)
+{
+    PyObject *ctx = PyContext_CopyCurrent();
+    if (!ctx)
+        return -1;
+    PyObject *it = PyObject_GetIter(ctx);
+    if (!it) {
+        Py_DECREF(ctx);
+        return -1;
+    }
+    PyObject *var;
+    int rc = 0;
+    while (rc == 0 && (var = PyIter_Next(it))) {
+        PyObject *key = PyDict_GetItemWithError(s->var_keys, var);
+        if (key) {
+            Py_INCREF(key);
+        } else if (!PyErr_Occurred()) {
+            PyObject *name = PyObject_GetAttr(var, s_name);
+            if (name && PyUnicode_Check(name) && PyUnicode_Tailmatch(name, s_prefix, 0, 10, -1) == 1)
+                key = PyUnicode_Substring(name, 10, PyUnicode_GET_LENGTH(name));
+            else if (name)
+                key = Py_NewRef(Py_None);
+            Py_XDECREF(name);
+            /* Context variables live as long as their module: a bounded cache of their keys. */
+            if (key && PyDict_GET_SIZE(s->var_keys) < 4096 && PyDict_SetItem(s->var_keys, var, key) < 0)
+                rc = -1;
+        }
+        if (!key)
+            rc = -1;
+        if (rc == 0 && key != Py_None) {
+            PyObject *v = PyObject_GetItem(ctx, var);
+            if (!v)
+                rc = -1;
+            else {
+                if (v != Py_Ellipsis && !PyDict_SetDefault(d, key, v))
+                    rc = -1;
+                Py_DECREF(v);
+            }
+        }
+        Py_XDECREF(key);
+        Py_DECREF(var);
+    }
+    if (rc == 0 && PyErr_Occurred())
+        rc = -1;
+    Py_DECREF(it);
+    Py_DECREF(ctx);
+    return rc;
+}
+
+static PyObject *level_name(PyObject *name)
+{
+    /* structlog.processors.add_log_level: map_method_name */
+    if (PyUnicode_Compare(name, s_warn) == 0)
+        return s_warning;
+    if (PyUnicode_Compare(name, s_exception) == 0)
+        return s_error;
+    return name;
+}
+
+/* The fallback for events emit() does not fuse: structlog's own path. */
+static PyObject *proxy(PyObject *self, PyObject *name, PyObject *event, PyObject *kw)
+{
+    PyObject *meth = PyObject_GetAttr(self, s_proxy);
+    if (!meth)
+        return NULL;
+    PyObject *args = PyTuple_Pack(2, name, event);
+    PyObject *r = args ? PyObject_Call(meth, args, kw) : NULL;
+    Py_XDECREF(args);
+    Py_DECREF(meth);
+    return r;
+}
+
+/* Hand the line to the producer of logger._client. */
+static PyObject *stage_write(Stage *s, PyObject *logger, const char *data, size_t len)
+{
+    PyObject *client = PyObject_GetAttr(logger, s_client);
+    if (!client)
+        return NULL;
+    PyObject *p = PyObject_GetAttr(client, s_p);
+    if (!p) {
+        Py_DECREF(client);
+        return NULL;
+    }
+    if (p != s->last_p) { /* a new connection (fork, first use), or closed (NULL: address 0) */
+        PyObject *addr = PyObject_CallOneArg(s->resolve, client);
+        unsigned long long a = addr ? PyLong_AsUnsignedLongLong(addr) : 0;
+        Py_XDECREF(addr);
+        if (PyErr_Occurred()) {
+            Py_DECREF(p);
+            Py_DECREF(client);
+            return NULL;
+        }
+        Py_XSETREF(s->last_p, Py_NewRef(p));
+        s->last_addr = (uintptr_t)a;
+    }
+    Py_DECREF(p);
+    int r = -EBADF;
+    void *prod = (void *)s->last_addr;
+    if (prod) {
+        r = s->try_write(prod, data, len);
+        if (r == (int)len)
+            r = 0;
+        else if (r == -EAGAIN) { /* every segment pinned: wait for a release without the GIL */
+            Py_BEGIN_ALLOW_THREADS
+            r = s->write(prod, data, len);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyObject *ret;
+    if (r == 0) {
+        ret = Py_NewRef(Py_None);
+    } else {
+        PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+        ret = bytes ? PyObject_CallFunction(s->failed, "OiO", client, r, bytes) : NULL;
+        Py_XDECREF(bytes);
+    }
+    Py_DECREF(client);
+    return ret;
+}
+
+static PyObject *stage_emit_dict(Stage *s, PyObject *logger, PyObject *name, PyObject *d)
+{
+    PyObject *lvl = level_name(name);
+    if (PyDict_SetItem(d, s_level, lvl) < 0)
+        return NULL;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char tbuf[128];
+    size_t tn = iso_utc(tbuf, ts.tv_sec, ts.tv_nsec / 1000, &s->ts_sec, s->ts_text);
+    PyObject *tstr = PyUnicode_FromStringAndSize(tbuf, (Py_ssize_t)tn);
+    if (!tstr)
+        return NULL;
+    int rc = PyDict_SetItem(d, s_timestamp, tstr);
+    Py_DECREF(tstr);
+    if (rc < 0)
+        return NULL;
+    Py_INCREF(d);
+    if ((rc = PyDict_Contains(d, s_stack_info)) != 0) {
+        PyObject *nd = rc < 0 ? NULL : PyObject_CallFunctionObjArgs(s->stack_proc, logger, name, d, NULL);
+        Py_DECREF(d);
+        if (!nd)
+            return NULL;
+        d = nd;
+    }
+    if (PyDict_CheckExact(d) && (rc = PyDict_Contains(d, s_exc_info)) != 0) {
+        PyObject *nd = rc < 0 ? NULL : PyObject_CallFunctionObjArgs(s->exc_proc, logger, name, d, NULL);
+        Py_DECREF(d);
+        if (!nd)
+            return NULL;
+        d = nd;
+    }
+    struct buf b;
+    buf_init(&b);
+    PyObject *ret;
+    if (PyDict_CheckExact(d) && render(&b, d, &s->rc, 0) == RN_OK && buf_put(&b, "\n", 1) == 0) {
+        s->fused++;
+        ret = stage_write(s, logger, b.p, b.len);
+    } else {
+        s->fallbacks++;
+        PyObject *line = PyObject_CallFunctionObjArgs(s->renderer, logger, name, d, NULL);
+        ret = line ? PyObject_CallMethodOneArg(logger, s_msg, line) : NULL;
+        Py_XDECREF(line);
+    }
+    buf_free(&b);
+    Py_DECREF(d);
+    return ret;
+}
+
+/* emit(bound_logger, method_name, event, args, kw): what the filtering bound logger's method
+ * does with the default processors, fused. Anything else goes through structlog's own path. */
+static PyObject *stage_emit(Stage *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_Check(args[3]) || !PyDict_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "emit(bound_logger, method_name, event, args, kw)");
+        return NULL;
+    }
+    PyObject *self = args[0], *name = args[1], *event = args[2], *eargs = args[3], *kw = args[4];
+    PyObject *procs = PyObject_GetAttr(self, s_processors);
+    if (!procs)
+        return NULL;
+    int ok = PyList_CheckExact(procs) && stage_matches(s, procs);
+    Py_DECREF(procs);
+    PyObject *logger = PyObject_GetAttr(self, s_logger);
+    if (!logger)
+        return NULL;
+    if (PyTuple_GET_SIZE(eargs)) {
+        event = PyObject_CallFunctionObjArgs(s->interpolate, event, eargs, NULL);
+        if (!event) {
+            Py_DECREF(logger);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(event);
+    }
+    PyObject *ret = NULL;
+    if (!ok || (PyObject *)Py_TYPE(logger) != s->logger_type) {
+        ret = proxy(self, name, event, kw);
+        goto out;
+    }
+    PyObject *ctx = PyObject_GetAttr(self, s_context);
+    if (!ctx)
+        goto out;
+    PyObject *d = PyDict_Copy(ctx);
+    Py_DECREF(ctx);
+    if (!d)
+        goto out;
+    if (PyDict_Update(d, kw) < 0 || (event != Py_None && PyDict_SetItem(d, s_event, event) < 0) ||
+        merge_contextvars(s, d) < 0) {
+        Py_DECREF(d);
+        goto out;
+    }
+    ret = stage_emit_dict(s, logger, name, d);
+    Py_DECREF(d);
+out:
+    Py_DECREF(event);
+    Py_DECREF(logger);
+    return ret;
+}
+
+static PyObject *stage_get_fused(Stage *s, void *c)
+{
+    (void)c;
+    return PyLong_FromUnsignedLongLong(s->fused);
+}
+
+static PyObject *stage_get_fallbacks(Stage *s, void *c)
+{
+    (void)c;
+    return PyLong_FromUnsignedLongLong(s->fallbacks);
+}
+
+static PyMethodDef stage_methods[] = {
+    {"emit", (PyCFunction)(void (*)(void))stage_emit, METH_FASTCALL,
+     "emit(bound_logger, method_name, event, args, kw): log one event through the fused pipeline"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef stage_getset[] = {
+    {"fused", (getter)stage_get_fused, NULL, "events rendered and written in C", NULL},
+    {"fallbacks", (getter)stage_get_fallbacks, NULL, "events the C renderer handed to the Python renderer", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StageType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "logsink._fastlog.Stage",
+    .tp_basicsize = sizeof(Stage),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "structlog's default logsink pipeline, fused (see logsink.structlog)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)stage_init,
+    .tp_dealloc = (destructor)stage_dealloc,
+    .tp_traverse = (traverseproc)stage_traverse,
+    .tp_clear = (inquiry)stage_clear,
+    .tp_methods = stage_methods,
+    .tp_getset = stage_getset,
+};
+
+static PyMethodDef module_methods[] = {
+    {"render", py_render, METH_VARARGS,
+     "render(obj, default, native_types, stdlib) -> bytes as the serializer writes them, or None if not exactly"},
+    {"iso_utc", py_iso_utc, METH_VARARGS, "iso_utc(sec, usec) -> str: TimeStamper(fmt='iso', utc=True)'s text"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "logsink._fastlog", .m_doc = "structlog's default logsink pipeline in C",
+    .m_size = -1, .m_methods = module_methods,
+};
+
+#define INTERN(var, text)                                                                                              \
+    do {                                                                                                               \
+        if (!(var = PyUnicode_InternFromString(text)))                                                                 \
+            return NULL;                                                                                               \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__fastlog(void)
+{
+    INTERN(s_context, "_context");
+    INTERN(s_processors, "_processors");
+    INTERN(s_logger, "_logger");
+    INTERN(s_client, "_client");
+    INTERN(s_p, "_p");
+    INTERN(s_msg, "msg");
+    INTERN(s_level, "level");
+    INTERN(s_timestamp, "timestamp");
+    INTERN(s_event, "event");
+    INTERN(s_stack_info, "stack_info");
+    INTERN(s_exc_info, "exc_info");
+    INTERN(s_name, "name");
+    INTERN(s_proxy, "_proxy_to_logger");
+    INTERN(s_prefix, "structlog_");
+    INTERN(s_warning, "warning");
+    INTERN(s_error, "error");
+    INTERN(s_warn, "warn");
+    INTERN(s_exception, "exception");
+    if (PyType_Ready(&StageType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Stage", (PyObject *)&StageType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
