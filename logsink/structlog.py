@@ -26,9 +26,9 @@ except ImportError:  # a build without the extension: everything takes structlog
 __all__ = ["LogsinkLogger", "LogsinkLoggerFactory", "configure", "json_serializer", "native_stats"]
 
 try:
-    import orjson  # type: ignore[import-not-found]
+    import orjson  # type: ignore[import-not-found,unused-ignore]
 except ImportError:
-    orjson = None
+    orjson = None  # type: ignore[assignment,unused-ignore]
 
 # The types the serializer writes itself, not through default=str: a value of one of these that is
 # not exactly str/int/float/dict/list/tuple makes the fused stage hand the event to the serializer.
