@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
 from typing import Any
 
 from logsink.client import Client
+
+try:
+    from logsink import _fastlog  # type: ignore[attr-defined]
+except ImportError:  # a build without the extension: handle() stays in Python
+    _fastlog = None
 
 __all__ = ["JsonFormatter", "LogsinkHandler"]
 
@@ -79,7 +85,7 @@ class LogsinkHandler(logging.Handler):
         self.client = Client(stream, **client_options)
         self._names: dict[str, bytes] = {}  # logger name -> its UTF-8 bytes
 
-    def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:  # type: ignore[override]
+    def _handle_slow(self, record: logging.LogRecord) -> bool | logging.LogRecord:
         # Handler.handle would hold self.lock around emit(); the Client serialises appends itself.
         if self.filters:
             rv = self.filter(record)
@@ -89,6 +95,17 @@ class LogsinkHandler(logging.Handler):
                 record = rv
         self.emit(record)
         return True
+
+    # handle(): in C (logsink._fastlog.handler_handle) for a plain LogRecord, the default
+    # JsonFormatter, no filters and no exception or stack text: the record's fields go straight to
+    # the JSON line in the arena, the bytes format() would give. Everything else: _handle_slow.
+    handle = _fastlog.handler_handle if _fastlog is not None else _handle_slow  # type: ignore[assignment]
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        # A subclass with its own emit/format/filter gets them called: the C path bypasses them.
+        super().__init_subclass__(**kw)
+        if any(name in cls.__dict__ for name in ("emit", "format", "filter", "_handle_slow")) and "handle" not in cls.__dict__:
+            cls.handle = LogsinkHandler._handle_slow  # type: ignore[method-assign,assignment]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -135,3 +152,33 @@ class LogsinkHandler(logging.Handler):
             pass
         finally:
             super().close()
+
+
+def _resolve(client: Client) -> int:
+    """The address of the client's C producer (0: closed); the C path caches it per connection."""
+    from logsink._native import ffi
+
+    if client._closed or client._p == ffi.NULL:
+        return 0
+    return int(ffi.cast("uintptr_t", client._p))
+
+
+def _write_failed(client: Client, ret: int, data: bytes) -> None:
+    """A write the C path could not complete: reconnect in a forked child, else the Client's error
+    (handle() then passes the record to emit(), whose handleError reports it)."""
+    if ret == -errno.ECHILD:
+        client._reopen_after_fork()
+        client.write(data)
+    elif ret == -errno.EBADF:
+        client.write(data)  # closed: the Client's own ValueError
+    else:
+        raise client._error(ret, "write")
+
+
+if _fastlog is not None:
+    from logsink._native import ffi as _ffi
+    from logsink._native import lib as _lib
+
+    _fastlog.handler_setup(JsonFormatter, logging.LogRecord, _resolve, _write_failed,
+                           int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_try_write"))),
+                           int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_write"))))

@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdint.h>
 #include <math.h>
 #include <string.h>
 #include <time.h>
@@ -77,11 +78,66 @@ static int buf_put(struct buf *b, const char *s, size_t n)
     return 0;
 }
 
+/* Any byte of w that JSON escapes (< 0x20, '"', '\\')? Exact as a yes/no for the 8 bytes. */
+static inline int word_needs_escape(uint64_t w)
+{
+    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+    uint64_t q = w ^ (ones * '"'), bs = w ^ (ones * '\\');
+    return (((w - ones * 0x20) & ~w) | ((q - ones) & ~q) | ((bs - ones) & ~bs)) & high ? 1 : 0;
+}
+
+/* s as a JSON string body into dst (room for 6 * n): the escaping of ls_render_json_string, with
+ * clean 8-byte runs copied whole. Returns the bytes written. */
+static size_t escape_into(char *dst, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char *o = dst;
+    size_t i = 0;
+    while (i < n) {
+        if (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (!word_needs_escape(w)) {
+                memcpy(o, &w, 8);
+                o += 8;
+                i += 8;
+                continue;
+            }
+        }
+        unsigned char c = (unsigned char)s[i++];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = hex[c >> 4];
+            *o++ = hex[c & 15];
+        }
+    }
+    return (size_t)(o - dst);
+}
+
 static int buf_string(struct buf *b, const char *s, size_t n)
 {
     if (buf_reserve(b, 6 * n + 2) < 0)
         return -1;
-    b->len += ls_render_json_string(b->p + b->len, b->cap - b->len, s, n);
+    char *o = b->p + b->len;
+    *o++ = '"';
+    o += escape_into(o, s, n);
+    *o++ = '"';
+    b->len = (size_t)(o - b->p);
     return 0;
 }
 
@@ -746,9 +802,249 @@ static PyTypeObject StageType = {
     .tp_getset = stage_getset,
 };
 
+/* -- logging: LogsinkHandler.handle for the default JsonFormatter ------------------------------- */
+
+/* Set once by logsink.logging (handler_setup): what a record must be for the C path, and how to
+ * reach the producer. Anything else - filters, another formatter, a LogRecord subclass, exception
+ * or stack text, a message that is not valid UTF-8 - goes to the handler's Python emit(). */
+static struct {
+    PyObject *formatter_type, *record_type, *resolve, *failed, *levels; /* levels: levelname -> lower-case str */
+    PyObject *last_p;
+    uintptr_t last_addr;
+    ls_write_fn try_write, write;
+    time_t ts_sec;
+    char ts_text[80];
+} H;
+
+static PyObject *s_filters, *s_formatter, *s_extra_fields, *s_created, *s_levelname, *s_msg_attr, *s_args, *s_exc_info_attr,
+    *s_exc_text, *s_stack_info_attr, *s_client_attr, *s_emit;
+
+static PyObject *py_handler_setup(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *ft, *rt, *rs, *fl;
+    unsigned long long tw, w;
+    if (!PyArg_ParseTuple(args, "OOOOKK:handler_setup", &ft, &rt, &rs, &fl, &tw, &w))
+        return NULL;
+    PyObject *levels = PyDict_New();
+    if (!levels)
+        return NULL;
+    Py_XSETREF(H.formatter_type, Py_NewRef(ft));
+    Py_XSETREF(H.record_type, Py_NewRef(rt));
+    Py_XSETREF(H.resolve, Py_NewRef(rs));
+    Py_XSETREF(H.failed, Py_NewRef(fl));
+    Py_XSETREF(H.levels, levels);
+    Py_CLEAR(H.last_p);
+    H.try_write = (ls_write_fn)(uintptr_t)tw;
+    H.write = (ls_write_fn)(uintptr_t)w;
+    H.ts_sec = (time_t)-1;
+    Py_RETURN_NONE;
+}
+
+/* The attribute, or NULL with no error set when it is missing. */
+static PyObject *attr(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v)
+        PyErr_Clear();
+    return v;
+}
+
+/* Is the attribute missing, None, or false? (-1: error) */
+static int attr_false(PyObject *o, PyObject *name)
+{
+    PyObject *v = attr(o, name);
+    if (!v)
+        return 1;
+    int t = v == Py_None ? 0 : PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t < 0 ? -1 : !t;
+}
+
+static int utf8(PyObject *s, const char **out, Py_ssize_t *n)
+{
+    if (!PyUnicode_Check(s))
+        return -1;
+    *out = PyUnicode_AsUTF8AndSize(s, n);
+    if (!*out) {
+        PyErr_Clear(); /* lone surrogates: the Python path writes them backslash-escaped */
+        return -1;
+    }
+    return 0;
+}
+
+/* Render the record as JsonFormatter.format does and hand it to the producer: 1 done, 0 not for
+ * this path (nothing written), -1 error set. */
+static int handler_fast(PyObject *self, PyObject *record)
+{
+    if ((PyObject *)Py_TYPE(record) != H.record_type || !H.formatter_type)
+        return 0;
+    int f = attr_false(self, s_filters);
+    if (f <= 0)
+        return f;
+    PyObject *fmt = attr(self, s_formatter);
+    if (!fmt)
+        return 0;
+    int ok = (PyObject *)Py_TYPE(fmt) == H.formatter_type && attr_false(fmt, s_extra_fields) == 1;
+    Py_DECREF(fmt);
+    if (!ok || attr_false(record, s_exc_info_attr) != 1 || attr_false(record, s_exc_text) != 1 ||
+        attr_false(record, s_stack_info_attr) != 1)
+        return PyErr_Occurred() ? -1 : 0;
+
+    PyObject *created = attr(record, s_created), *levelname = attr(record, s_levelname), *name = attr(record, s_name),
+             *msg = attr(record, s_msg_attr), *args = attr(record, s_args);
+    PyObject *text = NULL, *level = NULL, *client = NULL, *p = NULL;
+    int r = 0;
+    if (!created || !PyFloat_CheckExact(created) || !levelname || !PyUnicode_CheckExact(levelname) || !name || !msg || !args)
+        goto out;
+    /* LogRecord.getMessage: str(msg), then % args if there are any */
+    text = PyUnicode_CheckExact(msg) ? Py_NewRef(msg) : PyObject_Str(msg);
+    if (!text) {
+        r = -1;
+        goto out;
+    }
+    int has_args = args == Py_None ? 0 : PyObject_IsTrue(args);
+    if (has_args < 0) {
+        r = -1;
+        goto out;
+    }
+    if (has_args) {
+        PyObject *t = PyUnicode_Format(text, args);
+        if (!t) {
+            r = -1;
+            goto out;
+        }
+        Py_SETREF(text, t);
+    }
+    level = PyDict_GetItemWithError(H.levels, levelname);
+    if (level) {
+        Py_INCREF(level);
+    } else {
+        if (PyErr_Occurred() || !(level = PyObject_CallMethod(levelname, "lower", NULL)) ||
+            (PyDict_GET_SIZE(H.levels) < 256 && PyDict_SetItem(H.levels, levelname, level) < 0)) {
+            r = -1;
+            goto out;
+        }
+    }
+    const char *ls, *ns, *ms_text;
+    Py_ssize_t ln, nn, mn;
+    if (utf8(level, &ls, &ln) < 0 || utf8(name, &ns, &nn) < 0 || utf8(text, &ms_text, &mn) < 0)
+        goto out;
+    /* JsonFormatter._timestamp: int(created), int((created - sec) * 1000), strftime per second */
+    double c = PyFloat_AS_DOUBLE(created);
+    if (!(c >= 0 && c < 1e15))
+        goto out;
+    int64_t sec = (int64_t)c;
+    if ((time_t)sec != H.ts_sec) {
+        time_t t = (time_t)sec;
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(H.ts_text, sizeof H.ts_text, "%Y-%m-%dT%H:%M:%S", &tm);
+        H.ts_sec = (time_t)sec;
+    }
+    /* {"timestamp":"TS","level":"L","logger":"N","message":"M"}\n, as ls_render_log_json writes it */
+    int ms = (int)((c - (double)sec) * 1000);
+    struct buf b;
+    buf_init(&b);
+    if (buf_reserve(&b, 6 * ((size_t)ln + (size_t)nn + (size_t)mn) + 160) < 0) {
+        buf_free(&b);
+        goto out;
+    }
+    char *o = b.p;
+#define LIT(t) (memcpy(o, t, sizeof(t) - 1), o += sizeof(t) - 1)
+    LIT("{\"timestamp\":\"");
+    size_t tl = strlen(H.ts_text);
+    memcpy(o, H.ts_text, tl);
+    o += tl;
+    *o++ = '.';
+    *o++ = (char)('0' + ms / 100 % 10);
+    *o++ = (char)('0' + ms / 10 % 10);
+    *o++ = (char)('0' + ms % 10);
+    LIT("Z\",\"level\":\"");
+    o += escape_into(o, ls, (size_t)ln);
+    LIT("\",\"logger\":\"");
+    o += escape_into(o, ns, (size_t)nn);
+    LIT("\",\"message\":\"");
+    o += escape_into(o, ms_text, (size_t)mn);
+    LIT("\"}\n");
+#undef LIT
+    b.len = (size_t)(o - b.p);
+    client = attr(self, s_client_attr);
+    p = client ? attr(client, s_p) : NULL;
+    if (!b.len || !p) {
+        buf_free(&b);
+        goto out;
+    }
+    if (p != H.last_p) {
+        PyObject *addr = PyObject_CallOneArg(H.resolve, client);
+        unsigned long long a = addr ? PyLong_AsUnsignedLongLong(addr) : 0;
+        Py_XDECREF(addr);
+        if (PyErr_Occurred()) {
+            buf_free(&b);
+            r = -1;
+            goto out;
+        }
+        Py_XSETREF(H.last_p, Py_NewRef(p));
+        H.last_addr = (uintptr_t)a;
+    }
+    void *prod = (void *)H.last_addr;
+    int w = -EBADF;
+    if (prod) {
+        w = H.try_write(prod, b.p, b.len);
+        if (w == (int)b.len)
+            w = 0;
+        else if (w == -EAGAIN) {
+            Py_BEGIN_ALLOW_THREADS
+            w = H.write(prod, b.p, b.len);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    if (w == 0) {
+        r = 1;
+    } else {
+        PyObject *bytes = PyBytes_FromStringAndSize(b.p, (Py_ssize_t)b.len);
+        PyObject *res = bytes ? PyObject_CallFunction(H.failed, "OiO", client, w, bytes) : NULL;
+        Py_XDECREF(bytes);
+        Py_XDECREF(res);
+        r = res ? 1 : -1;
+    }
+    buf_free(&b);
+out:
+    Py_XDECREF(created);
+    Py_XDECREF(levelname);
+    Py_XDECREF(name);
+    Py_XDECREF(msg);
+    Py_XDECREF(args);
+    Py_XDECREF(text);
+    Py_XDECREF(level);
+    Py_XDECREF(client);
+    Py_XDECREF(p);
+    return r;
+}
+
+/* LogsinkHandler.handle(record): the C path when it applies, else the handler's Python
+ * _handle_slow(record) (filters, formatters, handleError: the stdlib's behaviour). An error on
+ * the C path (a bad % format, a lost daemon) goes there too, which reports it through
+ * handleError as logging does. */
+static PyObject *py_handler_handle(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "handle(record)");
+        return NULL;
+    }
+    int r = handler_fast(args[0], args[1]);
+    if (r == 1)
+        Py_RETURN_TRUE;
+    PyErr_Clear();
+    return PyObject_CallMethodOneArg(args[0], s_emit, args[1]);
+}
+
 static PyMethodDef module_methods[] = {
     {"render", py_render, METH_VARARGS,
      "render(obj, default, native_types, stdlib) -> bytes as the serializer writes them, or None if not exactly"},
+    {"handler_setup", py_handler_setup, METH_VARARGS,
+     "handler_setup(JsonFormatter, LogRecord, resolve, failed, try_write, write): configure the logging fast path"},
     {"iso_utc", py_iso_utc, METH_VARARGS, "iso_utc(sec, usec) -> str: TimeStamper(fmt='iso', utc=True)'s text"},
     {NULL, NULL, 0, NULL},
 };
@@ -784,12 +1080,32 @@ PyMODINIT_FUNC PyInit__fastlog(void)
     INTERN(s_error, "error");
     INTERN(s_warn, "warn");
     INTERN(s_exception, "exception");
+    INTERN(s_filters, "filters");
+    INTERN(s_formatter, "formatter");
+    INTERN(s_extra_fields, "extra_fields");
+    INTERN(s_created, "created");
+    INTERN(s_levelname, "levelname");
+    INTERN(s_msg_attr, "msg");
+    INTERN(s_args, "args");
+    INTERN(s_exc_info_attr, "exc_info");
+    INTERN(s_exc_text, "exc_text");
+    INTERN(s_stack_info_attr, "stack_info");
+    INTERN(s_client_attr, "client");
+    INTERN(s_emit, "_handle_slow");
     if (PyType_Ready(&StageType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Stage", (PyObject *)&StageType) < 0) {
+    /* handler_handle binds like a Python function (instancemethod): a class attribute that is a
+     * method of the instance, with no Python frame in between. */
+    static PyMethodDef handle_def = {"handle", (PyCFunction)(void (*)(void))py_handler_handle, METH_FASTCALL,
+                                     "LogsinkHandler.handle(record) in C (see logsink.logging)"};
+    PyObject *fn = PyCFunction_New(&handle_def, NULL);
+    PyObject *im = fn ? PyInstanceMethod_New(fn) : NULL;
+    Py_XDECREF(fn);
+    if (!im || PyModule_AddObjectRef(m, "Stage", (PyObject *)&StageType) < 0 || PyModule_AddObject(m, "handler_handle", im) < 0) {
+        Py_XDECREF(im);
         Py_DECREF(m);
         return NULL;
     }
