@@ -15,7 +15,7 @@ try:
 except ImportError:  # a build without the extension: handle() stays in Python
     _fastlog = None
 
-__all__ = ["JsonFormatter", "LogsinkHandler"]
+__all__ = ["FastLogger", "JsonFormatter", "LogsinkHandler", "use_fast_loggers"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 # Level names as the JSON shows them; logger names' bytes (a service has tens, not thousands).
@@ -68,6 +68,11 @@ class LogsinkHandler(logging.Handler):
     thread-safe), so a slow formatter in one thread never stalls logging in another.
     ``logging.config.dictConfig`` can create it: ``{"()": "logsink.logging.LogsinkHandler", "stream": "app"}``
     or ``"class": "logsink.logging.LogsinkHandler"``.
+
+    With ``fast_loggers`` (the default) creating it calls ``use_fast_loggers()``: loggers of the
+    plain ``logging.Logger`` class become ``FastLogger``, which renders a record in C without
+    making the LogRecord when this handler, with the default formatter and no filters, is the only
+    one the record would reach. Pass ``fast_loggers=False`` to leave the logger classes alone.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class LogsinkHandler(logging.Handler):
         formatter: logging.Formatter | None = None,
         level: int | str = logging.NOTSET,
         flush_timeout: float | None = 5.0,
+        fast_loggers: bool = True,
         **client_options: Any,
     ):
         super().__init__(level)
@@ -84,6 +90,10 @@ class LogsinkHandler(logging.Handler):
         self.flush_timeout = flush_timeout
         self.client = Client(stream, **client_options)
         self._names: dict[str, bytes] = {}  # logger name -> its UTF-8 bytes
+        if fast_loggers:
+            # Half of a record's cost is the LogRecord (findCaller, __init__): FastLogger skips it
+            # when this handler would be the record's only reader, with the same output.
+            use_fast_loggers()
 
     def _handle_slow(self, record: logging.LogRecord) -> bool | logging.LogRecord:
         # Handler.handle would hold self.lock around emit(); the Client serialises appends itself.
@@ -175,10 +185,54 @@ def _write_failed(client: Client, ret: int, data: bytes) -> None:
         raise client._error(ret, "write")
 
 
+def _logger_log(logger: logging.Logger, level: int, msg: object, args: Any) -> bool:
+    return False  # without logsink._fastlog: always the stdlib path (replaced below)
+
+
+class FastLogger(logging.Logger):
+    """A ``logging.Logger`` that skips making a LogRecord nobody would see.
+
+    When the record would reach exactly one handler, a ``LogsinkHandler`` with the default
+    ``JsonFormatter`` and no filters, the logger has no filters, the record factory is
+    ``logging.LogRecord`` and the call has no ``exc_info``, ``extra`` or ``stack_info``, the line
+    is rendered in C from the call's arguments: the same bytes, without ``findCaller`` and
+    ``LogRecord.__init__``. Otherwise it is ``logging.Logger``. See ``use_fast_loggers``.
+    """
+
+    def _log(self, level: int, msg: object, args: Any, exc_info: Any = None, extra: Any = None, stack_info: bool = False, stacklevel: int = 1) -> None:
+        if exc_info is None and extra is None and not stack_info and _logger_log(self, level, msg, args):
+            return
+        super()._log(level, msg, args, exc_info, extra, stack_info, stacklevel + 1)
+
+
+class _FastRootLogger(FastLogger, logging.RootLogger):
+    """The root logger, as a FastLogger (``logging.info()`` and friends)."""
+
+
+def use_fast_loggers() -> None:
+    """Make every ``logging.Logger`` a ``FastLogger``: those that exist (their class is changed in
+    place; their handlers, filters and levels stay) and those made later (``logging.setLoggerClass``).
+
+    Loggers of another class (a library's own subclass) are left alone. Opt-in: it changes a
+    process-wide setting, and ``findCaller`` no longer runs for the records that skip LogRecord,
+    which only a custom record factory or a handler could observe, and those turn the skip off.
+    """
+    if _fastlog is None:
+        return
+    if logging.getLoggerClass() is logging.Logger:
+        logging.setLoggerClass(FastLogger)
+    for lg in list(logging.Logger.manager.loggerDict.values()):
+        if type(lg) is logging.Logger:
+            lg.__class__ = FastLogger
+    if type(logging.root) is logging.RootLogger:
+        logging.root.__class__ = _FastRootLogger
+
+
 if _fastlog is not None:
     from logsink._native import ffi as _ffi
     from logsink._native import lib as _lib
 
-    _fastlog.handler_setup(JsonFormatter, logging.LogRecord, _resolve, _write_failed,
+    _logger_log = _fastlog.logger_log  # noqa: F811
+    _fastlog.handler_setup(LogsinkHandler, JsonFormatter, logging.LogRecord, logging, _resolve, _write_failed,
                            int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_try_write"))),
                            int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_write"))))

@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -802,35 +803,40 @@ static PyTypeObject StageType = {
     .tp_getset = stage_getset,
 };
 
-/* -- logging: LogsinkHandler.handle for the default JsonFormatter ------------------------------- */
+/* -- logging: LogsinkHandler.handle, and Logger._log, for the default JsonFormatter ------------- */
 
 /* Set once by logsink.logging (handler_setup): what a record must be for the C path, and how to
  * reach the producer. Anything else - filters, another formatter, a LogRecord subclass, exception
- * or stack text, a message that is not valid UTF-8 - goes to the handler's Python emit(). */
+ * or stack text, a message that is not valid UTF-8 - goes to the handler's Python path. */
 static struct {
-    PyObject *formatter_type, *record_type, *resolve, *failed, *levels; /* levels: levelname -> lower-case str */
+    PyObject *handler_type, *formatter_type, *record_type, *logging_mod, *resolve, *failed;
+    PyObject *levels; /* levelname -> its lower-case str */
     PyObject *last_p;
     uintptr_t last_addr;
     ls_write_fn try_write, write;
     time_t ts_sec;
     char ts_text[80];
+    unsigned long long direct, records; /* Logger._log calls that made no LogRecord; handle() in C */
 } H;
 
 static PyObject *s_filters, *s_formatter, *s_extra_fields, *s_created, *s_levelname, *s_msg_attr, *s_args, *s_exc_info_attr,
-    *s_exc_text, *s_stack_info_attr, *s_client_attr, *s_emit;
+    *s_exc_text, *s_stack_info_attr, *s_client_attr, *s_emit, *s_disabled, *s_handlers, *s_propagate, *s_parent,
+    *s_level_attr, *s_factory, *s_level_to_name;
 
 static PyObject *py_handler_setup(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    PyObject *ft, *rt, *rs, *fl;
+    PyObject *ht, *ft, *rt, *lm, *rs, *fl;
     unsigned long long tw, w;
-    if (!PyArg_ParseTuple(args, "OOOOKK:handler_setup", &ft, &rt, &rs, &fl, &tw, &w))
+    if (!PyArg_ParseTuple(args, "OOOOOOKK:handler_setup", &ht, &ft, &rt, &lm, &rs, &fl, &tw, &w))
         return NULL;
     PyObject *levels = PyDict_New();
     if (!levels)
         return NULL;
+    Py_XSETREF(H.handler_type, Py_NewRef(ht));
     Py_XSETREF(H.formatter_type, Py_NewRef(ft));
     Py_XSETREF(H.record_type, Py_NewRef(rt));
+    Py_XSETREF(H.logging_mod, Py_NewRef(lm));
     Py_XSETREF(H.resolve, Py_NewRef(rs));
     Py_XSETREF(H.failed, Py_NewRef(fl));
     Py_XSETREF(H.levels, levels);
@@ -873,11 +879,11 @@ static int utf8(PyObject *s, const char **out, Py_ssize_t *n)
     return 0;
 }
 
-/* Render the record as JsonFormatter.format does and hand it to the producer: 1 done, 0 not for
- * this path (nothing written), -1 error set. */
-static int handler_fast(PyObject *self, PyObject *record)
+/* The handler takes the C path: exactly LogsinkHandler (subclasses may override emit), no
+ * filters, the default JsonFormatter without extra fields. 1 yes, 0 no, -1 error. */
+static int handler_plain(PyObject *self)
 {
-    if ((PyObject *)Py_TYPE(record) != H.record_type || !H.formatter_type)
+    if (!H.formatter_type)
         return 0;
     int f = attr_false(self, s_filters);
     if (f <= 0)
@@ -885,56 +891,52 @@ static int handler_fast(PyObject *self, PyObject *record)
     PyObject *fmt = attr(self, s_formatter);
     if (!fmt)
         return 0;
-    int ok = (PyObject *)Py_TYPE(fmt) == H.formatter_type && attr_false(fmt, s_extra_fields) == 1;
+    int ok = (PyObject *)Py_TYPE(fmt) == H.formatter_type ? attr_false(fmt, s_extra_fields) : 0;
     Py_DECREF(fmt);
-    if (!ok || attr_false(record, s_exc_info_attr) != 1 || attr_false(record, s_exc_text) != 1 ||
-        attr_false(record, s_stack_info_attr) != 1)
-        return PyErr_Occurred() ? -1 : 0;
+    return ok;
+}
 
-    PyObject *created = attr(record, s_created), *levelname = attr(record, s_levelname), *name = attr(record, s_name),
-             *msg = attr(record, s_msg_attr), *args = attr(record, s_args);
-    PyObject *text = NULL, *level = NULL, *client = NULL, *p = NULL;
-    int r = 0;
-    if (!created || !PyFloat_CheckExact(created) || !levelname || !PyUnicode_CheckExact(levelname) || !name || !msg || !args)
-        goto out;
-    /* LogRecord.getMessage: str(msg), then % args if there are any */
-    text = PyUnicode_CheckExact(msg) ? Py_NewRef(msg) : PyObject_Str(msg);
-    if (!text) {
-        r = -1;
-        goto out;
-    }
+/* LogRecord.getMessage: str(msg), then % args if there are any. New reference or NULL (error). */
+static PyObject *get_message(PyObject *msg, PyObject *args)
+{
+    PyObject *text = PyUnicode_CheckExact(msg) ? Py_NewRef(msg) : PyObject_Str(msg);
+    if (!text)
+        return NULL;
     int has_args = args == Py_None ? 0 : PyObject_IsTrue(args);
     if (has_args < 0) {
-        r = -1;
-        goto out;
+        Py_DECREF(text);
+        return NULL;
     }
-    if (has_args) {
-        PyObject *t = PyUnicode_Format(text, args);
-        if (!t) {
-            r = -1;
-            goto out;
-        }
-        Py_SETREF(text, t);
-    }
-    level = PyDict_GetItemWithError(H.levels, levelname);
+    if (has_args)
+        Py_SETREF(text, PyUnicode_Format(text, args));
+    return text;
+}
+
+/* JsonFormatter.format's line for (created, levelname, name, message), handed to the handler's
+ * producer: 1 done, 0 not for this path (nothing written), -1 error set. */
+static int handler_write(PyObject *self, double created, PyObject *levelname, PyObject *name, PyObject *text)
+{
+    PyObject *level = PyDict_GetItemWithError(H.levels, levelname), *client = NULL, *p = NULL;
+    int r = 0;
     if (level) {
         Py_INCREF(level);
     } else {
-        if (PyErr_Occurred() || !(level = PyObject_CallMethod(levelname, "lower", NULL)) ||
-            (PyDict_GET_SIZE(H.levels) < 256 && PyDict_SetItem(H.levels, levelname, level) < 0)) {
-            r = -1;
-            goto out;
+        if (PyErr_Occurred() || !(level = PyObject_CallMethod(levelname, "lower", NULL)))
+            return -1;
+        if (PyDict_GET_SIZE(H.levels) < 256 && PyDict_SetItem(H.levels, levelname, level) < 0) {
+            Py_DECREF(level);
+            return -1;
         }
     }
     const char *ls, *ns, *ms_text;
     Py_ssize_t ln, nn, mn;
-    if (utf8(level, &ls, &ln) < 0 || utf8(name, &ns, &nn) < 0 || utf8(text, &ms_text, &mn) < 0)
-        goto out;
+    if (utf8(level, &ls, &ln) < 0 || utf8(name, &ns, &nn) < 0 || utf8(text, &ms_text, &mn) < 0 ||
+        !(created >= 0 && created < 1e15)) {
+        Py_DECREF(level);
+        return 0;
+    }
     /* JsonFormatter._timestamp: int(created), int((created - sec) * 1000), strftime per second */
-    double c = PyFloat_AS_DOUBLE(created);
-    if (!(c >= 0 && c < 1e15))
-        goto out;
-    int64_t sec = (int64_t)c;
+    int64_t sec = (int64_t)created;
     if ((time_t)sec != H.ts_sec) {
         time_t t = (time_t)sec;
         struct tm tm;
@@ -942,13 +944,14 @@ static int handler_fast(PyObject *self, PyObject *record)
         strftime(H.ts_text, sizeof H.ts_text, "%Y-%m-%dT%H:%M:%S", &tm);
         H.ts_sec = (time_t)sec;
     }
+    int ms = (int)((created - (double)sec) * 1000);
     /* {"timestamp":"TS","level":"L","logger":"N","message":"M"}\n, as ls_render_log_json writes it */
-    int ms = (int)((c - (double)sec) * 1000);
     struct buf b;
     buf_init(&b);
     if (buf_reserve(&b, 6 * ((size_t)ln + (size_t)nn + (size_t)mn) + 160) < 0) {
         buf_free(&b);
-        goto out;
+        Py_DECREF(level);
+        return 0;
     }
     char *o = b.p;
 #define LIT(t) (memcpy(o, t, sizeof(t) - 1), o += sizeof(t) - 1)
@@ -969,18 +972,17 @@ static int handler_fast(PyObject *self, PyObject *record)
     LIT("\"}\n");
 #undef LIT
     b.len = (size_t)(o - b.p);
+    Py_DECREF(level);
+
     client = attr(self, s_client_attr);
     p = client ? attr(client, s_p) : NULL;
-    if (!b.len || !p) {
-        buf_free(&b);
+    if (!p)
         goto out;
-    }
-    if (p != H.last_p) {
+    if (p != H.last_p) { /* a new connection (fork, first use), or closed (NULL: address 0) */
         PyObject *addr = PyObject_CallOneArg(H.resolve, client);
         unsigned long long a = addr ? PyLong_AsUnsignedLongLong(addr) : 0;
         Py_XDECREF(addr);
         if (PyErr_Occurred()) {
-            buf_free(&b);
             r = -1;
             goto out;
         }
@@ -993,7 +995,7 @@ static int handler_fast(PyObject *self, PyObject *record)
         w = H.try_write(prod, b.p, b.len);
         if (w == (int)b.len)
             w = 0;
-        else if (w == -EAGAIN) {
+        else if (w == -EAGAIN) { /* every segment pinned: wait for a release without the GIL */
             Py_BEGIN_ALLOW_THREADS
             w = H.write(prod, b.p, b.len);
             Py_END_ALLOW_THREADS
@@ -1008,17 +1010,39 @@ static int handler_fast(PyObject *self, PyObject *record)
         Py_XDECREF(res);
         r = res ? 1 : -1;
     }
-    buf_free(&b);
 out:
+    buf_free(&b);
+    Py_XDECREF(client);
+    Py_XDECREF(p);
+    return r;
+}
+
+/* handle(record) in C: 1 done, 0 not for this path, -1 error set. */
+static int handler_fast(PyObject *self, PyObject *record)
+{
+    if ((PyObject *)Py_TYPE(record) != H.record_type)
+        return 0;
+    int r = handler_plain(self);
+    if (r <= 0)
+        return r;
+    if (attr_false(record, s_exc_info_attr) != 1 || attr_false(record, s_exc_text) != 1 ||
+        attr_false(record, s_stack_info_attr) != 1)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *created = attr(record, s_created), *levelname = attr(record, s_levelname), *name = attr(record, s_name),
+             *msg = attr(record, s_msg_attr), *args = attr(record, s_args), *text = NULL;
+    r = 0;
+    if (created && PyFloat_CheckExact(created) && levelname && PyUnicode_CheckExact(levelname) && name && msg && args) {
+        text = get_message(msg, args);
+        r = text ? handler_write(self, PyFloat_AS_DOUBLE(created), levelname, name, text) : -1;
+    }
     Py_XDECREF(created);
     Py_XDECREF(levelname);
     Py_XDECREF(name);
     Py_XDECREF(msg);
     Py_XDECREF(args);
     Py_XDECREF(text);
-    Py_XDECREF(level);
-    Py_XDECREF(client);
-    Py_XDECREF(p);
+    if (r == 1)
+        H.records++;
     return r;
 }
 
@@ -1040,11 +1064,114 @@ static PyObject *py_handler_handle(PyObject *mod, PyObject *const *args, Py_ssiz
     return PyObject_CallMethodOneArg(args[0], s_emit, args[1]);
 }
 
+/* logger_log(logger, level, msg, args) -> bool: Logger._log without the LogRecord, when nothing
+ * could tell: the record would reach exactly one handler, a plain LogsinkHandler (see
+ * handler_plain) whose level lets it through; the logger has no filters and is not disabled;
+ * the record factory is logging.LogRecord. The caller checked exc_info, extra and stack_info are
+ * absent. False (nothing done, no error) means: make the record as usual. */
+static PyObject *py_logger_log(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 4 || !H.logging_mod)
+        Py_RETURN_FALSE;
+    PyObject *logger = args[0], *lvl = args[1], *msg = args[2], *margs = args[3];
+    if (!PyLong_CheckExact(lvl) || !PyTuple_CheckExact(margs))
+        Py_RETURN_FALSE;
+    long level = PyLong_AsLong(lvl);
+    PyObject *handler = NULL, *c = Py_NewRef(logger), *factory = NULL, *names = NULL, *levelname = NULL, *name = NULL,
+             *text = NULL, *mapping = NULL;
+    int ok = 0, r = 0;
+    if (attr_false(logger, s_disabled) != 1 || attr_false(logger, s_filters) != 1)
+        goto out;
+    /* Logger.callHandlers: the handlers of the logger and its ancestors up to one that does not propagate */
+    while (c && c != Py_None) {
+        PyObject *hs = attr(c, s_handlers);
+        if (!hs || !PyList_CheckExact(hs)) {
+            Py_XDECREF(hs);
+            goto out;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(hs);
+        if (n && (handler || n > 1)) {
+            Py_DECREF(hs);
+            goto out;
+        }
+        if (n)
+            handler = Py_NewRef(PyList_GET_ITEM(hs, 0));
+        Py_DECREF(hs);
+        int pf = attr_false(c, s_propagate);
+        if (pf < 0)
+            goto out;
+        if (pf)
+            break;
+        Py_SETREF(c, attr(c, s_parent));
+    }
+    if (!handler || (PyObject *)Py_TYPE(handler) != H.handler_type)
+        goto out;
+    PyObject *hl = attr(handler, s_level_attr);
+    long hlevel = hl && PyLong_Check(hl) ? PyLong_AsLong(hl) : LONG_MAX;
+    Py_XDECREF(hl);
+    if (level < hlevel || handler_plain(handler) != 1)
+        goto out;
+    factory = PyObject_GetAttr(H.logging_mod, s_factory);
+    names = PyObject_GetAttr(H.logging_mod, s_level_to_name);
+    if (!factory || factory != H.record_type || !names || !PyDict_CheckExact(names))
+        goto out;
+    levelname = PyDict_GetItemWithError(names, lvl);
+    Py_XINCREF(levelname);
+    name = attr(logger, s_name);
+    if (!levelname || !PyUnicode_CheckExact(levelname) || !name || !PyUnicode_Check(name))
+        goto out;
+    /* LogRecord.__init__: a lone non-empty mapping argument is the mapping itself */
+    PyObject *fargs = margs;
+    if (PyTuple_GET_SIZE(margs) == 1) {
+        PyObject *a0 = PyTuple_GET_ITEM(margs, 0);
+        if (PyDict_Check(a0)) {
+            if (PyDict_GET_SIZE(a0))
+                fargs = mapping = Py_NewRef(a0);
+        } else if (!PyUnicode_Check(a0) && !PyLong_Check(a0) && !PyFloat_Check(a0) && PyMapping_Check(a0)) {
+            goto out; /* another Mapping, maybe: leave the isinstance test to LogRecord */
+        }
+    }
+    /* LogRecord.created: time.time() (3.11/3.12) or time_ns() / 1e9 (3.13): the same double */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    double created = ns % 1000000000LL == 0 ? (double)(ns / 1000000000LL) : (double)ns / 1e9;
+    text = get_message(msg, fargs);
+    if (!text)
+        goto out;
+    r = handler_write(handler, created, levelname, name, text);
+    ok = r == 1;
+out:
+    PyErr_Clear(); /* any error: the stdlib path makes the record and reports it as logging does */
+    Py_XDECREF(handler);
+    Py_XDECREF(c);
+    Py_XDECREF(factory);
+    Py_XDECREF(names);
+    Py_XDECREF(levelname);
+    Py_XDECREF(name);
+    Py_XDECREF(text);
+    Py_XDECREF(mapping);
+    if (ok)
+        H.direct++;
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *py_logging_stats(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return Py_BuildValue("{sKsK}", "direct", H.direct, "handled", H.records);
+}
+
 static PyMethodDef module_methods[] = {
     {"render", py_render, METH_VARARGS,
      "render(obj, default, native_types, stdlib) -> bytes as the serializer writes them, or None if not exactly"},
     {"handler_setup", py_handler_setup, METH_VARARGS,
-     "handler_setup(JsonFormatter, LogRecord, resolve, failed, try_write, write): configure the logging fast path"},
+     "handler_setup(LogsinkHandler, JsonFormatter, LogRecord, logging, resolve, failed, try_write, write)"},
+    {"logger_log", (PyCFunction)(void (*)(void))py_logger_log, METH_FASTCALL,
+     "logger_log(logger, level, msg, args) -> bool: Logger._log without a LogRecord when nothing could tell"},
+    {"logging_stats", py_logging_stats, METH_NOARGS, "records the C paths of logsink.logging took"},
     {"iso_utc", py_iso_utc, METH_VARARGS, "iso_utc(sec, usec) -> str: TimeStamper(fmt='iso', utc=True)'s text"},
     {NULL, NULL, 0, NULL},
 };
@@ -1092,6 +1219,13 @@ PyMODINIT_FUNC PyInit__fastlog(void)
     INTERN(s_stack_info_attr, "stack_info");
     INTERN(s_client_attr, "client");
     INTERN(s_emit, "_handle_slow");
+    INTERN(s_disabled, "disabled");
+    INTERN(s_handlers, "handlers");
+    INTERN(s_propagate, "propagate");
+    INTERN(s_parent, "parent");
+    INTERN(s_level_attr, "level");
+    INTERN(s_factory, "_logRecordFactory");
+    INTERN(s_level_to_name, "_levelToName");
     if (PyType_Ready(&StageType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
