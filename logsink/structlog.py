@@ -142,19 +142,11 @@ def _fused_wrapper(level: int, processors: list[Any], stage: Any) -> type:
     Levels below ``level`` keep structlog's no-op methods; async methods, ``log()`` and loggers
     whose processors changed since take structlog's own path (the stage checks on each call)."""
     base = structlog.make_filtering_bound_logger(level)
-    emit = stage.emit
     methods: dict[str, Any] = {}
-
-    def method(name: str) -> Callable[..., Any]:
-        def meth(self: Any, event: Any, *args: Any, **kw: Any) -> Any:
-            return emit(self, name, event, args, kw)
-
-        meth.__name__ = meth.__qualname__ = name
-        return meth
-
     for name in ("debug", "info", "warning", "error", "critical"):
         if NAME_TO_LEVEL[name] >= level:
-            methods[name] = method(name)
+            # A C method descriptor: log.info(event, **kw) reaches the stage with no Python frame.
+            methods[name] = stage.method(name)
     for alias, name in (("warn", "warning"), ("fatal", "critical"), ("msg", "info")):
         if name in methods:
             methods[alias] = methods[name]
@@ -166,8 +158,7 @@ def _default_processors() -> list[Any]:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        # Our level methods add a frame: leave it out of stack_info like structlog's own.
-        structlog.processors.StackInfoRenderer(additional_ignores=["logsink.structlog"]),
+        structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
         structlog.processors.JSONRenderer(serializer=json_serializer()),
     ]

@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stddef.h>
 #include <limits.h>
 #include <stdint.h>
 #include <math.h>
@@ -269,7 +270,16 @@ static int render_int(struct buf *b, PyObject *o, int stdlib)
             PyErr_Clear();
             return RN_FALLBACK;
         }
-        n = snprintf(tmp, sizeof tmp, "%lld", v);
+        /* digits by hand: snprintf is most of an int's cost */
+        unsigned long long m = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+        char *e = tmp + sizeof tmp, *q = e;
+        do {
+            *--q = (char)('0' + m % 10);
+            m /= 10;
+        } while (m);
+        if (v < 0)
+            *--q = '-';
+        return buf_put(b, q, (size_t)(e - q)) < 0 ? RN_FALLBACK : RN_OK;
     }
     return buf_put(b, tmp, (size_t)n) < 0 ? RN_FALLBACK : RN_OK;
 }
@@ -402,8 +412,12 @@ static size_t iso_utc(char *out, time_t sec, long usec, time_t *cached_sec, char
     }
     size_t n = strlen(cached);
     memcpy(out, cached, n);
-    if (usec)
-        n += (size_t)snprintf(out + n, 16, ".%06ld", usec);
+    if (usec > 0 && usec < 1000000) {
+        out[n++] = '.';
+        for (int i = 5; i >= 0; i--, usec /= 10)
+            out[n + (size_t)i] = (char)('0' + usec % 10);
+        n += 6;
+    }
     out[n++] = 'Z';
     out[n] = 0;
     return n;
@@ -598,6 +612,8 @@ static int merge_contextvars(Stage *s, PyObject *d)
 static PyObject *level_name(PyObject *name)
 {
     /* structlog.processors.add_log_level: map_method_name */
+    if (name != s_warn && name != s_exception && PyUnicode_CHECK_INTERNED(name))
+        return name; /* interned and neither: a different string */
     if (PyUnicode_Compare(name, s_warn) == 0)
         return s_warning;
     if (PyUnicode_Compare(name, s_exception) == 0)
@@ -714,15 +730,29 @@ static PyObject *stage_emit_dict(Stage *s, PyObject *logger, PyObject *name, PyO
     return ret;
 }
 
-/* emit(bound_logger, method_name, event, args, kw): what the filtering bound logger's method
- * does with the default processors, fused. Anything else goes through structlog's own path. */
-static PyObject *stage_emit(Stage *s, PyObject *const *args, Py_ssize_t nargs)
+/* A call's keyword arguments: a dict (emit) or vectorcall's values and names (LevelMethod). */
+struct kwargs {
+    PyObject *dict;
+    PyObject *const *values;
+    PyObject *names;
+};
+
+static int kwargs_into(PyObject *d, const struct kwargs *kw)
 {
-    if (nargs != 5 || !PyTuple_Check(args[3]) || !PyDict_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "emit(bound_logger, method_name, event, args, kw)");
-        return NULL;
-    }
-    PyObject *self = args[0], *name = args[1], *event = args[2], *eargs = args[3], *kw = args[4];
+    if (kw->dict)
+        return PyDict_Update(d, kw->dict);
+    Py_ssize_t n = kw->names ? PyTuple_GET_SIZE(kw->names) : 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyDict_SetItem(d, PyTuple_GET_ITEM(kw->names, i), kw->values[i]) < 0)
+            return -1;
+    return 0;
+}
+
+/* What the filtering bound logger's level method does with the default processors, fused;
+ * anything else goes through structlog's own path (self._proxy_to_logger). */
+static PyObject *stage_call(Stage *s, PyObject *self, PyObject *name, PyObject *event, PyObject *eargs,
+                            const struct kwargs *kw)
+{
     PyObject *procs = PyObject_GetAttr(self, s_processors);
     if (!procs)
         return NULL;
@@ -731,7 +761,7 @@ static PyObject *stage_emit(Stage *s, PyObject *const *args, Py_ssize_t nargs)
     PyObject *logger = PyObject_GetAttr(self, s_logger);
     if (!logger)
         return NULL;
-    if (PyTuple_GET_SIZE(eargs)) {
+    if (eargs && PyTuple_GET_SIZE(eargs)) { /* structlog's _maybe_interpolate */
         event = PyObject_CallFunctionObjArgs(s->interpolate, event, eargs, NULL);
         if (!event) {
             Py_DECREF(logger);
@@ -742,17 +772,24 @@ static PyObject *stage_emit(Stage *s, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *ret = NULL;
     if (!ok || (PyObject *)Py_TYPE(logger) != s->logger_type) {
-        ret = proxy(self, name, event, kw);
+        PyObject *kwd = kw->dict ? Py_NewRef(kw->dict) : PyDict_New();
+        if (kwd && (kw->dict || kwargs_into(kwd, kw) == 0))
+            ret = proxy(self, name, event, kwd);
+        Py_XDECREF(kwd);
         goto out;
     }
     PyObject *ctx = PyObject_GetAttr(self, s_context);
     if (!ctx)
         goto out;
-    PyObject *d = PyDict_Copy(ctx);
+    /* structlog: event_dict = context.copy(); event_dict.update(**kw); event_dict["event"] = event */
+    PyObject *d = PyDict_Check(ctx) ? PyDict_Copy(ctx) : NULL;
     Py_DECREF(ctx);
-    if (!d)
+    if (!d) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "the bound logger's _context is not a dict");
         goto out;
-    if (PyDict_Update(d, kw) < 0 || (event != Py_None && PyDict_SetItem(d, s_event, event) < 0) ||
+    }
+    if (kwargs_into(d, kw) < 0 || (event != Py_None && PyDict_SetItem(d, s_event, event) < 0) ||
         merge_contextvars(s, d) < 0) {
         Py_DECREF(d);
         goto out;
@@ -763,6 +800,113 @@ out:
     Py_DECREF(event);
     Py_DECREF(logger);
     return ret;
+}
+
+/* emit(bound_logger, method_name, event, args, kw) */
+static PyObject *stage_emit(Stage *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_Check(args[3]) || !PyDict_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "emit(bound_logger, method_name, event, args, kw)");
+        return NULL;
+    }
+    struct kwargs kw = {args[4], NULL, NULL};
+    return stage_call(s, args[0], args[1], args[2], args[3], &kw);
+}
+
+/* -- LevelMethod: a bound logger's level method (info, warning, ...) as a C method --------------- */
+
+/* stage.method(name) makes one: a method descriptor (no bound-method object on obj.info(...)),
+ * called with vectorcall, so the keyword arguments go into the event dict with no **kw dict. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Stage *stage;
+    PyObject *name;
+} LevelMethod;
+
+static PyObject *lm_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    LevelMethod *m = (LevelMethod *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 2) {
+        PyErr_Format(PyExc_TypeError, "%U() missing 1 required positional argument: 'event'", m->name);
+        return NULL;
+    }
+    PyObject *eargs = NULL;
+    if (nargs > 2 && !(eargs = PyTuple_New(nargs - 2)))
+        return NULL;
+    for (Py_ssize_t i = 2; i < nargs; i++)
+        PyTuple_SET_ITEM(eargs, i - 2, Py_NewRef(args[i]));
+    struct kwargs kw = {NULL, args + nargs, kwnames};
+    PyObject *r = stage_call(m->stage, args[0], m->name, args[1], eargs, &kw);
+    Py_XDECREF(eargs);
+    return r;
+}
+
+static PyObject *lm_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    (void)type;
+    if (!obj || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int lm_traverse(LevelMethod *m, visitproc visit, void *arg)
+{
+    Py_VISIT(m->stage);
+    Py_VISIT(m->name);
+    return 0;
+}
+
+static int lm_clear(LevelMethod *m)
+{
+    Py_CLEAR(m->stage);
+    Py_CLEAR(m->name);
+    return 0;
+}
+
+static void lm_dealloc(LevelMethod *m)
+{
+    PyObject_GC_UnTrack(m);
+    lm_clear(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyObject *lm_repr(LevelMethod *m)
+{
+    return PyUnicode_FromFormat("<logsink fused structlog method %U>", m->name);
+}
+
+static PyTypeObject LevelMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "logsink._fastlog.LevelMethod",
+    .tp_basicsize = sizeof(LevelMethod),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "a structlog level method running the fused pipeline (see logsink.structlog)",
+    .tp_vectorcall_offset = offsetof(LevelMethod, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = lm_descr_get,
+    .tp_dealloc = (destructor)lm_dealloc,
+    .tp_traverse = (traverseproc)lm_traverse,
+    .tp_clear = (inquiry)lm_clear,
+    .tp_repr = (reprfunc)lm_repr,
+};
+
+static PyObject *stage_method(Stage *s, PyObject *name)
+{
+    if (!PyUnicode_CheckExact(name)) {
+        PyErr_SetString(PyExc_TypeError, "method(name): name is a level name (str)");
+        return NULL;
+    }
+    LevelMethod *m = PyObject_GC_New(LevelMethod, &LevelMethodType);
+    if (!m)
+        return NULL;
+    m->vectorcall = lm_vectorcall;
+    m->stage = (Stage *)Py_NewRef(s);
+    Py_INCREF(name);
+    PyUnicode_InternInPlace(&name);
+    m->name = name;
+    PyObject_GC_Track(m);
+    return (PyObject *)m;
 }
 
 static PyObject *stage_get_fused(Stage *s, void *c)
@@ -780,6 +924,7 @@ static PyObject *stage_get_fallbacks(Stage *s, void *c)
 static PyMethodDef stage_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))stage_emit, METH_FASTCALL,
      "emit(bound_logger, method_name, event, args, kw): log one event through the fused pipeline"},
+    {"method", (PyCFunction)stage_method, METH_O, "method(name): the level method `name` for a bound logger class"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1226,7 +1371,7 @@ PyMODINIT_FUNC PyInit__fastlog(void)
     INTERN(s_level_attr, "level");
     INTERN(s_factory, "_logRecordFactory");
     INTERN(s_level_to_name, "_levelToName");
-    if (PyType_Ready(&StageType) < 0)
+    if (PyType_Ready(&StageType) < 0 || PyType_Ready(&LevelMethodType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

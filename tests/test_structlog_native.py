@@ -312,6 +312,16 @@ class TestFusedStage:
         assert "caller_here" in stack.splitlines()[-2] or "caller_here" in stack.splitlines()[-1]
         assert "logsink/structlog.py" not in stack
 
+    def test_level_methods_keep_structlogs_signature(self, fused):
+        """A level method without an event raises TypeError as structlog's does; positional args interpolate (a lone mapping too)."""
+        d, factory = fused
+        log = structlog.get_logger().bind()
+        with pytest.raises(TypeError, match="event"):
+            log.info()
+        log.info("%(who)s says %(what)s", {"who": "a", "what": "b"})
+        log.info("%s and %s", "x", "y", k=1)
+        assert [json.loads(x)["event"] for x in stream_lines(d, factory)] == ["a says b", "x and y"]
+
     def test_filtered_level_is_structlogs_no_op(self, daemon):
         """Below the configured level the method is structlog's own no-op, so a filtered call costs what structlog's filtering logger costs."""
         structlog.reset_defaults()
