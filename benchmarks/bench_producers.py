@@ -11,7 +11,10 @@ Variants (each run in its own subprocess, interleaved a b c d e a b c d e ...; m
                    before the native stage: ``configure(processors=<the default list>)``)
   (b) structlog -> structlog.BytesLogger on a local file, the same processors and renderer (orjson
                    when installed: ``pip install -e '.[bench]'``)
-  (c) logging   -> ``logsink.logging.LogsinkHandler`` (default ``JsonFormatter``)
+  (c) logging   -> ``logsink.logging.LogsinkHandler`` (default ``JsonFormatter``; its default
+                   ``fast_loggers=True`` makes the logger a ``FastLogger``: no LogRecord is made)
+  (h) logging   -> ``LogsinkHandler(fast_loggers=False)``: the handler's C path alone, from the
+                   LogRecord the stdlib Logger makes
   (d) logging   -> ``logging.FileHandler`` with the same ``JsonFormatter``
   (p) picologging -> ``picologging.FileHandler`` with the same ``JsonFormatter`` (an anchor: the C
                    rewrite of logging; skipped with a note when picologging is not installed)
@@ -51,6 +54,7 @@ VARIANTS = {
     "s": "structlog -> logsink (Python processors)",
     "b": "structlog -> BytesLogger file",
     "c": "logging -> LogsinkHandler",
+    "h": "logging -> LogsinkHandler, fast_loggers=False",
     "d": "logging -> FileHandler",
     "p": "picologging -> FileHandler (JsonFormatter)",
     "q": "picologging -> FileHandler (C Formatter)",
@@ -59,16 +63,16 @@ VARIANTS = {
     "x": "structlog -> discard (front end only)",
     "y": "logging -> discard (front end only)",
 }
-DEFAULT_VARIANTS = "a,s,b,c,d,p,q,e"
+DEFAULT_VARIANTS = "a,s,b,c,h,d,p,q,e"
 PICOLOGGING = ("p", "q")
 # picologging's own Formatter: JSON-like, unescaped (the closest its C formatter gets to JsonFormatter); the
 # timestamp is %(created)f, since picologging 0.9.3 renders %(asctime)s in this format as garbage bytes.
 PICO_FORMAT = '{"timestamp":%(created)f,"level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
 NULL_VARIANTS = ("x", "y")
 # Each variant's baseline for the "vs" column: the same front end with a plain file as the sink.
-BASELINE = {"a": "b", "s": "b", "b": "b", "c": "d", "d": "d", "p": "d", "q": "d", "e": "d", "x": "b", "y": "d"}
+BASELINE = {"a": "b", "s": "b", "b": "b", "c": "d", "h": "d", "d": "d", "p": "d", "q": "d", "e": "d", "x": "b", "y": "d"}
 # Each sink variant's front end alone (--null): wall minus its wall is what the sink costs.
-FRONT_END = {"a": "x", "s": "x", "b": "x", "c": "y", "d": "y", "e": "y"}
+FRONT_END = {"a": "x", "s": "x", "b": "x", "c": "y", "h": "y", "d": "y", "e": "y"}
 STREAM = "bench"
 END_MARKER = "bench-end-marker"
 START_TIMEOUT = 20.0
@@ -154,8 +158,8 @@ def child_logging(variant: str, n: int, out: Path, args: argparse.Namespace) -> 
 
     from logsink.logging import JsonFormatter, LogsinkHandler
 
-    if variant == "c":
-        handler: logging.Handler = LogsinkHandler(STREAM, socket=args.socket)  # connects now
+    if variant in ("c", "h"):
+        handler: logging.Handler = LogsinkHandler(STREAM, socket=args.socket, fast_loggers=variant == "c")  # connects now
     elif variant == "d":
         handler = logging.FileHandler(out, mode="w", encoding="utf-8")
         handler.setFormatter(JsonFormatter())
@@ -379,7 +383,7 @@ def run_one(variant: str, args: argparse.Namespace, root: Path, rsyslogd: str | 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--records", str(args.records),
            "--record-size", str(args.record_size)]
     try:
-        if variant in ("a", "s", "c"):
+        if variant in ("a", "s", "c", "h"):
             sink = LogsinkDaemon(run_dir)
             output = sink.output
             cmd += ["--out", str(run_dir / "unused"), "--socket", sink.sock]
@@ -407,7 +411,7 @@ def run_one(variant: str, args: argparse.Namespace, root: Path, rsyslogd: str | 
             "variant": variant,
             "wall_ns_per_record": sample["ns"] / n,
             "producer_cpu_ns_per_record": sample["cpu_s"] * 1e9 / n,
-            "sink_cpu_ns_per_record": (sink_cpu1 - sink_cpu0) * 1e9 / n if variant in ("a", "s", "c", "e") else None,
+            "sink_cpu_ns_per_record": (sink_cpu1 - sink_cpu0) * 1e9 / n if variant in ("a", "s", "c", "h", "e") else None,
             "bytes_per_record": None if nbytes is None else nbytes / (n + (1 if variant == "e" else 0)),
         }
     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
@@ -465,6 +469,7 @@ def target_checks(medians: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     # handler 2x a FileHandler and 1.3x picologging's, the same JsonFormatter on each.
     check("(a) <= 0.5x (b)", "a", "b", 0.5, faster=False)
     check("(c) >= 2x faster than (d)", "c", "d", 2.0, faster=True)
+    check("(h) >= 2x faster than (d) (the handler alone, no FastLogger)", "h", "d", 2.0, faster=True)
     check("(c) >= 1.3x faster than (p)", "c", "p", 1.3, faster=True)
     check("(c) >= 1.3x faster than (q)", "c", "q", 1.3, faster=True)
     return checks
