@@ -105,13 +105,13 @@ class LogsinkLoggerFactory:
 
 # -- the fused default pipeline (native/ls_fastlog.c) ------------------------------------------
 
-_stages: list[Any] = []  # the Stage of each configure() call with the default processors
-
-
 def native_stats() -> dict[str, int]:
     """Events the fused C stage rendered and wrote (``fused``), and events it handed to the Python
-    renderer because a value was not one it renders exactly as the serializer does (``fallbacks``)."""
-    return {"fused": sum(s.fused for s in _stages), "fallbacks": sum(s.fallbacks for s in _stages)}
+    renderer because a value was not one it renders exactly as the serializer does (``fallbacks``),
+    since the process started (all ``configure()`` calls)."""
+    if _fastlog is None:
+        return {"fused": 0, "fallbacks": 0}
+    return dict(_fastlog.structlog_stats())
 
 
 def _resolve(client: Client) -> int:
@@ -192,7 +192,6 @@ def configure(stream: str = "app", *, level: int = logging.NOTSET, processors: l
         processors = _default_processors()
         if _fastlog is not None:
             stage = _make_stage(processors)
-            _stages.append(stage)
             wrapper = _fused_wrapper(level, processors, stage)
     structlog.configure(
         processors=processors,

@@ -457,6 +457,8 @@ typedef struct {
     unsigned long long fused, fallbacks;
 } Stage;
 
+static unsigned long long stages_fused, stages_fallbacks; /* over every Stage, for native_stats() */
+
 static PyObject *s_context, *s_processors, *s_logger, *s_client, *s_p, *s_msg, *s_level, *s_timestamp, *s_event,
     *s_stack_info, *s_exc_info, *s_name, *s_proxy, *s_prefix, *s_warning, *s_error, *s_warn, *s_exception;
 
@@ -718,9 +720,11 @@ static PyObject *stage_emit_dict(Stage *s, PyObject *logger, PyObject *name, PyO
     PyObject *ret;
     if (PyDict_CheckExact(d) && render(&b, d, &s->rc, 0) == RN_OK && buf_put(&b, "\n", 1) == 0) {
         s->fused++;
+        stages_fused++;
         ret = stage_write(s, logger, b.p, b.len);
     } else {
         s->fallbacks++;
+        stages_fallbacks++;
         PyObject *line = PyObject_CallFunctionObjArgs(s->renderer, logger, name, d, NULL);
         ret = line ? PyObject_CallMethodOneArg(logger, s_msg, line) : NULL;
         Py_XDECREF(line);
@@ -1302,6 +1306,13 @@ out:
     return PyBool_FromLong(ok);
 }
 
+static PyObject *py_structlog_stats(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return Py_BuildValue("{sKsK}", "fused", stages_fused, "fallbacks", stages_fallbacks);
+}
+
 static PyObject *py_logging_stats(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -1317,6 +1328,7 @@ static PyMethodDef module_methods[] = {
     {"logger_log", (PyCFunction)(void (*)(void))py_logger_log, METH_FASTCALL,
      "logger_log(logger, level, msg, args) -> bool: Logger._log without a LogRecord when nothing could tell"},
     {"logging_stats", py_logging_stats, METH_NOARGS, "records the C paths of logsink.logging took"},
+    {"structlog_stats", py_structlog_stats, METH_NOARGS, "events every Stage fused or handed to Python"},
     {"iso_utc", py_iso_utc, METH_VARARGS, "iso_utc(sec, usec) -> str: TimeStamper(fmt='iso', utc=True)'s text"},
     {NULL, NULL, 0, NULL},
 };
