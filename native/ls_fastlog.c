@@ -785,14 +785,19 @@ static PyObject *stage_call(Stage *s, PyObject *self, PyObject *name, PyObject *
     PyObject *ctx = PyObject_GetAttr(self, s_context);
     if (!ctx)
         goto out;
-    /* structlog: event_dict = context.copy(); event_dict.update(**kw); event_dict["event"] = event */
-    PyObject *d = PyDict_Check(ctx) ? PyDict_Copy(ctx) : NULL;
-    Py_DECREF(ctx);
-    if (!d) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "the bound logger's _context is not a dict");
+    if (!PyDict_CheckExact(ctx)) { /* a context_class of the user's: its copy() is structlog's business */
+        Py_DECREF(ctx);
+        PyObject *kwd = kw->dict ? Py_NewRef(kw->dict) : PyDict_New();
+        if (kwd && (kw->dict || kwargs_into(kwd, kw) == 0))
+            ret = proxy(self, name, event, kwd);
+        Py_XDECREF(kwd);
         goto out;
     }
+    /* structlog: event_dict = context.copy(); event_dict.update(**kw); event_dict["event"] = event */
+    PyObject *d = PyDict_Copy(ctx);
+    Py_DECREF(ctx);
+    if (!d)
+        goto out;
     if (kwargs_into(d, kw) < 0 || (event != Py_None && PyDict_SetItem(d, s_event, event) < 0) ||
         merge_contextvars(s, d) < 0) {
         Py_DECREF(d);

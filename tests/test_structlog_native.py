@@ -363,6 +363,39 @@ class TestFusedStage:
         (line,) = stream_lines(d, factory)
         assert json.loads(line)["added"] == "by user"
 
+    def test_context_class_of_the_users_takes_structlogs_path(self, fused):
+        """With structlog's context_class set to a non-dict mapping, events still land (structlog's own path copies it)."""
+        import collections.abc
+
+        class Ctx(collections.abc.MutableMapping):
+            def __init__(self, *a: Any, **k: Any) -> None:
+                self.d = dict(*a, **k)
+
+            def __getitem__(self, k: str) -> Any:
+                return self.d[k]
+
+            def __setitem__(self, k: str, v: Any) -> None:
+                self.d[k] = v
+
+            def __delitem__(self, k: str) -> None:
+                del self.d[k]
+
+            def __iter__(self) -> Any:
+                return iter(self.d)
+
+            def __len__(self) -> int:
+                return len(self.d)
+
+            def copy(self) -> dict[str, Any]:
+                return dict(self.d)
+
+        d, factory = fused
+        structlog.configure(context_class=Ctx)
+        structlog.get_logger().bind(ctx="mapping").info("custom context")
+        (line,) = stream_lines(d, factory)
+        doc = json.loads(line)
+        assert doc["ctx"] == "mapping" and doc["event"] == "custom context"
+
     def test_closed_client_raises_like_client_write(self, fused):
         """Logging after the client closed raises the Client's ValueError, not a crash."""
         d, factory = fused
