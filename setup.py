@@ -5,7 +5,7 @@ from setuptools import Extension, setup
 
 FASTLOG = Extension(
     "logsink._fastlog",
-    sources=["native/ls_fastlog.c", "native/ls_render.c"],
+    sources=["native/ls_fastlog.c"],
     include_dirs=["native"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wno-missing-field-initializers"],
 )

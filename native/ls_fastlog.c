@@ -25,7 +25,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "ls_render.h"
 
 typedef int (*ls_write_fn)(void *p, const void *data, size_t len);
 
@@ -88,8 +87,8 @@ static inline int word_needs_escape(uint64_t w)
     return (((w - ones * 0x20) & ~w) | ((q - ones) & ~q) | ((bs - ones) & ~bs)) & high ? 1 : 0;
 }
 
-/* s as a JSON string body into dst (room for 6 * n): the escaping of ls_render_json_string, with
- * clean 8-byte runs copied whole. Returns the bytes written. */
+/* s as a JSON string body into dst (room for 6 * n): the escaping of ls_render.c, which orjson and
+ * json.dumps(ensure_ascii=False) share, with clean 8-byte runs copied whole. Returns the bytes written. */
 static size_t escape_into(char *dst, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";

@@ -74,12 +74,3 @@ size_t ls_render_log_json(char *dst, size_t cap, const char *ts, size_t ts_len, 
 #undef LIT
     return o.full ? 0 : (size_t)(o.p - dst);
 }
-
-size_t ls_render_json_string(char *dst, size_t cap, const char *s, size_t n)
-{
-    struct out o = {dst, dst + cap, 0};
-    put(&o, "\"", 1);
-    put_escaped(&o, s, n);
-    put(&o, "\"", 1);
-    return o.full ? 0 : (size_t)(o.p - dst);
-}

@@ -18,9 +18,4 @@ size_t ls_render_log_json(char *dst, size_t cap, const char *ts, size_t ts_len, 
                           const char *logger, size_t logger_len, const char *msg, size_t msg_len, const char *exc,
                           size_t exc_len);
 
-/* A JSON string: "S" with S escaped as ls_render_log_json escapes (the escaping orjson and
- * json.dumps(ensure_ascii=False) use). Returns the bytes written, or 0 if they do not fit cap;
- * 6 * n + 2 bytes always fit. Used by logsink._fastlog (native/ls_fastlog.c) too. */
-size_t ls_render_json_string(char *dst, size_t cap, const char *s, size_t n);
-
 #endif
