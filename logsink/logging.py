@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -9,7 +10,12 @@ from typing import Any
 
 from logsink.client import Client
 
-__all__ = ["JsonFormatter", "LogsinkHandler"]
+try:
+    from logsink import _fastlog  # type: ignore[attr-defined]
+except ImportError:  # a build without the extension: handle() stays in Python
+    _fastlog = None
+
+__all__ = ["FastLogger", "JsonFormatter", "LogsinkHandler", "use_fast_loggers"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 # Level names as the JSON shows them; logger names' bytes (a service has tens, not thousands).
@@ -62,6 +68,11 @@ class LogsinkHandler(logging.Handler):
     thread-safe), so a slow formatter in one thread never stalls logging in another.
     ``logging.config.dictConfig`` can create it: ``{"()": "logsink.logging.LogsinkHandler", "stream": "app"}``
     or ``"class": "logsink.logging.LogsinkHandler"``.
+
+    With ``fast_loggers`` (the default) creating it calls ``use_fast_loggers()``: loggers of the
+    plain ``logging.Logger`` class become ``FastLogger``, which renders a record in C without
+    making the LogRecord when this handler, with the default formatter and no filters, is the only
+    one the record would reach. Pass ``fast_loggers=False`` to leave the logger classes alone.
     """
 
     def __init__(
@@ -70,6 +81,7 @@ class LogsinkHandler(logging.Handler):
         formatter: logging.Formatter | None = None,
         level: int | str = logging.NOTSET,
         flush_timeout: float | None = 5.0,
+        fast_loggers: bool = True,
         **client_options: Any,
     ):
         super().__init__(level)
@@ -78,8 +90,12 @@ class LogsinkHandler(logging.Handler):
         self.flush_timeout = flush_timeout
         self.client = Client(stream, **client_options)
         self._names: dict[str, bytes] = {}  # logger name -> its UTF-8 bytes
+        if fast_loggers:
+            # Half of a record's cost is the LogRecord (findCaller, __init__): FastLogger skips it
+            # when this handler would be the record's only reader, with the same output.
+            use_fast_loggers()
 
-    def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:  # type: ignore[override]
+    def _handle_slow(self, record: logging.LogRecord) -> bool | logging.LogRecord:
         # Handler.handle would hold self.lock around emit(); the Client serialises appends itself.
         if self.filters:
             rv = self.filter(record)
@@ -89,6 +105,17 @@ class LogsinkHandler(logging.Handler):
                 record = rv
         self.emit(record)
         return True
+
+    # handle(): in C (logsink._fastlog.handler_handle) for a plain LogRecord, the default
+    # JsonFormatter, no filters and no exception or stack text: the record's fields go straight to
+    # the JSON line in the arena, the bytes format() would give. Everything else: _handle_slow.
+    handle = _fastlog.handler_handle if _fastlog is not None else _handle_slow  # type: ignore[assignment]
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        # A subclass with its own emit/format/filter gets them called: the C path bypasses them.
+        super().__init_subclass__(**kw)
+        if any(name in cls.__dict__ for name in ("emit", "format", "filter", "_handle_slow")) and "handle" not in cls.__dict__:
+            cls.handle = LogsinkHandler._handle_slow  # type: ignore[method-assign,assignment]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -135,3 +162,77 @@ class LogsinkHandler(logging.Handler):
             pass
         finally:
             super().close()
+
+
+def _resolve(client: Client) -> int:
+    """The address of the client's C producer (0: closed); the C path caches it per connection."""
+    from logsink._native import ffi
+
+    if client._closed or client._p == ffi.NULL:
+        return 0
+    return int(ffi.cast("uintptr_t", client._p))
+
+
+def _write_failed(client: Client, ret: int, data: bytes) -> None:
+    """A write the C path could not complete: reconnect in a forked child, else the Client's error
+    (handle() then passes the record to emit(), whose handleError reports it)."""
+    if ret == -errno.ECHILD:
+        client._reopen_after_fork()
+        client.write(data)
+    elif ret == -errno.EBADF:
+        client.write(data)  # closed: the Client's own ValueError
+    else:
+        raise client._error(ret, "write")
+
+
+def _logger_log(logger: logging.Logger, level: int, msg: object, args: Any) -> bool:
+    return False  # without logsink._fastlog: always the stdlib path (replaced below)
+
+
+class FastLogger(logging.Logger):
+    """A ``logging.Logger`` that skips making a LogRecord nobody would see.
+
+    When the record would reach exactly one handler, a ``LogsinkHandler`` with the default
+    ``JsonFormatter`` and no filters, the logger has no filters, the record factory is
+    ``logging.LogRecord`` and the call has no ``exc_info``, ``extra`` or ``stack_info``, the line
+    is rendered in C from the call's arguments: the same bytes, without ``findCaller`` and
+    ``LogRecord.__init__``. Otherwise it is ``logging.Logger``. See ``use_fast_loggers``.
+    """
+
+    def _log(self, level: int, msg: object, args: Any, exc_info: Any = None, extra: Any = None, stack_info: bool = False, stacklevel: int = 1) -> None:
+        if exc_info is None and extra is None and not stack_info and _logger_log(self, level, msg, args):
+            return
+        super()._log(level, msg, args, exc_info, extra, stack_info, stacklevel + 1)
+
+
+class _FastRootLogger(FastLogger, logging.RootLogger):
+    """The root logger, as a FastLogger (``logging.info()`` and friends)."""
+
+
+def use_fast_loggers() -> None:
+    """Make every ``logging.Logger`` a ``FastLogger``: those that exist (their class is changed in
+    place; their handlers, filters and levels stay) and those made later (``logging.setLoggerClass``).
+
+    Loggers of another class (a library's own subclass) are left alone. Opt-in: it changes a
+    process-wide setting, and ``findCaller`` no longer runs for the records that skip LogRecord,
+    which only a custom record factory or a handler could observe, and those turn the skip off.
+    """
+    if _fastlog is None:
+        return
+    if logging.getLoggerClass() is logging.Logger:
+        logging.setLoggerClass(FastLogger)
+    for lg in list(logging.Logger.manager.loggerDict.values()):
+        if type(lg) is logging.Logger:
+            lg.__class__ = FastLogger
+    if type(logging.root) is logging.RootLogger:
+        logging.root.__class__ = _FastRootLogger
+
+
+if _fastlog is not None:
+    from logsink._native import ffi as _ffi
+    from logsink._native import lib as _lib
+
+    _logger_log = _fastlog.logger_log  # noqa: F811
+    _fastlog.handler_setup(LogsinkHandler, JsonFormatter, logging.LogRecord, logging, _resolve, _write_failed,
+                           int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_try_write"))),
+                           int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "ls_producer_write"))))
