@@ -38,6 +38,7 @@ from logsink_bench.harness import (
     parse_list,
     percentile,
     run_rounds,
+    target_check,
     warm_page_cache,
 )
 
@@ -168,16 +169,8 @@ def table(results: list[VariantResult], args: argparse.Namespace, work: Path) ->
 
 
 def checks(results: list[VariantResult]) -> list[str]:
-    out = []
-    for t in ("vmsplice", "shm"):
-        r = next((r for r in results if r.variant == t), None)
-        what = f"{t} flush() p99 <= {TARGET_P99_MS} ms"
-        if not r or not r.samples:
-            out.append(f"SKIP {what}: {'not available' if r and r.unavailable else 'not measured'}")
-            continue
-        p99 = r.median("p99_ms")
-        out.append(f"{'PASS' if p99 <= TARGET_P99_MS else 'MISS'} {what}: {p99:.3f} ms")
-    return out
+    return [target_check(f"{t} flush() p99 <= {TARGET_P99_MS} ms", next((r for r in results if r.variant == t), None),
+                         "p99_ms", lambda v: v <= TARGET_P99_MS, "{:.3f} ms") for t in ("vmsplice", "shm")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -299,6 +299,15 @@ class VariantResult(Generic[K, S]):
         return {k: self.median(k) for k in keys}
 
 
+def target_check(what: str, result: VariantResult | None, metric: str, met: Callable[[float], bool], shown: str) -> str:
+    """One line of an issue's target: PASS/MISS with the median of ``metric`` (formatted by ``shown``,
+    e.g. "{:.1f} ns"), or SKIP when the variant was not available or not measured."""
+    value = result.median(metric) if result is not None else None
+    if value is None:
+        return f"SKIP {what}: {'not available' if result is not None and result.unavailable else 'not measured'}"
+    return f"{'PASS' if met(value) else 'MISS'} {what}: {shown.format(value)}"
+
+
 def run_rounds(variants: list[K], runs: int, measure: Callable[[K, int], S], label: Callable[[K], str],
                progress: Callable[[S], str]) -> list[VariantResult[K, S]]:
     """Interleave the variants (A B C A B C ...) so slow drift of the machine hits each alike; one

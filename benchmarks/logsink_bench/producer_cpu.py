@@ -20,7 +20,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from logsink_bench import engines
 from logsink_bench.blast import build_blast, check_output, run_blast
@@ -36,6 +35,7 @@ from logsink_bench.harness import (
     make_workdir,
     parse_list,
     run_rounds,
+    target_check,
     warm_page_cache,
 )
 
@@ -137,12 +137,8 @@ def checks(results: list[VariantResult]) -> list[str]:
     out = []
     for kind, transport, target in (("c", "vmsplice", TARGET_C_NS), ("c", "shm", TARGET_C_NS), ("py", "shm", TARGET_PY_SHM_NS)):
         r = next((r for r in results if r.variant == CpuVariant(kind, transport)), None)
-        what = f"{CpuVariant(kind, transport).name} CPU per record <= {target:.0f} ns"
-        if r is None or not r.samples:
-            out.append(f"SKIP {what}: {'not available' if r and r.unavailable else 'not measured'}")
-            continue
-        ns = r.median("cpu_ns_per_record")
-        out.append(f"{'PASS' if ns <= target else 'MISS'} {what}: {ns:.1f} ns")
+        out.append(target_check(f"{CpuVariant(kind, transport).name} CPU per record <= {target:.0f} ns", r,
+                                "cpu_ns_per_record", lambda v, t=target: v <= t, "{:.1f} ns"))
     return out
 
 
