@@ -74,6 +74,8 @@ ffi.set_source(
     sources=[str(HERE / name) for name in ("ls_engine.c", "ls_engine_life.c", "ls_engine_uring.c", "ls_engine_epoll.c", "ls_ring.c", "ls_transport.c", "ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c", "ls_msgpack.c", "ls_forward.c", "ls_forward_plan.c", "ls_forward_relp.c", "ls_forward_uring.c", "ls_render.c", "ls_zerocopy.c", "ls_files.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=CFLAGS,
+    # The producer keeps per-thread state whose destructor runs at thread exit: never unmap the code.
+    extra_link_args=["-Wl,-z,nodelete"],
     libraries=["pthread"],
 )
 

@@ -25,6 +25,33 @@
 #include <string.h>
 #include <time.h>
 
+/* An error from user code (__str__, default=, %-formatting) sends the event to the Python path,
+ * which raises or reports it as the stdlib and structlog do. But KeyboardInterrupt, SystemExit
+ * (not Exception subclasses) and RecursionError must not be swallowed and retried: keep them, and
+ * the entry point raises them instead of falling back. */
+static PyObject *kept_type, *kept_value, *kept_tb;
+
+static void clear_exc(void)
+{
+    if (!PyErr_Occurred())
+        return;
+    if (!kept_type && (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_RecursionError))) {
+        PyErr_Fetch(&kept_type, &kept_value, &kept_tb);
+        return;
+    }
+    PyErr_Clear();
+}
+
+/* 1 (with the kept exception set again) if user code raised one that must propagate. */
+static int reraise_kept(void)
+{
+    if (!kept_type)
+        return 0;
+    PyErr_Restore(kept_type, kept_value, kept_tb);
+    kept_type = kept_value = kept_tb = NULL;
+    return 1;
+}
+
 
 typedef int (*ls_write_fn)(void *p, const void *data, size_t len);
 
@@ -252,7 +279,7 @@ static int render_int(struct buf *b, PyObject *o, int stdlib)
         int r = t ? render_raw_str(b, t) : RN_FALLBACK;
         Py_XDECREF(t);
         if (!t)
-            PyErr_Clear();
+            clear_exc();
         return r;
     }
     if (overflow > 0) {
@@ -340,7 +367,7 @@ static int goes_to_default(PyObject *o, const struct rctx *c)
     int r = PyObject_IsInstance(o, c->native);
     if (r != 0) {
         if (r < 0)
-            PyErr_Clear();
+            clear_exc();
         return 0;
     }
     return c->stdlib || !PyObject_HasAttrString((PyObject *)t, "__dataclass_fields__");
@@ -370,7 +397,7 @@ static int render(struct buf *b, PyObject *o, const struct rctx *c, int depth)
         return RN_FALLBACK;
     PyObject *d = c->deflt == (PyObject *)&PyUnicode_Type ? PyObject_Str(o) : PyObject_CallOneArg(c->deflt, o);
     if (!d) { /* orjson raises; let the Python path raise it */
-        PyErr_Clear();
+        clear_exc();
         return RN_FALLBACK;
     }
     int r = render(b, d, c, depth + 1);
@@ -721,6 +748,8 @@ static PyObject *stage_emit_dict(Stage *s, PyObject *logger, PyObject *name, PyO
         s->fused++;
         stages_fused++;
         ret = stage_write(s, logger, b.p, b.len);
+    } else if (reraise_kept()) {
+        ret = NULL;
     } else {
         s->fallbacks++;
         stages_fallbacks++;
@@ -836,9 +865,49 @@ static PyObject *lm_vectorcall(PyObject *callable, PyObject *const *args, size_t
 {
     LevelMethod *m = (LevelMethod *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs < 2) {
+    int event_kw = 0;
+    for (Py_ssize_t i = 0; kwnames && i < PyTuple_GET_SIZE(kwnames) && !event_kw; i++)
+        event_kw = PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "event") == 0;
+    if (nargs < 2 && !event_kw) {
         PyErr_Format(PyExc_TypeError, "%U() missing 1 required positional argument: 'event'", m->name);
         return NULL;
+    }
+    if (event_kw) {
+        /* info(event="x", ...) or a duplicate event: structlog's own path writes it (or raises its
+         * TypeError for a duplicate), as the Python level methods would. */
+        PyObject *meth = PyObject_GetAttr(args[0], s_proxy);
+        if (!meth)
+            return NULL;
+        PyObject *pos[3] = {NULL, m->name, nargs > 1 ? args[1] : NULL};
+        size_t n = nargs > 1 ? 2 : 1;
+        PyObject *r = NULL;
+        if (nargs > 2) {
+            PyErr_Format(PyExc_TypeError, "%U() got multiple values for argument 'event'", m->name);
+        } else {
+            PyObject *call[2 + 1 + 64];
+            Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+            if (nkw > 64) {
+                PyObject *kwd = PyDict_New();
+                for (Py_ssize_t i = 0; kwd && i < nkw; i++)
+                    if (PyDict_SetItem(kwd, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
+                        Py_CLEAR(kwd);
+                PyObject *tup = kwd ? PyTuple_New((Py_ssize_t)n) : NULL;
+                for (size_t i = 0; tup && i < n; i++)
+                    PyTuple_SET_ITEM(tup, (Py_ssize_t)i, Py_NewRef(pos[1 + i]));
+                if (tup)
+                    r = PyObject_Call(meth, tup, kwd);
+                Py_XDECREF(tup);
+                Py_XDECREF(kwd);
+            } else {
+                for (size_t i = 0; i < n; i++)
+                    call[1 + i] = pos[1 + i];
+                for (Py_ssize_t i = 0; i < nkw; i++)
+                    call[1 + n + (size_t)i] = args[nargs + i];
+                r = PyObject_Vectorcall(meth, call + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+            }
+        }
+        Py_DECREF(meth);
+        return r;
     }
     PyObject *eargs = NULL;
     if (nargs > 2 && !(eargs = PyTuple_New(nargs - 2)))
@@ -1005,7 +1074,7 @@ static PyObject *attr(PyObject *o, PyObject *name)
 {
     PyObject *v = PyObject_GetAttr(o, name);
     if (!v)
-        PyErr_Clear();
+        clear_exc();
     return v;
 }
 
@@ -1213,7 +1282,9 @@ static PyObject *py_handler_handle(PyObject *mod, PyObject *const *args, Py_ssiz
     int r = handler_fast(args[0], args[1]);
     if (r == 1)
         Py_RETURN_TRUE;
-    PyErr_Clear();
+    clear_exc();
+    if (reraise_kept())
+        return NULL;
     return PyObject_CallMethodOneArg(args[0], s_emit, args[1]);
 }
 
@@ -1296,7 +1367,7 @@ static PyObject *py_logger_log(PyObject *mod, PyObject *const *args, Py_ssize_t 
     r = handler_write(handler, created, levelname, name, text);
     ok = r == 1;
 out:
-    PyErr_Clear(); /* any error: the stdlib path makes the record and reports it as logging does */
+    clear_exc(); /* any error: the stdlib path makes the record and reports it as logging does */
     Py_XDECREF(handler);
     Py_XDECREF(c);
     Py_XDECREF(factory);
@@ -1307,6 +1378,8 @@ out:
     Py_XDECREF(mapping);
     if (ok)
         H.direct++;
+    if (reraise_kept())
+        return NULL;
     return PyBool_FromLong(ok);
 }
 

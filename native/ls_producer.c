@@ -287,6 +287,9 @@ static inline uintptr_t fast_self(void)
 static void fast_slot_release(void *v)
 {
     struct prod_fast_slot *s = v; /* busy is 0: a thread is not in fast_append when it exits */
+    /* Later key destructors of this thread may still write: they must not find a slot that is back on
+     * the free list (another thread may take it and append while we revoke as if it were ours). */
+    tls_slot = NULL;
     /* A later thread may get our thread pointer: it must not match a handle that still names us. */
     __atomic_store_n(&s->thread, 0, __ATOMIC_RELAXED);
     pthread_mutex_lock(&fast_free_lock);

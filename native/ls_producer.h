@@ -30,7 +30,7 @@
  *                (the connection is shared with the parent; open a new producer in the child)
  * Thread safety: every call may come from any thread (one mutex per producer; the thread that wrote
  * last appends lock-free until another call takes the segment back), except that
- * ls_producer_close must be the last call.
+ * ls_producer_close must be the last call. Not async-signal-safe: never call from a signal handler.
  *
  * SIGPIPE: writing to the data pipe after the daemon died raises SIGPIPE. The producer never lets
  * that kill the process: its background thread runs with all signals blocked, and every handover

@@ -204,7 +204,7 @@ void *prod_background(void *arg)
         int wait = -1;
         if (interval > 0) {
             wait = interval;
-            if (p->conn == CONN_UP && p->active && p->pos) {
+            if (p->conn == CONN_UP && p->active && __atomic_load_n(&p->pos, __ATOMIC_RELAXED)) {
                 int64_t left = p->filled_at_ms + interval - prod_now_ms();
                 if (left <= 0) {
                     (void)prod_handover_current_locked(p); /* a failure marks us broken or down */

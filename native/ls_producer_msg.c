@@ -329,7 +329,7 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
          * reconnect, keep reading RELEASEs until the daemon closes, then reconnect. */
         if (p->reconnect) {
             if (p->conn == CONN_UP) {
-                if (p->pos && !p->broken)
+                if (__atomic_load_n(&p->pos, __ATOMIC_RELAXED) && !p->broken)
                     (void)prod_handover_current_locked(p);
                 if (p->conn == CONN_UP) {
                     p->conn = CONN_DRAINING;
@@ -340,7 +340,7 @@ static int on_message_locked(struct ls_producer *p, char *why, size_t whylen)
             }
         } else {
             p->stopping = 1;
-            if (p->pos && !p->broken)
+            if (__atomic_load_n(&p->pos, __ATOMIC_RELAXED) && !p->broken)
                 (void)prod_handover_current_locked(p); /* a failure marks us broken */
             prod_close_pipe_locked(p);
         }

@@ -1035,3 +1035,17 @@ class TestLibraryStats:
             assert got["connected"] == 1 and all(got[f] == 0 for f in STATS_FIELDS[18:] if f != "connected"), got
         finally:
             assert lib.logsink_close(ls) == 0
+
+
+class TestDlclose:
+    def test_thread_exiting_after_dlclose_does_not_crash(self, c_build, daemon, tmp_path):
+        """A program dlopens liblogsink, writes from a thread, closes and dlcloses the library, then lets the thread exit: it exits 0 (the fast path's thread-exit destructor once ran from unmapped code: SIGSEGV)."""
+        build, _ = c_build
+        d = daemon("readwrite")
+        exe = tmp_path / "dlclose_thread"
+        res = subprocess.run([_compiler(), "-std=gnu11", "-O2", "-o", str(exe), str(Path(__file__).parent / "c" / "dlclose_thread.c"),
+                              "-ldl", "-lpthread"], capture_output=True, text=True, timeout=MAKE_TIMEOUT)
+        assert res.returncode == 0, res.stderr
+        run = subprocess.run([str(exe), str(build / "liblogsink.so"), str(d.sock)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "thread exited cleanly" in run.stdout, (run.returncode, run.stdout, run.stderr)
+        assert d.log("dl").read_bytes() == b"hello from a thread\n"

@@ -423,3 +423,56 @@ class TestFusedStage:
         structlog.get_logger().info("parent again")
         events = sorted(json.loads(x)["event"] for x in stream_lines(d, factory))
         assert events == ["child", "parent", "parent again"]
+
+
+class _CtrlCOnce:
+    """Raises KeyboardInterrupt once from __str__, as a Ctrl-C arriving while a value is formatted would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __str__(self) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyboardInterrupt
+        return "later"
+
+
+class TestReviewFixes:
+    def test_event_as_keyword_is_structlogs_behaviour(self, fused):
+        """log.info(event="x", a=1) writes the event like structlog does, and a duplicate event raises TypeError (the fused method demanded a positional event)."""
+        d, factory = fused
+        log = structlog.get_logger()
+        log.info(event="kw event", a=1)
+        with pytest.raises(TypeError):
+            log.info("positional", event="again")
+        lines = stream_lines(d, factory)
+        assert len(lines) == 1 and json.loads(lines[0])["event"] == "kw event" and json.loads(lines[0])["a"] == 1
+
+    def test_keyboard_interrupt_in_a_value_propagates_and_runs_once(self, fused):
+        """A KeyboardInterrupt raised while the fused stage formats a value propagates (it was swallowed and the value formatted again)."""
+        d, factory = fused
+        v = _CtrlCOnce()
+        with pytest.raises(KeyboardInterrupt):
+            structlog.get_logger().info("ctrl-c", v=v)
+        assert v.calls == 1
+
+    def test_keyboard_interrupt_in_a_fastlogger_message_propagates(self, daemon):
+        """FastLogger: a KeyboardInterrupt from the message's __str__ propagates as with the stdlib Logger, after one call."""
+        import logging
+
+        from logsink import logging as lsk_logging
+
+        d = daemon("io_uring")
+        h = lsk_logging.LogsinkHandler("app", socket=d.sock)
+        lg = lsk_logging.FastLogger("review-ki")
+        lg.addHandler(h)
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+        msg = _CtrlCOnce()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                lg.info(msg)
+            assert msg.calls == 1
+        finally:
+            h.close()

@@ -9,7 +9,9 @@
  * Every int function returns >= 0 on success or a negative errno; errno itself carries no meaning.
  * logsink_last_error() says in words what went wrong. A handle may be shared by threads; it
  * belongs to the process that opened it (in a forked child every call returns -ECHILD: open a
- * new handle there). liblogsink never lets SIGPIPE kill the process.
+ * new handle there). liblogsink never lets SIGPIPE kill the process. Calls are not
+ * async-signal-safe: never call them from a signal handler. The library is linked -z nodelete (it
+ * stays loaded after dlclose: threads that wrote keep state it cleans up when they exit).
  *
  * A daemon that goes away (restart, crash, SIGTERM) is no error by default: the handle reconnects
  * by itself and resends every batch the daemon had not released (at-least-once; opts.reconnect).
