@@ -87,24 +87,34 @@ static void teardown_locked(struct ls_producer *p)
     p->rx_len = 0;
 }
 
-/* Every record of the queued batches fits a batch of `cap` bytes (a batch larger than cap is cut
- * at record boundaries). Returns 0, or the length of a record that does not fit. */
+/* Every record of `len` bytes of records at `payload` fits a batch of `cap` bytes (a batch larger
+ * than cap is cut at record boundaries). Returns 0, or the length of a record that does not fit. */
+static uint32_t records_unfit(const char *payload, uint32_t len, uint32_t cap)
+{
+    for (uint32_t off = 0; len - off > cap;) {
+        const char *cut = memrchr(payload + off, '\n', cap);
+        if (!cut) {
+            const char *end = memchr(payload + off, '\n', len - off);
+            return end ? (uint32_t)(end - (payload + off)) + 1 : len - off;
+        }
+        off = (uint32_t)(cut - payload) + 1;
+    }
+    return 0;
+}
+
+/* Every record waiting to go - the queued batches and the current segment's - fits a batch of `cap`
+ * bytes. Returns 0, or the length of a record that does not fit. */
 static uint32_t queue_unfit_locked(struct ls_producer *p, uint32_t cap)
 {
     for (uint32_t i = 0; i < p->qlen; i++) {
         struct batch *b = prod_q_at(p, i);
-        if (b->seg < 0 || b->len <= cap)
-            continue;
-        const char *payload = p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE;
-        for (uint32_t off = 0; b->len - off > cap;) {
-            const char *cut = memrchr(payload + off, '\n', cap);
-            if (!cut) {
-                const char *end = memchr(payload + off, '\n', b->len - off);
-                return end ? (uint32_t)(end - (payload + off)) + 1 : b->len - off;
-            }
-            off = (uint32_t)(cut - payload) + 1;
-        }
+        uint32_t r = b->seg < 0 ? 0 : records_unfit(p->arena + (size_t)b->seg * p->segment_size + LS_FRAME_HEADER_SIZE, b->len, cap);
+        if (r)
+            return r;
     }
+    prod_fast_revoke_locked(p); /* the current segment's fill is final only once nobody appends lock-free */
+    if (p->active && p->pos > cap) /* filled under a larger capacity: it goes as batches of the new one */
+        return records_unfit(p->arena + (size_t)p->cur * p->segment_size + LS_FRAME_HEADER_SIZE, p->pos, cap);
     return 0;
 }
 

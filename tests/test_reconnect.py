@@ -297,3 +297,25 @@ class TestAsyncClientReconnect:
 
         recs = asyncio.run(main())
         assert_file(d.log("app"), {"a": recs})
+
+
+class TestSmallerDaemon:
+    def test_record_in_the_current_segment_too_big_for_the_new_daemon_is_said(self, daemon, tmp_path):
+        """A record still in the client's current segment that the restarted daemon's smaller max_batch cannot take: the reconnect is refused with the reason (the record's size), and flush() fails instead of hanging silently."""
+        import logsink
+
+        d = daemon("readwrite")
+        c = logsink.Client("big", socket=d.sock, transport="vmsplice", flush_interval=None, timeout=3)
+        c.write(b"x" * (200 << 10) + b"\n")  # stays in the current segment: no flush yet
+        sigkill(d)  # (a SIGTERM would have the client hand it over to the old daemon first)
+        cfg = tmp_path / "small.toml"
+        cfg.write_text(f"max_batch = {64 << 10}\n")
+        d.cmd += ["--config", str(cfg)]
+        restart(d)
+        with pytest.raises((TimeoutError, OSError)):
+            c.flush(timeout=3)
+        from logsink._native import ffi, lib
+
+        wait_for(lambda: "does not fit" in ffi.string(lib.ls_producer_last_error(c._p)).decode(), 15,
+                 "the client to say the waiting record does not fit")
+        c.close(timeout=1)
