@@ -408,12 +408,16 @@ class TestDaemonForwarding:
         wait_for(lambda: sink1.nbytes > 1_000_000, 30, "the forward to be running")
         sink1.stop_gracefully()
         wait_for(lambda: forward_status(d)["disconnects"] >= 1, 10, "the forwarder to notice")
-        finish_producer(p, timeout=60)  # every batch was acknowledged while the downstream was down
+        finish_producer(p, timeout=60)
+        # Written while the downstream is surely down (a fast producer may have finished k0 before the
+        # collector stopped): these must wait in the spool.
+        p2 = producers({"socket": d.sock, "stream": "app", "tag": "k1", "mode": "count", "count": 20_000, "client": {}})
+        finish_producer(p2, timeout=60)  # every batch was acknowledged while the downstream was down
         fs = forward_status(d)
         assert fs["lag_bytes"] > 0, "the spool should hold the batches written while down"
         sink2 = sinks(port)
-        expected = {"k0": make_records("k0", 150_000)}
-        total = sum(len(r) for r in expected["k0"])
+        expected = {"k0": make_records("k0", 150_000), "k1": make_records("k1", 20_000)}
+        total = sum(len(r) for recs in expected.values() for r in recs)
         wait_for(lambda: forward_status(d)["acked_cursor"] == total, 30, "the spool to replay")
         assert_exactly_once_in_order(sink1.records("octet-counted") + sink2.records("octet-counted"), expected)
         fs = forward_status(d)

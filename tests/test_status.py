@@ -208,7 +208,8 @@ class TestServe:
     def test_listening_event_names_socket_dir_and_engine(self, daemon):
         """Once it accepts connections the daemon has logged a JSON "listening" event with socket, dir and engine."""
         d = daemon("readwrite")
-        events = [e for e in d.stderr_events() if e.get("event") == "listening"]
+        # The socket accepts (listen) a moment before the line is written: wait for it.
+        events = wait_for(lambda: [e for e in d.stderr_events() if e.get("event") == "listening"], 20, "the listening event")
         assert len(events) == 1, d.stderr()
         ev = events[0]
         assert ev["socket"] == d.sock
