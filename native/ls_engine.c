@@ -587,6 +587,19 @@ int eng_removal_due(struct ls_engine *e, struct producer *p)
     return avail <= 0;
 }
 
+long eng_splice_payload(struct ls_engine *e, struct producer *p)
+{
+    struct stream *s = &e->streams[p->stream_id];
+    int in = p->is_sock ? p->stage_r : p->fd;
+    loff_t off = (loff_t)(p->batch_start + p->moved);
+    for (;;) {
+        ssize_t r = splice(in, NULL, s->fd, &off, p->h.payload_len - p->moved, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r < 0 ? -errno : r;
+    }
+}
+
 long eng_write_shared(struct ls_engine *e, struct producer *p)
 {
     struct stream *s = &e->streams[p->stream_id];
@@ -802,25 +815,8 @@ static int set_nonblock_for_epoll(struct ls_engine *e, int fd, int fl)
     return e->be->nonblocking_fds && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ? -errno : 0;
 }
 
-int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd)
-{
-    if (id >= e->max_producers || stream_id >= e->max_streams)
-        return -EINVAL;
-    struct stat st;
-    if (fstat(pipe_fd, &st) < 0)
-        return -errno;
-    if (!S_ISFIFO(st.st_mode))
-        return -ENOTTY; /* not a pipe */
-    int fl = fcntl(pipe_fd, F_GETFL);
-    if (fl < 0)
-        return -errno;
-    if ((fl & O_ACCMODE) != O_RDONLY)
-        return -EBADF; /* a pipe, but not its read end */
-    int r = set_nonblock_for_epoll(e, pipe_fd, fl);
-    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0, NULL, 0);
-}
-
-/* The pipe checks of ls_engine_add_producer. */
+/* A producer's pipe: a FIFO's read end (-ENOTTY: not a pipe; -EBADF: its write end), made
+ * non-blocking for the epoll engines. */
 static int check_pipe_read_end(struct ls_engine *e, int pipe_fd)
 {
     struct stat st;
@@ -834,6 +830,14 @@ static int check_pipe_read_end(struct ls_engine *e, int pipe_fd)
     if ((fl & O_ACCMODE) != O_RDONLY)
         return -EBADF;
     return set_nonblock_for_epoll(e, pipe_fd, fl);
+}
+
+int ls_engine_add_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd)
+{
+    if (id >= e->max_producers || stream_id >= e->max_streams)
+        return -EINVAL;
+    int r = check_pipe_read_end(e, pipe_fd);
+    return r < 0 ? r : claim_slot(e, id, stream_id, pipe_fd, -1, -1, 0, NULL, 0);
 }
 
 int ls_engine_add_shm_producer(struct ls_engine *e, uint32_t id, uint32_t stream_id, int pipe_fd, int arena_fd,

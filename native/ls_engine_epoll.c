@@ -71,20 +71,13 @@ static long stage_sync(struct ls_engine *e, struct producer *p)
 /* Move (or discard) payload that is all queued: from the pipe, or a TCP producer's stage pipe. */
 static long do_move_sync(struct ls_engine *e, struct producer *p, int discard)
 {
-    struct stream *s = &e->streams[p->stream_id];
-    size_t want = p->h.payload_len - p->moved;
-    int in = p->is_sock ? p->stage_r : p->fd;
-    if (e->be == &ls_backend_splice && !s->copy) {
-        ssize_t r;
-        if (discard) {
-            r = splice(in, NULL, e->devnull, NULL, want, SPLICE_F_NONBLOCK);
-        } else {
-            loff_t off = (loff_t)(p->batch_start + p->moved);
-            r = splice(in, NULL, s->fd, &off, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        }
-        return r < 0 ? -errno : r;
-    }
-    return eng_move_copy(e, p, discard);
+    if (e->be != &ls_backend_splice || e->streams[p->stream_id].copy)
+        return eng_move_copy(e, p, discard);
+    if (!discard)
+        return eng_splice_payload(e, p);
+    ssize_t r = splice(p->is_sock ? p->stage_r : p->fd, NULL, e->devnull, NULL, p->h.payload_len - p->moved,
+                       SPLICE_F_NONBLOCK);
+    return r < 0 ? -errno : r;
 }
 
 static void epoll_drive(struct ls_engine *e, struct producer *p)

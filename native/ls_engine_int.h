@@ -184,6 +184,9 @@ void eng_on_payload(struct ls_engine *e, struct producer *p, long r, int how);
 /* transport shm: write the rest of the batch from the arena with pwrite (the epoll engines, and the
  * io_uring engine's fallback). Returns bytes or -errno (a fault in the mapping is -EFAULT). */
 long eng_write_shared(struct ls_engine *e, struct producer *p);
+/* Splice the rest of a wholly queued batch from p's pipe (or stage pipe) into its stream's file at
+ * the batch's offset, now (SPLICE_F_NONBLOCK: -EAGAIN if the bytes vanished). Bytes or -errno. */
+long eng_splice_payload(struct ls_engine *e, struct producer *p);
 void eng_on_discard(struct ls_engine *e, struct producer *p, long r);
 void eng_payload_vanished(struct ls_engine *e, struct producer *p);
 void eng_wait_data_over(struct ls_engine *e, struct producer *p, long r, uint64_t queued);

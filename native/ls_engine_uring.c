@@ -110,20 +110,6 @@ static void submit_splice_out(struct ls_engine *e, struct producer *p, int in, i
  * larger ones go through the ring (SPLICE, WRITE_FIXED), where io-wq runs them beside the engine. */
 #define INLINE_MAX (256u << 10)
 
-/* splice(2) the rest of a wholly queued batch from p's pipe into its stream's file, now. */
-static long inline_splice(struct ls_engine *e, struct producer *p, uint32_t want)
-{
-    struct stream *s = &e->streams[p->stream_id];
-    int in = p->is_sock ? p->stage_r : p->fd;
-    loff_t off = (loff_t)(p->batch_start + p->moved);
-    for (;;) {
-        ssize_t r = splice(in, NULL, s->fd, &off, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        if (r < 0 && errno == EINTR)
-            continue;
-        return r < 0 ? -errno : r;
-    }
-}
-
 static void uring_drive(struct ls_engine *e, struct producer *p)
 {
     if (p->inflight || e->stop) /* stopping: issue nothing new, the thread waits out what runs */
@@ -213,18 +199,17 @@ static void uring_drive(struct ls_engine *e, struct producer *p)
         /* All of the payload was queued before the batch began: splice the rest in one go. */
         uint32_t want = p->h.payload_len - p->moved;
         struct stream *st = &e->streams[p->stream_id];
-        int inline_now = want <= INLINE_MAX && e->shm_write != LS_SHM_WRITE_RING;
-        if (p->arena && e->shm_write != LS_SHM_WRITE_RING && (e->shm_write == LS_SHM_WRITE_INLINE || !st->ring_writes))
-            inline_now = 1; /* the ring would punt this buffered write to io-wq: do the copy here */
-        if (!p->arena && want <= INLINE_MAX)
-            inline_now = 1;
+        /* Written here rather than through the ring: a small batch (a flush()'s partial segment), whose
+         * io-wq hand-offs (~55 us) cost a third of a flush while the copy costs the same; and a shm
+         * batch the ring would punt to io-wq anyway (shm_write auto on ext4/tmpfs, or inline). */
+        int inline_now = p->arena ? e->shm_write == LS_SHM_WRITE_INLINE ||
+                                        (e->shm_write == LS_SHM_WRITE_AUTO && (!st->ring_writes || want <= INLINE_MAX))
+                                  : want <= INLINE_MAX;
         if (p->state == P_PAYLOAD && inline_now && !st->copy) {
-            /* A small batch (a flush()'s partial segment) is written here, not handed to io-wq: the
-             * copy costs the same, the two thread hand-offs (~55 us) are a third of a flush. */
             /* Without the mutex: the control plane's calls (status, ctl_send, events) must not wait on a
              * slow disk. Nothing they do touches a producer in PAYLOAD or its busy stream's fd. */
             pthread_mutex_unlock(&e->mu);
-            long r = p->arena ? eng_write_shared(e, p) : inline_splice(e, p, want);
+            long r = p->arena ? eng_write_shared(e, p) : eng_splice_payload(e, p);
             pthread_mutex_lock(&e->mu);
             if (r == -EAGAIN && !p->arena) {
                 eng_payload_vanished(e, p);

@@ -68,8 +68,8 @@ class RateLimiter:
 
     def detach(self, p: Any) -> None:
         """A producer ended: its uid's shared bucket goes once no producer draws on it."""
-        entry = self.uid_buckets.get((p.uid, p.stream.name))
-        if entry is not None and self.cfg.stream_limits(p.stream.name).any:
+        entry = self.uid_buckets.get((p.uid, p.stream.name))  # only producers that drew on it made it
+        if entry is not None:
             entry[1] -= 1
             if entry[1] <= 0:
                 del self.uid_buckets[(p.uid, p.stream.name)]
