@@ -180,6 +180,7 @@ class Client:
         self.reconnect = bool(reconnect)
         self._opts.reconnect = 1 if reconnect else 0
         self._p = ffi.NULL
+        self._shut: Any = None  # the producer close() shut down, freed by __del__
         self._closed = False
         try:
             self._open()
@@ -309,7 +310,14 @@ class Client:
         self._closed = True
         _live.discard(self)
         p, self._p = self._p, ffi.NULL
-        ret = lib.ls_producer_close_within(p, _ms(timeout))
+        # Shut down, free later (__del__): another thread may be inside a call on p right now (a
+        # daemon thread logging while the interpreter exits); it returns ESHUTDOWN instead of
+        # touching freed memory, and the Client outlives its call.
+        ret = lib.ls_producer_shutdown(p, _ms(timeout))
+        if ret == -errno.ECHILD:
+            lib.ls_producer_close(p)  # a forked child: frees only its copies (no other thread has them)
+        else:
+            self._shut = p
         if ret < 0 and ret not in (-errno.ECHILD, -errno.ESHUTDOWN, -errno.ECONNRESET, -errno.ETIMEDOUT):
             raise error_for(ret, f"closing stream {self.stream!r}")
 
@@ -357,9 +365,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # pragma: no cover - best effort when a Client is dropped unclosed
+    def __del__(self) -> None:
         try:
             if not self._closed and self._p != ffi.NULL:
-                self.close(timeout=EXIT_FLUSH_TIMEOUT)
+                self.close(timeout=EXIT_FLUSH_TIMEOUT)  # pragma: no cover - best effort when dropped unclosed
         except Exception:
             pass
+        p = getattr(self, "_shut", None)  # (absent if __init__ raised early)
+        self._shut = None
+        if p is not None:
+            lib.ls_producer_close(p)  # shut down already: only frees (nobody can be inside a call now)

@@ -189,6 +189,8 @@ void eng_stream_release(struct ls_engine *e, struct stream *s)
 {
     s->busy = NULL;
     if (s->pending) {
+        if (s->bounded) /* the spool bound keeps the allowance it had, now in the new file's offsets */
+            s->bound = s->pending_off + (s->bound > s->offset ? s->bound - s->offset : 0);
         s->fd = s->pending_fd;
         s->offset = s->pending_off;
         s->pending = 0;
@@ -197,7 +199,7 @@ void eng_stream_release(struct ls_engine *e, struct stream *s)
         pthread_cond_broadcast(&e->cond);
     }
     struct producer *p = s->wait_head;
-    if (!p || s->fd < 0 || s->paused)
+    if (!p || s->fd < 0 || s->paused || (s->bounded && s->offset >= s->bound))
         return;
     s->wait_head = p->next_wait;
     if (!s->wait_head)
@@ -769,6 +771,22 @@ int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused)
     if (!paused)
         e->streams[id].pending_resume = 1;
     eng_wake(e);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int ls_engine_bound_stream(struct ls_engine *e, uint32_t id, uint64_t bound)
+{
+    if (id >= e->max_streams)
+        return -EINVAL;
+    pthread_mutex_lock(&e->mu);
+    struct stream *s = &e->streams[id];
+    if (!bound || (s->bounded && bound > s->bound)) {
+        s->pending_resume = 1;
+        eng_wake(e);
+    }
+    s->bounded = bound != 0;
+    s->bound = bound;
     pthread_mutex_unlock(&e->mu);
     return 0;
 }

@@ -116,6 +116,14 @@ int ls_engine_set_stream_sync(struct ls_engine *e, uint32_t id, int sync);
  * Returns 0 or -EINVAL (id out of range). */
 int ls_engine_pause_stream(struct ls_engine *e, uint32_t id, int paused);
 
+/* bound>0: no new batch of stream `id` starts once its offset reached `bound` (a batch already
+ * started finishes, so the file ends at most one batch past it); raising the bound serves the
+ * waiters. bound=0: none. The forward spool's "block" policy, enforced here and not by the
+ * control plane alone: the engine lands and releases batches without waiting for the asyncio
+ * loop, so a busy or stalled loop must not let producers run past the spool bound. The bound is
+ * in the current file's offsets (set it again after ls_engine_set_stream). Returns 0 or -EINVAL. */
+int ls_engine_bound_stream(struct ls_engine *e, uint32_t id, uint64_t bound);
+
 /* Producer `id` feeds stream `stream_id` through the pipe read end `pipe_fd`; the engine owns the
  * fd from now on and closes it when the producer ends (EOF/DIED/BAD_FRAME/ERROR/REMOVED).
  * Returns 0; -EINVAL (id or stream_id out of range), -ENOTTY (pipe_fd is not a pipe), -EBADF (a

@@ -89,6 +89,8 @@ struct stream {
     struct producer *busy;
     struct producer *wait_head, *wait_tail;
     int paused;           /* no new batch starts (a full spool with the "block" policy) */
+    int bounded;          /* no new batch starts at an offset >= bound (the spool bound, see .h) */
+    uint64_t bound;
     int copy;             /* the file refused splice (no splice_write): batches move by read + pwrite */
     int sync;             /* LS_SYNC_BATCH: a batch is released only once fdatasync covered it */
     int ring_writes;      /* io_uring: its filesystem takes non-blocking buffered writes (no io-wq punt) */

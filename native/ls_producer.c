@@ -587,8 +587,13 @@ static int flush_start_locked(struct ls_producer *p, uint64_t *target)
 
 static int flush_check_locked(struct ls_producer *p, uint64_t target)
 {
-    if (p->released < target)
+    if (p->released < target) {
+        if (p->closed) {
+            prod_set_error(p, "stream '%s': the producer was closed while this flush waited", p->stream);
+            return -ESHUTDOWN;
+        }
         return p->broken ? -p->broken : -EAGAIN;
+    }
     if (p->failed_pending) {
         prod_set_error(p, "the logsink daemon could not write %llu batch(es) of stream '%s' (first: %s)",
                   (unsigned long long)p->failed_pending, p->stream, p->failed_first);
@@ -829,15 +834,17 @@ int ls_producer_close(struct ls_producer *p)
     return ls_producer_close_within(p, -1);
 }
 
-int ls_producer_close_within(struct ls_producer *p, int timeout_ms)
+int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
 {
     if (!p)
         return 0;
-    if (prod_forked(p)) {
-        destroy(p, 1);
+    if (prod_forked(p))
         return -ECHILD;
-    }
     pthread_mutex_lock(&p->lock);
+    if (p->closed) { /* shut down before: a second call (close after shutdown) only frees */
+        pthread_mutex_unlock(&p->lock);
+        return 0;
+    }
     /* Closing: the shorter bound wins, for the final flush and any handover it makes. */
     if (timeout_ms >= 0 && (p->timeout_ms < 0 || timeout_ms < p->timeout_ms))
         p->timeout_ms = timeout_ms;
@@ -846,12 +853,29 @@ int ls_producer_close_within(struct ls_producer *p, int timeout_ms)
     int ret = do_flush ? ls_producer_flush(p, p->timeout_ms) : 0;
     pthread_mutex_lock(&p->lock);
     __atomic_store_n(&p->closed, 1, __ATOMIC_RELAXED); /* also read by a connect in progress */
+    prod_fast_revoke_locked(p); /* a lock-free appender finishes its copy; the next write locks */
     prod_close_pipe_locked(p);
-    pthread_cond_broadcast(&p->cond);
+    pthread_cond_broadcast(&p->cond); /* writers and flushes waiting for a release: -ESHUTDOWN */
     pthread_mutex_unlock(&p->lock);
     prod_wake_background(p); /* its poll, a reconnect's backoff or HELLO wait */
-    if (p->thread_started)
+    if (p->thread_started) {
         pthread_join(p->thread, NULL);
+        pthread_mutex_lock(&p->lock);
+        p->thread_started = 0;
+        pthread_mutex_unlock(&p->lock);
+    }
+    return ret;
+}
+
+int ls_producer_close_within(struct ls_producer *p, int timeout_ms)
+{
+    if (!p)
+        return 0;
+    if (prod_forked(p)) {
+        destroy(p, 1);
+        return -ECHILD;
+    }
+    int ret = ls_producer_shutdown(p, timeout_ms);
     destroy(p, 0);
     return ret;
 }

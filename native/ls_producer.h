@@ -30,7 +30,7 @@
  *                (the connection is shared with the parent; open a new producer in the child)
  * Thread safety: every call may come from any thread (one mutex per producer; the thread that wrote
  * last appends lock-free until another call takes the segment back), except that
- * ls_producer_close must be the last call. Not async-signal-safe: never call from a signal handler.
+ * ls_producer_close must be the last call (ls_producer_shutdown may race other calls; see there). Not async-signal-safe: never call from a signal handler.
  *
  * SIGPIPE: writing to the data pipe after the daemon died raises SIGPIPE. The producer never lets
  * that kill the process: its background thread runs with all signals blocked, and every handover
@@ -221,6 +221,13 @@ int ls_producer_close(struct ls_producer *p);
 /* ls_producer_close, with the final flush (and any handover it makes) bounded by timeout_ms when
  * that is shorter than opts.timeout_ms (-1: no extra bound). For exit paths. */
 int ls_producer_close_within(struct ls_producer *p, int timeout_ms);
+/* The first half of ls_producer_close_within: flush (bounded likewise), stop the background thread,
+ * close the data pipe - but p stays allocated and mapped. Calls made meanwhile or later from other
+ * threads return -ESHUTDOWN (writers and flushes waiting for a release wake up with it) instead of
+ * racing the free. ls_producer_close then only frees. For runtimes that cannot be sure no other
+ * thread is inside a call (Python's Client at exit, with daemon threads still logging): free once
+ * nothing can call any more. Returns 0 or the flush's error (0 if already shut down). */
+int ls_producer_shutdown(struct ls_producer *p, int timeout_ms);
 
 /* A snapshot of the counters. Returns 0 or -ECHILD. */
 int ls_producer_stats(struct ls_producer *p, struct ls_producer_stats *out);

@@ -168,6 +168,10 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
 
 int prod_usable_locked(struct ls_producer *p)
 {
+    if (p->closed) {
+        prod_set_error(p, "stream '%s': the producer was closed (by another thread, or at exit)", p->stream);
+        return -ESHUTDOWN;
+    }
     if (p->stopping) {
         prod_set_error(p, "the logsink daemon is shutting down; stream '%s' takes no more records", p->stream);
         return -ESHUTDOWN;

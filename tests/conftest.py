@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import faulthandler
 import json
 import os
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +118,26 @@ class Daemon:
             return all(proc_state_of(f"{task}/{t}/stat") in ("T", "t") for t in os.listdir(task))
 
         wait_for(all_stopped, 10, "every thread of the daemon to stop")
+
+    @contextlib.contextmanager
+    def control_plane_stalled(self) -> Iterator[None]:
+        """Stop only the daemon's main thread (the asyncio control plane) with ptrace, leaving the
+        engine thread running: what a loop stuck behind a slow disk or a long GC pause looks like to
+        the engine. The engine must keep every bound on its own meanwhile."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_DETACH, WALL = 0x4206, 0x4207, 17, 0x40000000
+        if libc.ptrace(PTRACE_SEIZE, self.pid, None, None) != 0:  # the main thread's tid is the pid
+            raise OSError(ctypes.get_errno(), "ptrace(PTRACE_SEIZE) of the daemon's main thread")
+        try:
+            if libc.ptrace(PTRACE_INTERRUPT, self.pid, None, None) != 0:
+                raise OSError(ctypes.get_errno(), "ptrace(PTRACE_INTERRUPT)")
+            _, st = os.waitpid(self.pid, WALL)  # returns once the main thread is in its ptrace-stop
+            assert os.WIFSTOPPED(st), f"the daemon's main thread did not stop: status {st:#x}"
+            yield
+        finally:
+            if libc.ptrace(PTRACE_DETACH, self.pid, None, None) != 0:
+                raise OSError(ctypes.get_errno(), "ptrace(PTRACE_DETACH)")
 
     def sigcont(self) -> None:
         os.kill(self.pid, signal.SIGCONT)

@@ -272,6 +272,43 @@ c.close()
         assert elapsed < 20, f"exit took {elapsed:.1f} s"
 
 
+    @pytest.mark.parametrize("transport", ["shm", "vmsplice"])
+    def test_exit_does_not_hang_on_a_thread_blocked_in_write(self, daemon, transport):
+        """A daemon thread blocked in write() (every segment pinned: the daemon is stopped) when the
+        program exits: the exit's close wakes it (ESHUTDOWN) and the process exits within the exit
+        flush timeout, instead of waiting for it forever or freeing the producer under it."""
+        d = daemon("io_uring")
+        script = (
+            "import logsink, sys, threading\n"
+            f"c = logsink.Client('stuck', socket={d.sock!r}, transport={transport!r}, segments=2, segment_size=4096, flush_interval=None)\n"
+            "print('connected', flush=True)\nsys.stdin.readline()\n"
+            "def spin():\n"
+            "    try:\n"
+            "        while True:\n"
+            "            c.write(b'y' * 99 + b'\\n')\n"
+            "    except ConnectionError as exc:\n"
+            "        print('writer:', type(exc).__name__, exc, flush=True)\n"
+            "threading.Thread(target=spin, daemon=True).start()\n"
+            "while c.stats()['waits_for_release'] == 0:\n"
+            "    pass\n"
+            "print('blocked', flush=True)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"connected"
+            d.sigstop()
+            t0 = time.monotonic()
+            out, err = proc.communicate(b"go\n", timeout=60)
+            elapsed = time.monotonic() - t0
+        finally:
+            d.sigcont()
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err.decode()
+        assert b"blocked" in out, out
+        assert elapsed < 30, f"exit took {elapsed:.1f} s"
+
+
 class TestAutoTransport:
     def test_auto_is_shm_locally(self, daemon, logsink):
         """A local Client with the default transport uses the shared-memory arena: every byte is written from it."""

@@ -99,6 +99,44 @@ class TestWaitingProducerDoesNotSpin:
             os.close(fd)
 
 
+class TestStreamBound:
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_bound_stops_new_batches_and_keeps_its_allowance_across_a_new_file(self, native, tmp_path, engine):
+        """No batch starts at or past the bound; raising it serves the waiter; a new file (rotation)
+        keeps the allowance that was left, in the new file's offsets; 0 lifts it."""
+        fd = os.open(tmp_path / "app.log", os.O_RDWR | os.O_CREAT, 0o640)
+        eng = Engine(native, engine, fd)
+        try:
+            assert eng.lib.ls_engine_bound_stream(eng.e, 0, 10) == 0
+            w = eng.add(0)
+            os.write(w, batch(1, [b"0123456789ab\n"]))  # starts below the bound: lands whole (13 bytes)
+            eng.wait(("LS_EV_BATCH_DONE", 0, 1), "the first batch")
+            os.write(w, batch(2, [b"two\n"]))
+            os.write(w, batch(3, [b"three\n"]))
+            time.sleep(0.3)  # room for a batch that should not start
+            assert ("LS_EV_BATCH_DONE", 0, 2) not in eng.poll() and os.fstat(fd).st_size == 13
+            assert eng.lib.ls_engine_bound_stream(eng.e, 0, 15) == 0  # room for one more start
+            eng.wait(("LS_EV_BATCH_DONE", 0, 2), "the batch the raised bound lets start")
+            time.sleep(0.3)
+            assert ("LS_EV_BATCH_DONE", 0, 3) not in eng.poll() and os.fstat(fd).st_size == 17
+            fd2 = os.open(tmp_path / "app.log.new", os.O_RDWR | os.O_CREAT, 0o640)
+            os.write(fd2, b"x" * 100)
+            assert eng.lib.ls_engine_bound_stream(eng.e, 0, 20) == 0  # 3 bytes of allowance left at 17
+            assert eng.lib.ls_engine_set_stream(eng.e, 0, fd2, 100) == 0  # ... so 103 in the new file
+            eng.wait(("LS_EV_BATCH_DONE", 0, 3), "the batch within the carried allowance")
+            os.write(w, batch(4, [b"four\n"]))
+            time.sleep(0.3)
+            assert ("LS_EV_BATCH_DONE", 0, 4) not in eng.poll() and os.fstat(fd2).st_size == 106
+            assert eng.lib.ls_engine_bound_stream(eng.e, 0, 0) == 0
+            eng.wait(("LS_EV_BATCH_DONE", 0, 4), "the batch once the bound is lifted")
+            assert os.pread(fd2, 100, 0) == b"x" * 100 and os.pread(fd2, 100, 100) == b"three\nfour\n"
+            os.close(w)
+            os.close(fd2)
+        finally:
+            eng.close()
+            os.close(fd)
+
+
 class TestRemoval:
     @pytest.mark.parametrize("engine", ENGINES)
     def test_remove_without_drain_ends_a_producer_stopped_mid_header(self, native, tmp_path, engine):

@@ -45,10 +45,15 @@ class Sink:
     """A TCP collector on loopback keeping each connection's bytes. ``stop_gracefully()`` ends the
     current connection the way a careful collector would: it keeps every byte its kernel ACKed."""
 
-    def __init__(self, port: int = 0):
-        self.srv = socket.socket()
-        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind(("127.0.0.1", port))
+    def __init__(self, port: int = 0, bound: socket.socket | None = None):
+        """Listen on ``port`` (0: any), or start listening on ``bound``, a socket bound while the
+        downstream was to look down (see ``down_port``): the port was never free in between."""
+        if bound is not None:
+            self.srv = bound
+        else:
+            self.srv = socket.socket()
+            self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.srv.bind(("127.0.0.1", port))
         self.srv.listen(8)
         self.port = self.srv.getsockname()[1]
         self.conns: list[bytearray] = []
@@ -150,12 +155,20 @@ class Sink:
                     pass
 
 
+def down_port() -> tuple[socket.socket, int]:
+    """A loopback port with nobody listening (connects are refused), held bound so no other process
+    can take it before the test brings its downstream up there with ``sinks(bound=sock)``."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
 @pytest.fixture
 def sinks():
     made: list[Sink] = []
 
-    def make(port: int = 0) -> Sink:
-        s = Sink(port)
+    def make(port: int = 0, bound: socket.socket | None = None) -> Sink:
+        s = Sink(port, bound)
         made.append(s)
         return s
 
@@ -425,14 +438,11 @@ class TestDaemonForwarding:
 
     def test_restart_resumes_from_cursor_without_duplicates(self, daemon, producers, sinks):
         """The daemon stopped with the downstream down keeps the spool; the next run replays it, no duplicate."""
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()  # nobody listens: the forward stays down
+        dead, port = down_port()  # nobody listens: the forward stays down
         d1 = daemon("splice", "--forward", f"app=tcp://127.0.0.1:{port}")
         expected = run_producers(d1, producers, 1, 20_000)
         assert d1.terminate() == 0
-        sink = sinks(port)
+        sink = sinks(bound=dead)
         d2 = daemon("splice", "--forward", f"app=tcp://127.0.0.1:{port}", log_dir=d1.dir)
         total = sum(len(r) for r in expected["p0"])
         wait_for(lambda: forward_status(d2)["acked_cursor"] == total, 20, "the replay after restart")
@@ -463,10 +473,7 @@ class TestDaemonForwarding:
 
     def test_spool_bound_drop_oldest_counts(self, daemon, producers, tmp_path):
         """With the downstream down and drop-oldest, the spool keeps at most spool_max of lag and counts the rest as dropped."""
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()
+        dead, port = down_port()  # nobody listens: the forward stays down
         d = daemon("io_uring", "--forward", f"app=tcp://127.0.0.1:{port},policy=drop-oldest,spool_max=256K")
         expected = run_producers(d, producers, 2, 10_000)
         total = sum(len(r) for v in expected.values() for r in v)
@@ -478,10 +485,7 @@ class TestDaemonForwarding:
 
     def test_spool_bound_block_blocks_producers_then_resumes(self, daemon, producers, sinks):
         """With block, a full spool pauses the stream (producers block); when the downstream returns they resume and nothing is lost."""
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()
+        dead, port = down_port()  # nobody listens: the forward stays down
         d = daemon("io_uring", "--forward", f"app=tcp://127.0.0.1:{port},policy=block,spool_max=256K")
         p = producers({"socket": d.sock, "stream": "app", "tag": "b0", "mode": "count", "count": 30_000,
                        "client": {"segments": 2, "segment_size": 65536}})
@@ -490,13 +494,52 @@ class TestDaemonForwarding:
         assert p.poll() is None, "the producer should be blocked while the spool is full"
         lag = forward_status(d)["lag_bytes"]
         assert (256 << 10) < lag < (256 << 10) + 3 * 65536, "only batches already started may land past the bound"
-        sink = sinks(port)
+        sink = sinks(bound=dead)
         finish_producer(p, timeout=60)
         expected = {"b0": make_records("b0", 30_000)}
         total = sum(len(r) for r in expected["b0"])
         wait_for(lambda: forward_status(d)["acked_cursor"] == total, 40, "everything to be forwarded")
         assert_exactly_once_in_order(sink.records("newline"), expected)
         assert forward_status(d)["dropped_records"] == 0
+
+
+    @pytest.mark.parametrize("engine,transport", [("io_uring", "shm"), ("io_uring", "vmsplice"), ("splice", "vmsplice")])
+    def test_spool_bound_holds_while_the_control_plane_is_stalled(self, daemon, sinks, engine, transport):
+        """The engine lands and releases batches without the asyncio loop: with the loop stopped, the
+        "block" bound still stops the stream at spool_max (plus the batch in flight), then nothing is lost."""
+        import logsink
+
+        dead, port = down_port()
+        d = daemon(engine, "--forward", f"app=tcp://127.0.0.1:{port},policy=block,spool_max=256K")
+        records = make_records("st", 20_000)
+        total = sum(len(r) for r in records)
+        assert total > 4 * (256 << 10)
+        c = logsink.Client("app", socket=d.sock, transport=transport, segments=2, segment_size=65536, flush_interval=None)
+        c.write(records[0])
+        c.flush()  # connected and answered before the loop stops
+        spool = Path(forward_status(d)["file"])
+        done = threading.Event()
+
+        def write_rest() -> None:
+            for r in records[1:]:
+                c.write(r)
+            c.flush()
+            done.set()
+
+        writer = threading.Thread(target=write_rest, daemon=True)
+        with d.control_plane_stalled():
+            writer.start()
+            wait_for(lambda: spool.stat().st_size >= 256 << 10, 20, "the stream to reach the spool bound")
+            time.sleep(0.5)  # the room a missing bound would need to run on
+            size = spool.stat().st_size
+            assert size < (256 << 10) + 2 * 65536, f"{size} bytes landed with the loop stopped: past the bound"
+            assert not done.is_set(), "the producer should block at the bound"
+        sink = sinks(bound=dead)
+        assert done.wait(60), "the producer should finish once the downstream is back"
+        writer.join()
+        c.close()
+        wait_for(lambda: forward_status(d)["acked_cursor"] == total, 40, "everything to be forwarded")
+        assert_exactly_once_in_order(sink.records("newline"), {"st": records})
 
 
 class TestRealCollectors:

@@ -350,6 +350,7 @@ class TestPunchOrder:
 
         monkeypatch.setattr(forward.Forwarder, "save", slow_save)
         monkeypatch.setattr(forward._StreamGroup, "punch", checked_punch)
+        monkeypatch.setattr(forward._StreamGroup, "update_bound", lambda group: None)  # no engine here to bound
 
         async def run() -> None:
             state_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)

@@ -153,6 +153,14 @@ class Forwarder:
         if self.sock is not None:
             self.pump()
 
+    def allowed_end(self) -> int:
+        """The offset in the stream's current file up to which its batches may start: spool_max past
+        what this downstream has been sent (while it finishes a rotated-away file, that file's lag counts)."""
+        c = self.counters()
+        if self._pending_switch is None:
+            return c.cursor + self.spec.spool_max
+        return self._pending_switch[1] + max(0, self.spec.spool_max - (c.end - c.cursor))
+
     def _progress(self) -> None:
         self._note_skipped()
         if self.wants_pause:
@@ -162,6 +170,7 @@ class Forwarder:
                 self.group.update_pause()
         self._maybe_switch()
         self._schedule_save()
+        self.group.update_bound()
 
     def skip_zeros(self) -> None:
         """Validate a resumed cursor: off any hole or NUL bytes (a cursor file lost, or left inside the
@@ -347,6 +356,7 @@ class Forwarder:
         self.identity = self.group.identity = identity
         self._saved = None
         self._schedule_save()
+        self.group.update_bound()
         self.on_advance(self.group.end())
 
     # -- cursor file ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class _StreamGroup:
         self.fd_identity = self.identity  # the file self.fd is (rotation switches it before the forwarders)
         self.forwarders: list[Forwarder] = []
         self.paused = False
+        self.bound = 0  # the engine's: no new batch starts at or past this offset (0: none)
         self.punched = 0
         self.last_end = -1
         self._c = ffi.new("struct ls_counters *")
@@ -53,6 +54,16 @@ class _StreamGroup:
             self.paused = want
             check(lib.ls_engine_pause_stream(self.mgr.engine, self.sid, 1 if want else 0), "pausing the stream")
             log.info("stream_paused" if want else "stream_resumed", stream=self.name, reason="forward spool bound")
+        self.update_bound()
+
+    def update_bound(self) -> None:
+        """Give the engine the spool bound of the "block" policy as an offset in the file: it lands and
+        releases batches itself, so the bound must hold there, not only when this loop gets to run."""
+        ends = [f.allowed_end() for f in self.forwarders if f.spec.policy == "block"]
+        want = 0 if self.mgr.no_blocking or not ends else max(1, min(ends))
+        if want != self.bound:
+            self.bound = want
+            check(lib.ls_engine_bound_stream(self.mgr.engine, self.sid, want), "bounding the stream")
 
     def punch(self) -> None:
         """Spools only: give back the disk blocks every downstream has been sent, ACKed, and has a cursor
@@ -148,6 +159,7 @@ class ForwardManager:
             fw.skip_zeros()  # never resume inside a hole
             fw.on_advance(size)
         group.last_end = size
+        group.update_bound()
         self.groups[sid] = group
 
     def _start_cursor(self, spec: ForwardSpec, group: _StreamGroup, size: int) -> int:
@@ -182,6 +194,8 @@ class ForwardManager:
         g.last_end = size
         for fw in g.forwarders:
             fw.switch_file(old_end, fd, size, (st.st_dev, st.st_ino))
+        g.bound = -1  # the engine moved its bound to the new file's offsets: send ours again
+        g.update_bound()
 
     def stop_blocking(self) -> None:
         """Shutdown: let paused streams take their pending batches (they land in the spool, not lost)."""
