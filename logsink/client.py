@@ -225,7 +225,8 @@ class Client:
         """The Python exception for a -errno from the C producer (errors.error_for), with the C side's
         last_error as its message, or a sentence of ours where it has none."""
         err = -ret
-        why = ffi.string(lib.ls_producer_last_error(self._p)).decode(errors="replace") if self._p != ffi.NULL else ""
+        p = self._p if self._p != ffi.NULL else self._shut  # (shut down: still allocated, says why)
+        why = ffi.string(lib.ls_producer_last_error(p)).decode(errors="replace") if p is not None else ""
         if not why:
             why = {
                 errno.ETIMEDOUT: f"{what} of stream {self.stream!r} timed out after {self.timeout} s",
@@ -313,11 +314,11 @@ class Client:
         # Shut down, free later (__del__): another thread may be inside a call on p right now (a
         # daemon thread logging while the interpreter exits); it returns ESHUTDOWN instead of
         # touching freed memory, and the Client outlives its call.
+        self._shut = p  # before the call: a writer it wakes reads its last_error from there
         ret = lib.ls_producer_shutdown(p, _ms(timeout))
         if ret == -errno.ECHILD:
+            self._shut = None
             lib.ls_producer_close(p)  # a forked child: frees only its copies (no other thread has them)
-        else:
-            self._shut = p
         if ret < 0 and ret not in (-errno.ECHILD, -errno.ESHUTDOWN, -errno.ECONNRESET, -errno.ETIMEDOUT):
             raise error_for(ret, f"closing stream {self.stream!r}")
 
