@@ -180,7 +180,6 @@ class Client:
         self.reconnect = bool(reconnect)
         self._opts.reconnect = 1 if reconnect else 0
         self._p = ffi.NULL
-        self._shut: Any = None  # the producer close() shut down, freed by __del__
         self._closed = False
         try:
             self._open()
@@ -225,8 +224,7 @@ class Client:
         """The Python exception for a -errno from the C producer (errors.error_for), with the C side's
         last_error as its message, or a sentence of ours where it has none."""
         err = -ret
-        p = self._p if self._p != ffi.NULL else self._shut  # (shut down: still allocated, says why)
-        why = ffi.string(lib.ls_producer_last_error(p)).decode(errors="replace") if p is not None else ""
+        why = ffi.string(lib.ls_producer_last_error(self._p)).decode(errors="replace") if self._p != ffi.NULL else ""
         if not why:
             why = {
                 errno.ETIMEDOUT: f"{what} of stream {self.stream!r} timed out after {self.timeout} s",
@@ -305,20 +303,22 @@ class Client:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (waiting up to ``timeout`` seconds, default: the client's ``timeout``), then end
-        the connection. Idempotent."""
+        the connection. Idempotent. Another thread blocked in ``write()`` or ``flush()`` meanwhile
+        (even one waiting for pipe room) is cut short within the same bound and gets an error; the
+        producer's memory is freed when the Client is."""
         if self._closed:
             return
         self._closed = True
         _live.discard(self)
-        p, self._p = self._p, ffi.NULL
-        # Shut down, free later (__del__): another thread may be inside a call on p right now (a
-        # daemon thread logging while the interpreter exits); it returns ESHUTDOWN instead of
-        # touching freed memory, and the Client outlives its call.
-        self._shut = p  # before the call: a writer it wakes reads its last_error from there
+        # Shut down now, free in __del__: another thread may be inside a call on _p right now (a
+        # daemon thread logging while the interpreter exits, a racing connected/stats); it gets
+        # ESHUTDOWN from the shut-down producer instead of touching freed memory, because the
+        # Client (and so _p) outlives every call made through it.
+        p = self._p
         ret = lib.ls_producer_shutdown(p, _ms(timeout))
         if ret == -errno.ECHILD:
-            self._shut = None
-            lib.ls_producer_close(p)  # a forked child: frees only its copies (no other thread has them)
+            self._p = ffi.NULL
+            lib.ls_producer_close(p)  # a forked child: frees only its copies
         if ret < 0 and ret not in (-errno.ECHILD, -errno.ESHUTDOWN, -errno.ECONNRESET, -errno.ETIMEDOUT):
             raise error_for(ret, f"closing stream {self.stream!r}")
 
@@ -372,7 +372,7 @@ class Client:
                 self.close(timeout=EXIT_FLUSH_TIMEOUT)  # pragma: no cover - best effort when dropped unclosed
         except Exception:
             pass
-        p = getattr(self, "_shut", None)  # (absent if __init__ raised early)
-        self._shut = None
-        if p is not None:
+        p = getattr(self, "_p", ffi.NULL)  # (absent if __init__ raised early)
+        if getattr(self, "_closed", False) and p != ffi.NULL:
+            self._p = ffi.NULL
             lib.ls_producer_close(p)  # shut down already: only frees (nobody can be inside a call now)

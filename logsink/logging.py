@@ -179,8 +179,8 @@ def _write_failed(client: Client, ret: int, data: bytes) -> None:
     if ret == -errno.ECHILD:
         client._reopen_after_fork()
         client.write(data)
-    elif ret == -errno.EBADF:
-        client.write(data)  # closed: the Client's own ValueError
+    elif ret == -errno.EBADF or (ret == -errno.ESHUTDOWN and client._closed):
+        client.write(data)  # closed (the C path may still hold its address): the Client's own ValueError
     else:
         raise client._error(ret, "write")
 

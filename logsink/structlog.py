@@ -125,7 +125,7 @@ def _resolve(client: Client) -> int:
 
 def _write_failed(client: Client, ret: int, data: bytes) -> None:
     """A write the stage could not complete: reconnect in a forked child, else the Client's error."""
-    if ret == -errno.EBADF:  # closed: the Client says so in its own words
+    if ret == -errno.EBADF or (ret == -errno.ESHUTDOWN and client._closed):  # closed: the Client says so in its own words
         client.write(data)
     elif ret == -errno.ECHILD:
         client._reopen_after_fork()

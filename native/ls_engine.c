@@ -199,18 +199,25 @@ void eng_stream_release(struct ls_engine *e, struct stream *s)
         pthread_cond_broadcast(&e->cond);
     }
     struct producer *p = s->wait_head;
-    if (!p || s->fd < 0 || s->paused || (s->bounded && s->offset >= s->bound))
+    if (!p || s->fd < 0)
+        return;
+    /* Someone truncated the file under us (logrotate's copytruncate, an admin's `: > file`):
+     * continue at its new end instead of leaving a hole of NUL bytes. One fstat per batch, before
+     * the bound is checked: a stream held at its spool bound must see that its file shrank. */
+    struct stat st;
+    if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < s->offset) {
+        /* (A bound stays as it is, in offsets: the control plane sees the shrunk file next, resets
+         * its forwarders to it and sends a new bound; meanwhile the old one still applies.) */
+        s->offset = (uint64_t)st.st_size;
+        s->c.offset = s->offset;
+    }
+    if (s->paused || (s->bounded && s->offset >= s->bound))
         return;
     s->wait_head = p->next_wait;
     if (!s->wait_head)
         s->wait_tail = NULL;
     p->next_wait = NULL;
     s->busy = p;
-    /* Someone truncated the file under us (logrotate's copytruncate, an admin's `: > file`):
-     * continue at its new end instead of leaving a hole of NUL bytes. One fstat per batch. */
-    struct stat st;
-    if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < s->offset)
-        s->offset = (uint64_t)st.st_size;
     p->batch_start = s->offset;
     p->moved = 0;
     p->state = P_PAYLOAD;
@@ -781,7 +788,7 @@ int ls_engine_bound_stream(struct ls_engine *e, uint32_t id, uint64_t bound)
         return -EINVAL;
     pthread_mutex_lock(&e->mu);
     struct stream *s = &e->streams[id];
-    if (!bound || (s->bounded && bound > s->bound)) {
+    if (bound != s->bound || !s->bounded) { /* look again: raised, lifted, or the file may have shrunk */
         s->pending_resume = 1;
         eng_wake(e);
     }

@@ -669,6 +669,8 @@ static void destroy(struct ls_producer *p, int in_child)
         close(p->event_fd);
     if (p->wake_fd >= 0)
         close(p->wake_fd);
+    if (p->cancel_fd >= 0)
+        close(p->cancel_fd);
     /* In a prod_forked child the arena is not mapped (MADV_DONTFORK): its range may hold the child's
      * own memory by now, so never unmap it there. */
     if (p->arena && !in_child) {
@@ -748,7 +750,8 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     struct ls_producer *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
-    p->sock = p->pipe_w = p->event_fd = p->wake_fd = p->arena_fd = -1;
+    p->sock = p->pipe_w = p->event_fd = p->wake_fd = p->cancel_fd = p->arena_fd = -1;
+    p->close_deadline = -1;
     p->fork_gen = __atomic_load_n(&prod_fork_generation, __ATOMIC_RELAXED);
     snprintf(p->stream, sizeof p->stream, "%s", stream);
     snprintf(p->path, sizeof p->path, "%s", path);
@@ -805,7 +808,9 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     prod_install_conn_locked(p, &c); /* no other thread yet */
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (p->event_fd < 0 || p->wake_fd < 0) {
+    p->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    p->cancel = (struct ls_wait_cancel){.fd = p->cancel_fd, .close_deadline = &p->close_deadline};
+    if (p->event_fd < 0 || p->wake_fd < 0 || p->cancel_fd < 0) {
         r = -errno;
         prod_set_error(NULL, "setting up the producer failed: %s", strerror(-r));
         goto fail;
@@ -840,17 +845,29 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
         return 0;
     if (prod_forked(p))
         return -ECHILD;
+    /* The shorter bound wins, for the final flush and any handover it makes. */
+    int bound = timeout_ms >= 0 && (p->timeout_ms < 0 || timeout_ms < p->timeout_ms) ? timeout_ms : p->timeout_ms;
+    if (bound >= 0 && !__atomic_load_n(&p->shutting, __ATOMIC_RELAXED)) {
+        /* Before taking the lock: a writer may hold it while it waits for pipe or socket room with
+         * no deadline of its own (ls_cancel.h). From here on it waits no longer than ours. */
+        __atomic_store_n(&p->close_deadline, prod_now_ms() + bound, __ATOMIC_RELEASE);
+        uint64_t one = 1;
+        if (write(p->cancel_fd, &one, sizeof one) < 0) { /* non-blocking; readable is all it must be */
+        }
+    }
     pthread_mutex_lock(&p->lock);
-    if (p->closed) { /* shut down before: a second call (close after shutdown) only frees */
+    if (p->shutting) { /* shut down before, or being shut down by another thread: only close frees */
         pthread_mutex_unlock(&p->lock);
         return 0;
     }
-    /* Closing: the shorter bound wins, for the final flush and any handover it makes. */
-    if (timeout_ms >= 0 && (p->timeout_ms < 0 || timeout_ms < p->timeout_ms))
-        p->timeout_ms = timeout_ms;
+    p->shutting = 1;
+    int64_t cd = __atomic_load_n(&p->close_deadline, __ATOMIC_ACQUIRE);
+    if (cd >= 0) /* what is left of the bound once a blocked writer let go of the lock */
+        bound = cd > prod_now_ms() ? (int)(cd - prod_now_ms()) : 0;
+    p->timeout_ms = bound;
     int do_flush = !p->broken && !p->stopping;
     pthread_mutex_unlock(&p->lock);
-    int ret = do_flush ? ls_producer_flush(p, p->timeout_ms) : 0;
+    int ret = do_flush ? ls_producer_flush(p, bound) : 0;
     pthread_mutex_lock(&p->lock);
     __atomic_store_n(&p->closed, 1, __ATOMIC_RELAXED); /* also read by a connect in progress */
     prod_fast_revoke_locked(p); /* a lock-free appender finishes its copy; the next write locks */
@@ -858,12 +875,17 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
     pthread_cond_broadcast(&p->cond); /* writers and flushes waiting for a release: -ESHUTDOWN */
     pthread_mutex_unlock(&p->lock);
     prod_wake_background(p); /* its poll, a reconnect's backoff or HELLO wait */
-    if (p->thread_started) {
+    if (p->thread_started)
         pthread_join(p->thread, NULL);
-        pthread_mutex_lock(&p->lock);
-        p->thread_started = 0;
-        pthread_mutex_unlock(&p->lock);
+    /* Nothing reads or sends any more (every call checks `closed` under the lock first): end the
+     * connection now, not when the runtime frees p. The arena stays mapped until then. */
+    pthread_mutex_lock(&p->lock);
+    p->thread_started = 0;
+    if (p->sock >= 0) {
+        close(p->sock);
+        p->sock = -1;
     }
+    pthread_mutex_unlock(&p->lock);
     return ret;
 }
 

@@ -222,7 +222,9 @@ int ls_producer_close(struct ls_producer *p);
  * that is shorter than opts.timeout_ms (-1: no extra bound). For exit paths. */
 int ls_producer_close_within(struct ls_producer *p, int timeout_ms);
 /* The first half of ls_producer_close_within: flush (bounded likewise), stop the background thread,
- * close the data pipe - but p stays allocated and mapped. Calls made meanwhile or later from other
+ * close the data pipe and the connection - but p stays allocated and mapped. A handover another
+ * thread is in, waiting for pipe or socket room with the lock held, is cut short by the same bound
+ * (it fails as a timeout), so shutdown never waits for it longer than timeout_ms. Calls made meanwhile or later from other
  * threads return -ESHUTDOWN (writers and flushes waiting for a release wake up with it) instead of
  * racing the free. ls_producer_close then only frees. For runtimes that cannot be sure no other
  * thread is inside a call (Python's Client at exit, with daemon threads still logging): free once

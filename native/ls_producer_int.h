@@ -40,6 +40,7 @@
 #define _GNU_SOURCE
 #include "ls_msgpack.h"
 #include "ls_producer.h"
+#include "ls_cancel.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -96,6 +97,10 @@ struct ls_producer {
     char engine[32];       /* from WELCOME: the daemon's engine */
     int sock, event_fd;
     int wake_fd;           /* eventfd: wakes the background thread (close, connection lost) */
+    int cancel_fd;         /* eventfd: readable once shutdown began (ls_cancel.h) */
+    int64_t close_deadline; /* shutdown's bound for waits under the lock (atomic; -1: none yet) */
+    struct ls_wait_cancel cancel; /* {cancel_fd, &close_deadline}, for ls_transport's waits */
+    int shutting;          /* ls_producer_shutdown began (under lock): a second call returns at once */
     int reconnect;         /* opts.reconnect */
     int64_t expected_uid;
     char path[108];        /* the socket path or tcp:// address, for reconnects */

@@ -106,20 +106,23 @@ static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, u
         }
         if (r != -EAGAIN)
             return r == -EPIPE ? -EPIPE : (int)r;
-        int wait = -1;
-        if (deadline >= 0) {
-            int64_t left = deadline - prod_now_ms();
+        int wait = -1, watch;
+        ls_transport_cancel_scope(&p->cancel); /* a shutdown can cut this wait short (ls_cancel.h) */
+        int64_t until = ls_wait_deadline(deadline, &watch);
+        ls_transport_cancel_scope(NULL);
+        if (until >= 0) {
+            int64_t left = until - prod_now_ms();
             if (left <= 0)
                 return -ETIMEDOUT;
             wait = (int)left;
         }
-        struct pollfd pfd = {.fd = p->sock, .events = POLLOUT};
-        int pr = poll(&pfd, 1, wait);
+        struct pollfd pfd[2] = {{.fd = p->sock, .events = POLLOUT}, {.fd = watch, .events = POLLIN}};
+        int pr = poll(pfd, 2, wait);
         if (pr < 0 && errno != EINTR)
             return -errno;
-        if (pr > 0 && (pfd.revents & POLLERR) && prod_zc_reap_locked(p) < 0)
+        if (pr > 0 && (pfd[0].revents & POLLERR) && prod_zc_reap_locked(p) < 0)
             return -ECONNRESET; /* a real socket error, not a notification */
-        if (pr > 0 && (pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT))
+        if (pr > 0 && (pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLOUT))
             return -EPIPE;
     }
     if (zc) {
@@ -149,6 +152,7 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
     if (!was_blocked && sigpending(&pending) == 0)
         was_pending = sigismember(&pending, SIGPIPE); /* someone else's: leave it alone */
     int ret;
+    ls_transport_cancel_scope(&p->cancel); /* a shutdown can cut its waits for pipe room short */
     if (splice_in >= 0)
         ret = ls_splice_batch(p->pipe_w, splice_in, len, records, seq, p->timeout_ms);
     else if (transport == LS_TRANSPORT_SHM)
@@ -156,6 +160,7 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
                               p->timeout_ms);
     else
         ret = ls_handover(p->pipe_w, seg, len, records, seq, transport, p->timeout_ms);
+    ls_transport_cancel_scope(NULL);
     if (ret == -EPIPE && !was_blocked && !was_pending) {
         struct timespec zero = {0, 0};
         while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "ls_transport.h"
 #include "ls_frame.h"
+#include "ls_cancel.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -117,10 +118,33 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Wait until fd (a pipe's write end) has room, up to deadline (now_ms() clock; < 0 = forever).
- * Returns 0, -ETIMEDOUT, -EPIPE (the reader is gone) or -errno. */
+static __thread const struct ls_wait_cancel *tls_cancel;
+
+void ls_transport_cancel_scope(const struct ls_wait_cancel *c)
+{
+    tls_cancel = c;
+}
+
+int64_t ls_wait_deadline(int64_t deadline, int *watch_fd)
+{
+    *watch_fd = -1;
+    if (!tls_cancel)
+        return deadline;
+    int64_t cd = __atomic_load_n(tls_cancel->close_deadline, __ATOMIC_ACQUIRE);
+    if (cd < 0) {
+        *watch_fd = tls_cancel->fd;
+        return deadline;
+    }
+    return deadline < 0 || cd < deadline ? cd : deadline;
+}
+
+/* Wait until fd (a pipe's write end) has room, up to deadline (now_ms() clock; < 0 = forever), or
+ * until the producer starts closing (ls_cancel.h: 0, and the caller's retry waits no longer than
+ * the close deadline). Returns 0, -ETIMEDOUT, -EPIPE (the reader is gone) or -errno. */
 static int wait_writable(int fd, int64_t deadline)
 {
+    int watch;
+    deadline = ls_wait_deadline(deadline, &watch);
     int wait = -1;
     if (deadline >= 0) {
         int64_t left = deadline - now_ms();
@@ -128,11 +152,11 @@ static int wait_writable(int fd, int64_t deadline)
             return -ETIMEDOUT;
         wait = left > INT32_MAX ? INT32_MAX : (int)left;
     }
-    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-    int pr = poll(&pfd, 1, wait);
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLOUT}, {.fd = watch, .events = POLLIN}};
+    int pr = poll(pfd, 2, wait);
     if (pr < 0)
         return errno == EINTR ? 0 : -errno;
-    if (pr > 0 && (pfd.revents & (POLLERR | POLLHUP)) && !(pfd.revents & POLLOUT))
+    if (pr > 0 && (pfd[0].revents & (POLLERR | POLLHUP)) && !(pfd[0].revents & POLLOUT))
         return -EPIPE;
     return 0;
 }

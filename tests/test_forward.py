@@ -542,6 +542,40 @@ class TestDaemonForwarding:
         assert_exactly_once_in_order(sink.records("newline"), {"st": records})
 
 
+    def test_copytruncate_while_held_at_the_spool_bound_does_not_stall_the_stream(self, daemon, sinks):
+        """A kept file held at policy=block's bound (downstream down, producer blocked) is truncated
+        under the daemon (copytruncate): once the downstream is back, the stream moves again and the
+        collector gets what the file holds from then on (the truncated, unsent bytes are lost, logged)."""
+        import logsink
+
+        dead, port = down_port()
+        d = daemon("io_uring", "--forward", f"app=tcp://127.0.0.1:{port},file,policy=block,spool_max=64K")
+        records = make_records("ct", 4000)
+        c = logsink.Client("app", socket=d.sock, segments=2, segment_size=16384, flush_interval=None)
+        done = threading.Event()
+
+        def write_all() -> None:
+            for r in records:
+                c.write(r)
+            c.flush()
+            done.set()
+
+        writer = threading.Thread(target=write_all, daemon=True)
+        writer.start()
+        wait_for(lambda: forward_status(d)["paused"], 20, "the stream to pause at the bound")
+        assert not done.is_set()
+        os.truncate(d.log("app"), 0)  # copytruncate's second half
+        sink = sinks(bound=dead)
+        assert done.wait(60), "the producer should finish once the downstream is back"
+        writer.join()
+        c.close()
+        kept = d.log("app").read_bytes()
+        assert kept and kept.endswith(b"\n")
+        wait_for(lambda: b"".join(sink.records("newline")).endswith(kept), 30,
+                 "the collector to get everything the file holds after the truncation")
+        assert any(e.get("event") == "forward_source_truncated" for e in d.stderr_events())
+
+
 class TestRealCollectors:
     def test_rsyslog_imtcp_octet_counted(self, daemon, producers, tmp_path):
         """A real rsyslogd (imtcp -> omfile, %rawmsg%) gets every record once, in order per producer."""

@@ -116,6 +116,7 @@ class Forwarder:
             lost = self.counters().end - self.counters().cursor
             log.error("forward_source_truncated", stream=self.spec.stream, downstream=self.address, unsent_bytes_lost=lost)
             check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
+            self.group.update_bound()
             ret = lib.ls_forward_advance(self.f, end)
         check(ret, "advancing the forwarder")
         if self._ring_fd >= 0 and lib.ls_forward_ring_busy(self.f) and not self.wants_pause:
@@ -141,11 +142,29 @@ class Forwarder:
                 self.loop.remove_writer(self.sock.fileno())
                 self._writer = False
             if r == -errno.ENODATA:
-                log.error("forward_source_short", stream=self.spec.stream, downstream=self.address,
-                          reason="the file ended before the offsets the engine reported; waiting for the next batch")
+                if self._source_truncated():
+                    self.loop.call_soon(self.pump)  # what the file holds now
+                else:
+                    log.error("forward_source_short", stream=self.spec.stream, downstream=self.address,
+                              reason="the file ended before the offsets the engine reported; waiting for the next batch")
         elif r != -errno.ENOTCONN:
             self._connection_lost(f"send failed: {os.strerror(-r)}", detached=True)
         self._progress()
+
+    def _source_truncated(self) -> bool:
+        """The file is shorter than the end the engine reported: truncated under us (copytruncate)
+        while the engine had nothing to write (a stream held at its spool bound lands no batch that
+        would tell us). Start over with what it holds now: its unsent bytes are lost, and said so."""
+        if self._pending_switch is not None:
+            return False
+        size = os.fstat(self.group.fd).st_size
+        c = self.counters()
+        if size >= c.end:
+            return False
+        log.error("forward_source_truncated", stream=self.spec.stream, downstream=self.address, unsent_bytes_lost=c.end - c.cursor)
+        check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
+        check(lib.ls_forward_advance(self.f, size), "advancing the forwarder")
+        return True
 
     def _on_ring(self) -> None:
         """Completions on the forwarder's ring: apply them (with or without a socket), then send on."""
@@ -327,6 +346,7 @@ class Forwarder:
                     resume_at=c.cursor, rewound_bytes=c.rewound_bytes)
         self._lost.set()
         self._schedule_save()
+        self.group.update_bound()  # the cursor went back to what the peer ACKed: so does the bound
 
     # -- rotation -------------------------------------------------------------------------------
     def switch_file(self, old_end: int, new_fd: int, new_offset: int, identity: tuple[int, int]) -> None:

@@ -40,6 +40,7 @@ class _StreamGroup:
         self.forwarders: list[Forwarder] = []
         self.paused = False
         self.bound = 0  # the engine's: no new batch starts at or past this offset (0: none)
+        self.switching = False  # stream_reopened is moving the forwarders to a new file
         self.punched = 0
         self.last_end = -1
         self._c = ffi.new("struct ls_counters *")
@@ -59,6 +60,8 @@ class _StreamGroup:
     def update_bound(self) -> None:
         """Give the engine the spool bound of the "block" policy as an offset in the file: it lands and
         releases batches itself, so the bound must hold there, not only when this loop gets to run."""
+        if self.switching:
+            return  # stream_reopened sends one bound once every forwarder has the new file
         ends = [f.allowed_end() for f in self.forwarders if f.spec.policy == "block"]
         want = 0 if self.mgr.no_blocking or not ends else max(1, min(ends))
         if want != self.bound:
@@ -192,8 +195,12 @@ class ForwardManager:
         g.path = os.readlink(f"/proc/self/fd/{fd}")
         g.punched = 0
         g.last_end = size
-        for fw in g.forwarders:
-            fw.switch_file(old_end, fd, size, (st.st_dev, st.st_ino))
+        g.switching = True
+        try:
+            for fw in g.forwarders:
+                fw.switch_file(old_end, fd, size, (st.st_dev, st.st_ino))
+        finally:
+            g.switching = False
         g.bound = -1  # the engine moved its bound to the new file's offsets: send ours again
         g.update_bound()
 
