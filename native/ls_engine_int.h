@@ -73,6 +73,7 @@ struct producer {
     uint64_t arena_len;
     uint64_t arena_off;    /* this batch's payload offset in the arena (the descriptor's) */
     int arena_fixed;       /* io_uring: registered as buffer slot 1 + id (else a plain WRITE) */
+    uint64_t arena_hot;    /* [0, arena_hot) is mapped here already: eng_arena_populate */
     /* The engine's own RELEASEs (ls_engine_set_release_fd): the control socket, and why not now. */
     int ctl_fd;
     int release_hold;      /* HOLD_* bits: the engine leaves RELEASE to the control plane */
@@ -144,6 +145,7 @@ struct ls_engine {
     char shm_path[512];    /* how shm batches are written (ls_engine_shm_path builds it) */
     char shm_reg[160];     /* why arenas are not registered ("" = they are) */
     int shm_write;         /* LS_SHM_WRITE_* */
+    int no_populate;       /* madvise(MADV_POPULATE_READ) refused (before 5.14): eng_arena_populate is off */
     int wake_armed;
     uint64_t wake_val;
 };

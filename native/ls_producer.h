@@ -231,6 +231,13 @@ int ls_producer_close_within(struct ls_producer *p, int timeout_ms);
  * nothing can call any more. Returns 0 or the flush's error (0 if already shut down). */
 int ls_producer_shutdown(struct ls_producer *p, int timeout_ms);
 
+/* Fault in every page of p's segments now (MADV_POPULATE_WRITE; their contents do not change), so
+ * that later writes take no page faults: for producers that must not stall on their first writes,
+ * and for benchmarks that measure the steady state. Costs segments x segment_size bytes of memory
+ * at once (the first writes would otherwise fault in only what they fill). Returns 0, -ECHILD, or
+ * madvise's -errno (-EINVAL before Linux 5.14, -ENOMEM/-EFAULT when memory runs out). */
+int ls_producer_prefault(struct ls_producer *p);
+
 /* A snapshot of the counters. Returns 0 or -ECHILD. */
 int ls_producer_stats(struct ls_producer *p, struct ls_producer_stats *out);
 

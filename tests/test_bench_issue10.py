@@ -89,6 +89,19 @@ class TestBenchCommands:
         rows = json.loads(res.stdout)["variants"]
         assert [(r["producers"], len(r["samples"]), r["failures"]) for r in rows] == [(1, 1, []), (3, 1, [])]
 
+    def test_scaling_bench_reports_start_and_end_outside_the_window_warm_and_cold(self):
+        """Warm (the default) and --cold runs are both exact; warm ones report start-up and teardown seconds and the daemon's CPU over the writes."""
+        for extra in ((), ("--cold",)):
+            res = bench("scaling", "--bytes", "2M", "--runs", "1", "--producers", "1,3", "--many", "0",
+                        "--transports", "shm", "--json", *extra)
+            assert res.returncode == 0, res.stderr
+            rows = json.loads(res.stdout)["variants"]
+            assert [(len(r["samples"]), r["failures"]) for r in rows] == [(1, []), (1, [])], rows
+            for r in rows:
+                s = r["samples"][0]
+                assert s["startup_s"] > 0 and s["daemon_cpu_s"] >= 0
+                assert (s["teardown_s"] > 0) if not extra else s["teardown_s"] == 0, s
+
     def test_cpu_bench_reports_ns_per_record_for_c_and_python(self):
         """`logsink bench cpu` gives CPU ns/record for the C single-record writer and Python 64 KiB writes."""
         res = bench("cpu", "--records", "20000", "--runs", "1", "--transports", "copy", "--json")

@@ -913,7 +913,7 @@ class TestLibrary:
             names = {line.split()[-1] for line in syms.splitlines() if line.strip()}
             public = {n for n in names if not n.startswith("_")}
             assert public == {"logsink_open", "logsink_write", "logsink_flush", "logsink_close", "logsink_stats",
-                              "logsink_last_error", "logsink_opts_init"}, public
+                              "logsink_last_error", "logsink_opts_init", "logsink_prefault"}, public
 
     def test_install_and_link_through_pkg_config_file(self, c_build, tmp_path, daemon):
         """make install PREFIX=... installs header, libs and logsink.pc; a program built from them runs against the .so."""
@@ -973,6 +973,25 @@ class TestLibrary:
             check_blast_file(d.log(stream), 2, 50000, 97)
 
 
+    @pytest.mark.parametrize("transport", ["vmsplice", "shm"])
+    def test_blast_warm_with_end_barrier_lands_byte_exact_and_times_both_ends(self, c_build, daemon, transport):
+        """logsink-blast -W -E -D: producers prefault, write, hold until all flushed; every record lands once and the summary has start-up, teardown and the daemon's CPU."""
+        import json
+
+        build, _ = c_build
+        d = daemon("io_uring")
+        res = run([build / "logsink-blast", "-s", "warm", "-S", d.sock, "-n", 20000, "-r", 200, "-c", 65536,
+                   "-t", transport, "-p", 3, "-C", "-W", "-E", "-D", d.pid])
+        docs = [json.loads(x) for x in res.stdout.decode().splitlines() if x.startswith("{")]
+        summary = next(x for x in docs if x.get("summary"))
+        producers = [x for x in docs if "producer" in x]
+        assert len(producers) == 3 and all(p["warm_seconds"] > 0 for p in producers), producers
+        assert summary["startup_seconds"] > 0 and summary["teardown_seconds"] > 0 and summary["daemon_cpu_seconds"] >= 0
+        data = d.log("warm").read_bytes()
+        assert len(data) == 3 * 20000 * 200 and data.count(b"\n") == 3 * 20000
+        assert data[199::200].count(b"\n") == 3 * 20000  # every record whole, none interleaved
+
+
 LIBLOGSINK_CDEF = """
 struct logsink_opts { int transport; uint32_t segment_size; uint32_t segments; int on_full; int timeout_ms;
                       int flush_interval_ms; int64_t expected_uid; int reconnect; };
@@ -989,12 +1008,50 @@ int logsink_write(struct logsink *ls, const void *data, size_t len);
 int logsink_flush(struct logsink *ls, int timeout_ms);
 int logsink_close(struct logsink *ls);
 int logsink_stats(struct logsink *ls, struct logsink_stats *out);
+int logsink_prefault(struct logsink *ls);
+const char *logsink_last_error(struct logsink *ls);
 """
 STATS_FIELDS = ("batches", "records", "bytes", "dropped_records", "failed_batches", "released_through",
                 "handed_over_through", "pinned_segments", "segment_size", "segments", "pipe_size", "waits_for_release",
                 "zc_sends", "zc_completed", "zc_copied", "zc_enobufs", "copied_sends", "zc_switched_to_copy",
                 "reconnects", "resent_batches", "resent_bytes", "disconnected_us", "connected", "lost_batches",
                 "suppressed_batches", "suppressed_records")
+
+
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+class TestLibraryPrefault:
+    @pytest.mark.parametrize(("transport", "field"), [(4, "RssShmem"), (1, "RssAnon")])  # LOGSINK_TRANSPORT_SHM, _VMSPLICE
+    def test_prefault_faults_in_the_whole_arena_and_writes_still_land(self, c_build, daemon, transport, field):
+        """logsink_prefault makes the process's memory grow by the whole arena (4 x 1 MiB) at once; records written after it land unchanged."""
+        from cffi import FFI
+
+        build, _ = c_build
+        ffi = FFI()
+        ffi.cdef(LIBLOGSINK_CDEF)
+        lib = ffi.dlopen(str(build / "liblogsink.so"))
+        d = daemon("io_uring")
+        opts = ffi.new("struct logsink_opts *")
+        lib.logsink_opts_init(opts)
+        opts.transport, opts.segment_size, opts.segments = transport, 1 << 20, 4
+        out = ffi.new("struct logsink **")
+        assert lib.logsink_open(b"pf", d.sock.encode(), opts, out) == 0, ffi.string(lib.logsink_last_error(ffi.NULL))
+        try:
+            before = _rss_kib(field)
+            assert lib.logsink_prefault(out[0]) == 0
+            grown = _rss_kib(field) - before
+            assert grown >= 4 << 10, f"{field} grew {grown} KiB after prefaulting a 4 MiB arena"
+            assert lib.logsink_prefault(out[0]) == 0  # again: nothing changes, nothing breaks
+            recs = b"".join(b"pf:%08d:x\n" % i for i in range(1000))
+            assert lib.logsink_write(out[0], recs, len(recs)) == 0 and lib.logsink_flush(out[0], 10000) == 0
+        finally:
+            assert lib.logsink_close(out[0]) == 0
+        assert d.log("pf").read_bytes() == recs
 
 
 class TestLibraryStats:

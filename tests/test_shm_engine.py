@@ -286,3 +286,19 @@ class TestArenaMemory:
         grown = _rss_shmem_kib(d.pid) - before
         p.close()
         assert (grown >= 16 << 10) if pinned else (grown < 1 << 10), f"{mode}: the daemon's RssShmem grew {grown} KiB"
+
+    def test_mapping_a_fresh_batch_touches_only_its_own_pages(self, daemon, tmp_path):
+        """Batches at the start and 12 MiB into a 16 MiB arena land exact, and the daemon maps (RssShmem) only their pages, never the gap between them."""
+        d = daemon("io_uring", *_ring_config(tmp_path, "inline"))
+        before = _rss_shmem_kib(d.pid)
+        p = _shm_producer(d, size=16 << 20)
+        p.expect_welcome()
+        first, far = make_records("a", 300), make_records("b", 300)
+        p.send_shm_batch(first, 1, offset=0)
+        p.send_shm_batch(far, 2, offset=12 << 20)
+        p.wait_release(2)
+        grown = _rss_shmem_kib(d.pid) - before
+        p.close()
+        assert grown < 1 << 10, f"the daemon's RssShmem grew {grown} KiB for two batches of {len(b''.join(first))} bytes"
+        assert d.log("app").read_bytes() == b"".join(first + far)
+

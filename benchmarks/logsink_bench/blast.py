@@ -13,7 +13,7 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from logsink_bench.harness import BenchError, NotAvailable
 
@@ -52,6 +52,22 @@ class BlastRun:
         return sum(p["cpu_seconds"] for p in self.producers)
 
     @property
+    def startup_s(self) -> float:
+        """Fork of the first producer to every producer at the start barrier (connected, and warm with -W)."""
+        return float(self.summary.get("startup_seconds", 0.0))
+
+    @property
+    def teardown_s(self) -> float:
+        """With hold: the end barrier (every producer flushed) to every producer gone (close, exit)."""
+        return float(self.summary.get("teardown_seconds", 0.0))
+
+    @property
+    def daemon_cpu_s(self) -> float | None:
+        """With daemon_pid: the daemon's CPU from the start barrier to the end barrier (hold) or the last exit."""
+        v = self.summary.get("daemon_cpu_seconds", -1)
+        return None if v is None or v < 0 else float(v)
+
+    @property
     def min_pipe_size(self) -> int:
         return min((p.get("pipe_size", 0) for p in self.producers), default=0)
 
@@ -59,10 +75,14 @@ class BlastRun:
 def run_blast(sock: str, *, transport: str, records: int, producers: int = 1, mode: str = "record",
               record_size: int = 200, chunk_size: int = 65536, segment_size: int | None = None,
               segments: int | None = None, stream: str = "bench", timeout: float = 600.0,
-              user: str | None = None) -> BlastRun:
+              user: str | None = None, warm: bool = False, hold: bool = False,
+              daemon_pid: int | None = None, before_start: Callable[[], None] | None = None) -> BlastRun:
     """Run logsink-blast against the daemon at `sock` (as `user` if given: root is exempt from the
     per-user pipe budget, other users are not); NotAvailable if it does not know `transport`,
-    BenchError if a producer failed."""
+    BenchError if a producer failed. warm: the producers fault in their buffers before the start
+    barrier (-W); hold: they stay connected until all have flushed (-E); daemon_pid: its CPU over
+    the writes (-D); before_start: called once every producer is at the start barrier, before they
+    start (-R): e.g. warming the page cache after the producers took their memory."""
     cmd = [str(BLAST), "-s", stream, "-S", sock, "-t", transport, "-n", str(records), "-p", str(producers),
            "-r", str(record_size), "-c", str(chunk_size)]
     if MODES[mode]:
@@ -71,10 +91,14 @@ def run_blast(sock: str, *, transport: str, records: int, producers: int = 1, mo
         cmd += ["-z", str(segment_size)]
     if segments:
         cmd += ["-m", str(segments)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, user=user, group=_group_of(user))
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"logsink-blast did not finish within {timeout:.0f} s") from None
+    cmd += ["-W"] * warm + ["-E"] * hold + (["-D", str(daemon_pid)] if daemon_pid else [])
+    if before_start is None:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, user=user, group=_group_of(user))
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"logsink-blast did not finish within {timeout:.0f} s") from None
+    else:
+        res = _run_released(cmd + ["-R"], before_start, timeout, user)
     if res.returncode == BAD_ARGS:
         raise NotAvailable(f"logsink-blast -t {transport}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'refused'}")
     run = BlastRun()
@@ -114,6 +138,34 @@ def check_output(out_dir: Path, records: int, record_size: int, chunk: int = 1 <
     if newlines != records or on_slot != records:
         raise BenchError(f"the output is not {records} whole records: {newlines} newlines, {on_slot} of them at "
                          f"the end of a {record_size}-byte record")
+
+
+def _run_released(cmd: list[str], before_start: Callable[[], None], timeout: float,
+                  user: str | None) -> subprocess.CompletedProcess:
+    """logsink-blast -R: wait for its "ready" line on stderr, call before_start, then start the producers."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            user=user, group=_group_of(user))
+    early = []
+    try:
+        # Nothing comes on stdout before the release; stderr may carry failed producers' lines first.
+        for line in proc.stderr:
+            if line.strip() == "logsink-blast: ready":
+                break
+            early.append(line)
+        else:  # exited without getting there (bad arguments, every producer failed)
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(early) + err)
+        before_start()
+        out, err = proc.communicate(input="go", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"logsink-blast did not finish within {timeout:.0f} s") from None
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(early) + err)
 
 
 def _group_of(user: str | None) -> int | None:

@@ -1,12 +1,18 @@
 """`logsink bench scaling`: N producer processes writing one stream, per client transport.
 
 For each transport and each N (default 1, 4, 16, 64, and a 1000-producer row), logsink-blast forks
-N C producers; each connects, waits at a start barrier, then writes its share of the run as one
-pre-built 64 KiB chunk of 200-byte records again and again (-C), and flushes. Aggregate GB/s =
-bytes in the file / (first producer's first write -> last producer's flush returning). Every
-output is checked exact: the byte count, the record count, and a newline at the end of every
-200-byte slot (no record lost, doubled, torn or interleaved). Rows are interleaved over the
-rounds; medians; the ratio is to the same transport's single producer.
+N C producers; each connects, builds one 64 KiB chunk of 200-byte records, faults in its buffers
+(logsink_prefault: a long-running producer's are warm) and waits at a start barrier. Then all write
+their share of the run as that chunk again and again (-C), flush, and stay connected until every
+producer has flushed (an end barrier: no producer's exit runs while others still write). Aggregate
+GB/s = bytes in the file / (first producer's first write -> last producer's flush returning); the
+daemon's CPU is read over the same span. What a short-lived producer pays besides is reported next
+to it, not hidden: "start s" (fork to every producer connected and warm at the start barrier) and
+"end s" (the end barrier to every producer closed and gone, the daemon unmapping their arenas).
+--cold measures as before: no prefault, each producer exits as soon as it has flushed, and the
+daemon's CPU over the whole run. Every output is checked exact: the byte count, the record count,
+and a newline at the end of every 200-byte slot (no record lost, doubled, torn or interleaved).
+Rows are interleaved over the rounds; medians; the ratio is to the same transport's single producer.
 
 C producers (not Python) so that 1000 of them fit in memory and the producers' own cost is the
 library's, not the interpreter's. A transport the client does not implement yet ("shm" until it
@@ -66,6 +72,8 @@ class ScaleSample:
     daemon_cpu_s: float
     producer_cpu_s: float
     min_pipe_size: int
+    startup_s: float = 0.0   # fork to every producer at the start barrier (connected; warm unless --cold)
+    teardown_s: float = 0.0  # the end barrier to every producer gone (0 with --cold: inside the window)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -73,6 +81,8 @@ class ScaleSample:
             "daemon_s_per_gb": self.daemon_cpu_s / (self.bytes / GB),
             "producer_ns_per_record": self.producer_cpu_s * 1e9 / self.records,
             "min_pipe_size": float(self.min_pipe_size),
+            "startup_s": self.startup_s,
+            "teardown_s": self.teardown_s,
         }
 
 
@@ -94,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=None,
                    help="run the producers as this user (root only): root is exempt from the per-user pipe budget "
                    "(fs.pipe-user-pages-soft), other users get 2-page pipes past it (default: as yourself)")
+    p.add_argument("--cold", action="store_true",
+                   help="the method before the warm start: producers do not prefault their buffers, each closes and "
+                   "exits as soon as it has flushed (inside the window), daemon CPU over the whole run")
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
     return p
 
@@ -106,31 +119,39 @@ def measure(v: ScaleVariant, args: argparse.Namespace, work: Path, sock: str, ru
     extra = ("--config", str(work / "socket.toml")) if args.user else ()
     daemon = Daemon(out, sock, work / f"daemon-scale-{v.transport}-{v.producers}-{run_no}.log", args.engine, *extra)
     try:
-        warm_page_cache(work / "warm.scratch", records * args.record_size)
         cpu0 = daemon.cpu_seconds()
+        # The page cache is warmed last, once the producers hold their memory (they took the warmed
+        # pages for their arenas otherwise, and the file went into memory the VM had handed back).
+        warm = lambda: warm_page_cache(work / "warm.scratch", records * args.record_size)  # noqa: E731
         try:
             run = run_blast(sock, transport=v.transport, records=per, producers=v.producers, mode="chunk",
                             record_size=args.record_size, chunk_size=args.chunk_size,
-                            segment_size=args.segment_size, segments=args.segments, user=args.user)
+                            segment_size=args.segment_size, segments=args.segments, user=args.user,
+                            warm=not args.cold, hold=not args.cold, daemon_pid=daemon.pid, before_start=warm)
         except BenchError as exc:
             if not exc.detail:
                 exc.detail = daemon.log_tail()
             raise
         daemon_cpu = daemon.cpu_seconds() - cpu0
+        if not args.cold and run.daemon_cpu_s is not None:
+            daemon_cpu = run.daemon_cpu_s  # over the writes only: start-up and teardown are their own columns
     finally:
         daemon.stop()
     check_output(out, records, args.record_size)
     clear_dir(out)
-    return ScaleSample(records * args.record_size, records, run.wall_s, daemon_cpu, run.cpu_s, run.min_pipe_size)
+    return ScaleSample(records * args.record_size, records, run.wall_s, daemon_cpu, run.cpu_s, run.min_pipe_size,
+                       run.startup_s, run.teardown_s)
 
 
 def table(results: list[VariantResult], args: argparse.Namespace, work: Path) -> list[str]:
     lines = [f"logsink bench scaling: {args.bytes / GB:.2f} GB per run into one stream, {args.record_size}-byte records in "
              f"{args.chunk_size}-byte writes, C producers, engine {args.engine}, medians of {args.runs} interleaved "
              f"run(s); outputs on {filesystem_of(work)} (page cache)"
-             + (f"; producers run as {args.user}" if args.user else "; producers run as uid " + str(os.getuid())), "",
+             + (f"; producers run as {args.user}" if args.user else "; producers run as uid " + str(os.getuid()))
+             + ("; cold: no prefault, producers exit inside the window" if args.cold
+                else "; warm: producers prefault their buffers, an end barrier holds them until all flushed"), "",
              f"{'transport x producers':<22}{'GB/s':>7}{'spread':>8}{'vs 1':>7}{'daemon s/GB':>12}{'prod ns/rec':>12}"
-             f"{'min pipe':>10}  exact"]
+             f"{'min pipe':>10}{'start s':>9}{'end s':>7}  exact"]
     single = {r.variant.transport: r for r in results if r.variant.producers == 1 and r.samples}
     for r in results:
         if r.unavailable:
@@ -143,13 +164,19 @@ def table(results: list[VariantResult], args: argparse.Namespace, work: Path) ->
         one = single.get(r.variant.transport)
         vs = f"{r.median('gb_per_s') / one.median('gb_per_s'):.2f}x" if one else "-"
         pipe = r.median("min_pipe_size")
+        end = "-" if args.cold else f"{r.median('teardown_s'):.2f}"
         lines.append(f"{r.variant.name:<22}{r.median('gb_per_s'):>7.2f}{r.spread():>8.0%}{vs:>7}"
                      f"{r.median('daemon_s_per_gb'):>12.3f}{r.median('producer_ns_per_record'):>12.0f}"
-                     f"{(f'{pipe / 1024:.0f}K' if pipe else '-'):>10}  {runs} runs")
+                     f"{(f'{pipe / 1024:.0f}K' if pipe else '-'):>10}{r.median('startup_s'):>9.2f}"
+                     f"{end:>7}  {runs} runs")
         lines += [f"    {f}" for f in r.failures]
     lines.append("")
     lines.append("exact: runs whose output held every record whole (bytes, newlines, and one newline per record slot).")
     lines.append("min pipe: the smallest data pipe a producer got (F_GETPIPE_SZ; '-' for transports without one).")
+    lines.append("start s: fork to every producer at the start barrier (connected" + ("" if args.cold else ", buffers faulted in")
+                 + "); end s: the end barrier to every producer gone (close, exit, the daemon's teardown). Outside GB/s.")
+    if not args.cold:
+        lines.append("GB/s and daemon s/GB cover the writes: first write to last flush. --cold puts each producer's exit inside.")
     lines += checks(results, args)
     return lines
 

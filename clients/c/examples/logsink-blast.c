@@ -1,7 +1,7 @@
 /* logsink-blast.c - load generator: P producer processes, each writing N distinct records.
  *
  * Usage: logsink-blast -s STREAM [-S SOCKET] [-n RECORDS] [-r RECORD_SIZE] [-c CHUNK_SIZE]
- *                      [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]
+ *                      [-t copy|vmsplice|shm] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS] [-P | -C] [-W] [-E]
  *
  * Record K of producer P is {"p":P,"k":K,"pad":"xxx..."} plus '\n', padded with 'x' to exactly
  * RECORD_SIZE bytes; records are written in chunks of at most CHUNK_SIZE bytes (whole records).
@@ -16,8 +16,20 @@
  * summary adds the producers' CPU per record (from getrusage(RUSAGE_CHILDREN): includes connecting).
  * -C (pre-built chunk): every producer builds ONE chunk of whole records before it starts and writes
  * it again and again (the last write may be a shorter prefix): the client's cost without snprintf.
- * Producers connect first and start writing together (a start barrier), so the summary's time and
- * each producer's "t_start"/"t_end" (CLOCK_MONOTONIC seconds) cover the writes, not the connects.
+ * Producers connect (and build their record or chunk) first and start writing together (a start
+ * barrier), so the summary's time and each producer's "t_start"/"t_end" (CLOCK_MONOTONIC seconds)
+ * cover the writes, not the connects.
+ * -W (warm): each producer faults in its buffers (logsink_prefault) before the start barrier, as a
+ * long-running producer's are: then the writes measure the data path, not first-touch page faults.
+ * -E (end barrier): each producer keeps its connection after its flush until every producer has
+ * flushed, so no producer's close and exit (nor the daemon's teardown of it) runs while others
+ * still write. The summary says how long starting (fork to every producer at the start barrier:
+ * "startup_seconds") and ending (-E: end barrier to every producer gone: "teardown_seconds") took.
+ * -R (release on stdin): once every producer is at the start barrier, print "logsink-blast: ready"
+ * on stderr and start them when a byte (or EOF) arrives on stdin: the caller can prepare the machine
+ * last (warm the page cache after the producers took their memory).
+ * -D PID: the summary adds "daemon_cpu_seconds": the CPU (user + system, every thread) process PID
+ * (the daemon) spent from the start barrier to the last producer's flush (-E) or exit.
  */
 #include <logsink.h>
 
@@ -36,6 +48,10 @@ struct config {
     long record_size, chunk_size;
     int producers;
     int prebuilt; /* -P: one pre-built record per logsink_write; 2 (-C): one pre-built chunk, rewritten */
+    int warm;     /* -W: logsink_prefault before the start barrier */
+    int hold;     /* -E: the end barrier */
+    int daemon_pid; /* -D: whose CPU to read at the start and at the end */
+    int release_on_stdin; /* -R */
     struct logsink_opts opts;
 };
 
@@ -54,12 +70,34 @@ static double cpu_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* utime + stime of pid in seconds (every thread), or -1 if /proc says nothing. */
+static double proc_cpu_s(int pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    unsigned long long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: logsink-blast -s STREAM [-S SOCKET] [-n RECORDS] [-r RECORD_SIZE] [-c CHUNK_SIZE]\n"
-                    "                     [-t copy|vmsplice] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n"
-                    "                     [-P | -C]  (-P: one pre-built record per logsink_write call;\n"
-                    "                                 -C: one pre-built chunk, written again and again)\n");
+                    "                     [-t copy|vmsplice|shm] [-p PRODUCERS] [-z SEGMENT_SIZE] [-m SEGMENTS]\n"
+                    "                     [-P | -C] [-W] [-E]  (-P: one pre-built record per logsink_write call;\n"
+                    "                                 -C: one pre-built chunk, written again and again;\n"
+                    "                                 -W: fault in the buffers before starting;\n"
+                    "                                 -E: stay connected until every producer has flushed)\n"
+                    "                     [-D DAEMON_PID]  (its CPU from the start barrier to the end)\n"
+                    "                     [-R]  (at the start barrier say \"logsink-blast: ready\" on stderr, start on a byte on stdin)\n");
     exit(2);
 }
 
@@ -89,28 +127,39 @@ static int make_record(char *dst, long size, int pr, long long k)
     return 0;
 }
 
-/* The start barrier: tell the parent we are connected (or failed), then wait until it closes `go`. */
-static void barrier_wait(int ready_fd, int go_fd)
+/* A barrier: tell the parent we got here (or failed) on `tell_fd`, then wait until it closes
+ * `wait_fd` (-1: do not wait). Each side sends its byte once (*sent). */
+static void barrier_wait(int tell_fd, int wait_fd, int *sent)
 {
     char b = 1, x;
-    while (write(ready_fd, &b, 1) < 0 && errno == EINTR)
-        ;
-    while (go_fd >= 0 && (read(go_fd, &x, 1) < 0 && errno == EINTR))
+    if (!*sent)
+        while (write(tell_fd, &b, 1) < 0 && errno == EINTR)
+            ;
+    *sent = 1;
+    while (wait_fd >= 0 && (read(wait_fd, &x, 1) < 0 && errno == EINTR))
         ;
 }
 
-static int run_producer(const struct config *c, int pr, int ready_fd, int go_fd)
+/* A producer's ends of the two barriers (end_tell/end_wait -1 without -E). */
+struct barriers {
+    int ready_fd, go_fd, ready_sent;
+    int end_tell, end_wait, end_sent;
+};
+
+static int run_producer(const struct config *c, int pr, struct barriers *b)
 {
     struct logsink *ls;
+    double warm = 0;
     int r = logsink_open(c->stream, c->socket, &c->opts, &ls);
-    barrier_wait(ready_fd, r < 0 ? -1 : go_fd);
     if (r < 0) {
+        barrier_wait(b->ready_fd, -1, &b->ready_sent);
         fprintf(stderr, "logsink-blast[%d]: %s\n", pr, logsink_last_error(NULL));
         return 1;
     }
     long cap = c->chunk_size < c->record_size ? c->record_size : c->chunk_size;
     char *buf = malloc((size_t)cap);
     if (!buf) {
+        barrier_wait(b->ready_fd, -1, &b->ready_sent);
         fprintf(stderr, "logsink-blast[%d]: out of memory\n", pr);
         return 1;
     }
@@ -120,6 +169,17 @@ static int run_producer(const struct config *c, int pr, int ready_fd, int go_fd)
     else if (c->prebuilt == 2)
         for (long k = 0; k < per_chunk; k++)
             make_record(buf + k * c->record_size, c->record_size, pr, k);
+    if (c->warm) {
+        double w0 = now_s();
+        if ((r = logsink_prefault(ls)) < 0) {
+            barrier_wait(b->ready_fd, -1, &b->ready_sent);
+            fprintf(stderr, "logsink-blast[%d]: prefault: %s\n", pr, strerror(-r));
+            logsink_close(ls);
+            return 1;
+        }
+        warm = now_s() - w0;
+    }
+    barrier_wait(b->ready_fd, b->go_fd, &b->ready_sent);
     double t0 = now_s(), cpu0 = cpu_s();
     if (c->prebuilt == 1) {
         for (long long k = 0; k < c->records && r >= 0; k++)
@@ -154,6 +214,8 @@ static int run_producer(const struct config *c, int pr, int ready_fd, int go_fd)
     double t1 = now_s(), secs = t1 - t0, cpu = cpu_s() - cpu0;
     struct logsink_stats st;
     logsink_stats(ls, &st);
+    if (c->hold) /* -E: connected until every producer has flushed */
+        barrier_wait(b->end_tell, b->end_wait, &b->end_sent);
     if ((r = logsink_close(ls)) < 0) {
         fprintf(stderr, "logsink-blast[%d]: close: %s\n", pr, strerror(-r));
         return 1;
@@ -161,12 +223,12 @@ static int run_producer(const struct config *c, int pr, int ready_fd, int go_fd)
     printf("{\"producer\":%d,\"seconds\":%.6f,\"records\":%llu,\"bytes\":%llu,\"batches\":%llu,"
            "\"dropped_records\":%llu,\"failed_batches\":%llu,\"waits_for_release\":%llu,\"segment_size\":%llu,"
            "\"segments\":%llu,\"pipe_size\":%llu,\"cpu_seconds\":%.6f,\"cpu_ns_per_record\":%.2f,"
-           "\"t_start\":%.6f,\"t_end\":%.6f}\n",
+           "\"t_start\":%.6f,\"t_end\":%.6f,\"warm_seconds\":%.6f}\n",
            pr, secs, (unsigned long long)st.records, (unsigned long long)st.bytes, (unsigned long long)st.batches,
            (unsigned long long)st.dropped_records, (unsigned long long)st.failed_batches,
            (unsigned long long)st.waits_for_release, (unsigned long long)st.segment_size,
            (unsigned long long)st.segments, (unsigned long long)st.pipe_size, cpu,
-           c->records ? cpu * 1e9 / (double)c->records : 0.0, t0, t1);
+           c->records ? cpu * 1e9 / (double)c->records : 0.0, t0, t1, warm);
     fflush(stdout);
     free(buf);
     return 0;
@@ -177,7 +239,7 @@ int main(int argc, char **argv)
     struct config c = {.records = 1000000, .record_size = 200, .chunk_size = 65536, .producers = 1};
     logsink_opts_init(&c.opts);
     int opt;
-    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:PCh")) != -1) {
+    while ((opt = getopt(argc, argv, "s:S:n:r:c:t:p:z:m:D:PCWERh")) != -1) {
         switch (opt) {
         case 's': c.stream = optarg; break;
         case 'S': c.socket = optarg; break;
@@ -189,6 +251,10 @@ int main(int argc, char **argv)
         case 'm': c.opts.segments = (uint32_t)parse_num(optarg, "-m SEGMENTS", 1); break;
         case 'P': c.prebuilt = 1; break;
         case 'C': c.prebuilt = 2; break;
+        case 'W': c.warm = 1; break;
+        case 'R': c.release_on_stdin = 1; break;
+        case 'D': c.daemon_pid = (int)parse_num(optarg, "-D DAEMON_PID", 1); break;
+        case 'E': c.hold = 1; break;
         case 't':
             if (strcmp(optarg, "copy") == 0)
                 c.opts.transport = LOGSINK_TRANSPORT_COPY;
@@ -216,13 +282,14 @@ int main(int argc, char **argv)
     }
 
     fflush(stdout);
-    int ready[2], go[2];
-    if (pipe(ready) < 0 || pipe(go) < 0) {
+    int ready[2], go[2], ended[2] = {-1, -1}, leave[2] = {-1, -1};
+    if (pipe(ready) < 0 || pipe(go) < 0 || (c.hold && (pipe(ended) < 0 || pipe(leave) < 0))) {
         perror("logsink-blast: pipe");
         return 1;
     }
     pid_t *pids = calloc((size_t)c.producers, sizeof *pids);
     int started = 0;
+    double t_fork = now_s();
     for (; started < c.producers; started++) {
         pids[started] = fork();
         if (pids[started] < 0) {
@@ -232,11 +299,23 @@ int main(int argc, char **argv)
         if (pids[started] == 0) {
             close(ready[0]);
             close(go[1]);
-            _exit(run_producer(&c, started, ready[1], go[0]));
+            if (c.hold) {
+                close(ended[0]);
+                close(leave[1]);
+            }
+            struct barriers b = {ready[1], go[0], 0, ended[1], leave[0], 0};
+            int rc = run_producer(&c, started, &b);
+            if (c.hold) /* a producer that failed counts as ended, or the others would wait forever */
+                barrier_wait(b.end_tell, -1, &b.end_sent);
+            _exit(rc);
         }
     }
     close(ready[1]);
     close(go[0]);
+    if (c.hold) {
+        close(ended[1]);
+        close(leave[0]);
+    }
     /* Every producer has connected (or failed) once it wrote its byte: then start them all at once. */
     for (int got = 0; got < started;) {
         char b[256];
@@ -245,9 +324,31 @@ int main(int argc, char **argv)
             break; /* every child gone */
         got += n > 0 ? (int)n : 0;
     }
-    double t0 = now_s();
+    double startup = now_s() - t_fork;
+    if (c.release_on_stdin) {
+        char x;
+        fprintf(stderr, "logsink-blast: ready\n");
+        fflush(stderr);
+        while (read(0, &x, 1) < 0 && errno == EINTR)
+            ;
+    }
+    double dcpu0 = c.daemon_pid ? proc_cpu_s(c.daemon_pid) : -1;
+    double t0 = now_s(), t_end = 0, dcpu1 = -1;
     close(go[1]);
     close(ready[0]);
+    if (c.hold) { /* -E: every producer flushed (or failed): let them all close and exit */
+        for (int got = 0; got < started;) {
+            char b[256];
+            ssize_t n = read(ended[0], b, sizeof b);
+            if (n <= 0 && !(n < 0 && errno == EINTR))
+                break;
+            got += n > 0 ? (int)n : 0;
+        }
+        t_end = now_s();
+        dcpu1 = c.daemon_pid ? proc_cpu_s(c.daemon_pid) : -1;
+        close(leave[1]);
+        close(ended[0]);
+    }
     int failed = c.producers - started;
     for (int i = 0; i < started; i++) {
         int status;
@@ -256,7 +357,9 @@ int main(int argc, char **argv)
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
             failed++;
     }
-    double secs = now_s() - t0;
+    double t_gone = now_s(), secs = t_gone - t0, teardown = c.hold ? t_gone - t_end : 0;
+    if (c.daemon_pid && !c.hold)
+        dcpu1 = proc_cpu_s(c.daemon_pid);
     double total = (double)c.records * c.producers, bytes = total * (double)c.record_size;
     struct rusage ru;
     getrusage(RUSAGE_CHILDREN, &ru);
@@ -267,9 +370,11 @@ int main(int argc, char **argv)
             failed ? ", SOME PRODUCERS FAILED" : "");
     printf("{\"summary\":true,\"producers\":%d,\"records\":%.0f,\"bytes\":%.0f,\"seconds\":%.6f,"
            "\"records_per_s\":%.0f,\"gb_per_s\":%.6f,\"failed_producers\":%d,\"producer_cpu_seconds\":%.6f,"
-           "\"producer_cpu_ns_per_record\":%.2f,\"prebuilt\":%s}\n",
+           "\"producer_cpu_ns_per_record\":%.2f,\"prebuilt\":%s,\"startup_seconds\":%.6f,"
+           "\"teardown_seconds\":%.6f,\"daemon_cpu_seconds\":%.3f}\n",
            c.producers, total, bytes, secs, total / secs, bytes / secs / 1e9, failed, child_cpu,
-           total ? child_cpu * 1e9 / total : 0.0, c.prebuilt ? "true" : "false");
+           total ? child_cpu * 1e9 / total : 0.0, c.prebuilt ? "true" : "false", startup, teardown,
+           dcpu0 >= 0 && dcpu1 >= 0 ? dcpu1 - dcpu0 : -1.0);
     free(pids);
     return failed ? 1 : 0;
 }

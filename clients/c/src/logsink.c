@@ -64,6 +64,11 @@ API int logsink_close(struct logsink *ls)
     return ls_producer_close(P(ls));
 }
 
+API int logsink_prefault(struct logsink *ls)
+{
+    return ls_producer_prefault(P(ls));
+}
+
 API int logsink_stats(struct logsink *ls, struct logsink_stats *out)
 {
     /* Field by field (not a struct copy): the public layout may grow apart from the internal one.
