@@ -3,7 +3,8 @@
  * One attempt (prod_connect_once): AF_UNIX - connect, check who runs the daemon (SO_PEERCRED), make
  * the data pipe and pass its read end with HELLO (SCM_RIGHTS); TCP - connect, SO_ZEROCOPY, HELLO on
  * the socket itself; then wait for WELCOME (or ERROR). The background thread reads the control
- * socket (RELEASEs, SHUTDOWN, ERROR: ls_producer_msg.c), reaps zerocopy completions, hands over a
+ * socket (RELEASEs, SHUTDOWN, ERROR: ls_producer_msg.c) - or leaves that to a flushing thread that
+ * took it (below, "reading the control socket") - reaps zerocopy completions, hands over a
  * segment that waited flush_interval_ms, and when the connection is lost tears it down, reconnects
  * with jittered backoff and resends the unreleased queue, renumbered (ls_producer_int.h).
  */

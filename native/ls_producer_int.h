@@ -166,7 +166,8 @@ struct ls_producer {
     struct ls_mp_doc doc;
     int epoll_fd;          /* the background thread's wait: wake_fd, and the socket while it reads it */
     int bg_watches_sock;   /* the socket is in epoll_fd's set */
-    int flush_reads_sock;  /* config: a flush may wait on the socket (not TCP; LOGSINK_FLUSH_WAITS_ON_SOCKET=0: never) */
+    int flush_reads_sock;  /* config: a flush may wait on the socket (not TCP, not with
+                            * LOGSINK_FLUSH_WAITS_ON_SOCKET=0) */
     int rx_flusher;        /* a flushing thread reads the socket now (the background thread does not) */
     int rx_flusher_polling; /* ... and waits in poll() without the lock: flush_wake_fd wakes it */
     int flush_wake_fd;     /* eventfd: wakes that flushing thread (connection lost, broken, closed) */

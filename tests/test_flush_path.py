@@ -44,8 +44,8 @@ def native(tmp_path_factory):
     out = tmp_path_factory.mktemp("native_flush") / "libls_flush.so"
     srcs = [str(NATIVE / n) for n in ("ls_producer.c", "ls_producer_send.c", "ls_producer_msg.c", "ls_producer_conn.c",
                                       "ls_transport.c", "ls_msgpack.c", "ls_render.c", "ls_zerocopy.c")]
-    res = subprocess.run([_compiler(), "-std=gnu11", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(out), *srcs,
-                          "-lpthread"], capture_output=True, text=True, timeout=180)
+    cmd = [_compiler(), "-std=gnu11", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(out), *srcs, "-lpthread"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     ffi = FFI()
     ffi.cdef(CDEF + "int ls_producer_shutdown(struct ls_producer *p, int timeout_ms);\n")
@@ -196,7 +196,7 @@ class TestFlushingThreadReadsTheSocket:
         assert f.join() == -errno.ETIMEDOUT
         assert pr.stats()["released_through"] == 0
         rest.set()
-        wait_for(lambda: pr.stats()["released_through"] == 1, 10, "the background thread to read the rest of the RELEASE")
+        wait_for(lambda: pr.stats()["released_through"] == 1, 10, "the background thread to read the rest")
         fake.join()
 
     def test_release_after_a_flush_timeout_is_read_by_the_background_thread(self, producer, tmp_path):
