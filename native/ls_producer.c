@@ -640,6 +640,11 @@ int ls_producer_flush(struct ls_producer *p, int timeout_ms)
     uint64_t target = 0;
     int reading = 0; /* this thread took the control socket (ls_producer_int.h, "Reading the control socket") */
     pthread_mutex_lock(&p->lock);
+    /* Something to wait for: take the socket before the handover, which wakes the daemon's engine -
+     * on a busy CPU it may preempt us and send the RELEASE before we would have taken it, waking the
+     * background thread after all. */
+    if (p->released < p->seq || (p->active && __atomic_load_n(&p->pos, __ATOMIC_RELAXED)))
+        reading = prod_rx_take_locked(p);
     int r = flush_start_locked(p, &target);
     while (r == 0 && (r = flush_check_locked(p, target)) == -EAGAIN) {
         /* Wait on the socket ourselves when nobody else does: the RELEASE then wakes this thread

@@ -154,6 +154,33 @@ class TestFlushingThreadReadsTheSocket:
         assert f.join() == 0
         fake.join()
 
+    @pytest.mark.parametrize("knob,bg_wakes_per_flush", [(None, False), ("0", True)], ids=["default", "knob-0"])
+    def test_background_thread_sleeps_through_flushes(self, daemon, producer, monkeypatch, knob, bg_wakes_per_flush):
+        """200 write + flush rounds against a real daemon wake the background thread about never (the flushing thread
+        reads each RELEASE); with LOGSINK_FLUSH_WAITS_ON_SOCKET=0 it wakes for every one, as before."""
+        d = daemon("readwrite")
+        if knob is not None:
+            monkeypatch.setenv("LOGSINK_FLUSH_WAITS_ON_SOCKET", knob)
+        before = set(os.listdir("/proc/self/task"))
+        pr = producer("app", d.sock, transport=VMSPLICE, flush_interval_ms=0)
+        (bg,) = set(os.listdir("/proc/self/task")) - before
+
+        def wakes() -> int:
+            status = Path(f"/proc/self/task/{bg}/status").read_text()
+            return sum(int(line.split()[1]) for line in status.splitlines() if line.endswith("ctxt_switches") or
+                       "ctxt_switches:" in line)
+
+        assert pr.write(b"warm\n") == 0 and pr.flush(20000) == 0
+        start = wakes()
+        for i in range(200):
+            assert pr.write(b"r%d\n" % i) == 0
+            assert pr.flush(20000) == 0, pr.last_error()
+        woke = wakes() - start
+        if bg_wakes_per_flush:
+            assert woke >= 200, woke
+        else:
+            assert woke < 20, f"the background thread woke {woke} times in 200 flushes"
+
     def test_release_split_across_two_reads_ends_the_flush(self, producer, tmp_path):
         """A RELEASE whose halves arrive apart (the first read before the rest is sent) is put together and ends the
         flush."""
