@@ -692,7 +692,8 @@ static int open_unix(struct ls_producer *p, const char *path, struct conn_parts 
 }
 
 /* One connection attempt: connect, HELLO, WELCOME. On failure nothing stays open. Uses p->rx and
- * p->doc (owned by open, then by the background thread). Returns 0 or -errno (prod_open_error). */
+ * p->doc without the lock: at open nobody else runs, and on a reconnect the producer is CONN_DOWN,
+ * so no flushing thread reads them. Returns 0 or -errno (prod_open_error). */
 int prod_connect_once(struct ls_producer *p, struct conn_parts *c)
 {
     memset(c, 0, sizeof *c);
