@@ -176,7 +176,7 @@ class TestFlushingThreadReadsTheSocket:
             assert pr.flush(20000) == 0, pr.last_error()
         woke = wakes() - start
         if bg_wakes_per_flush:
-            assert woke >= 200, woke
+            assert woke >= 150, woke  # about once per flush (a wake-up may find it still running)
         else:
             assert woke < 20, f"the background thread woke {woke} times in 200 flushes"
 
