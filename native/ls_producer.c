@@ -99,6 +99,7 @@ void prod_fail_locked(struct ls_producer *p, int err, const char *why)
         snprintf(p->last_error, ERRLEN, "%s", why);
     }
     pthread_cond_broadcast(&p->cond);
+    prod_wake_flusher_locked(p);
 }
 
 /* The connection ended or broke under the background thread: say so, and wake event loops. */
@@ -122,6 +123,14 @@ void prod_wake_background(struct ls_producer *p)
 {
     uint64_t one = 1;
     if (write(p->wake_fd, &one, sizeof one) < 0) { /* non-blocking; a pending wake is enough */
+    }
+}
+
+void prod_wake_flusher_locked(struct ls_producer *p)
+{
+    uint64_t one = 1;
+    /* Set and cleared under the lock around its poll: the write lands before or during it. */
+    if (p->rx_flusher_polling && write(p->flush_wake_fd, &one, sizeof one) < 0) {
     }
 }
 
@@ -630,15 +639,31 @@ int ls_producer_flush(struct ls_producer *p, int timeout_ms)
         return -ECHILD;
     int64_t deadline = prod_deadline_after(timeout_ms);
     uint64_t target = 0;
+    int reading = 0; /* this thread took the control socket (ls_producer_int.h, "Reading the control socket") */
     pthread_mutex_lock(&p->lock);
+    /* Something to wait for: take the socket before the handover, which wakes the daemon's engine -
+     * on a busy CPU it may preempt us and send the RELEASE before we would have taken it, waking the
+     * background thread after all. */
+    if (p->released < p->seq || (p->active && __atomic_load_n(&p->pos, __ATOMIC_RELAXED)))
+        reading = prod_rx_take_locked(p);
     int r = flush_start_locked(p, &target);
     while (r == 0 && (r = flush_check_locked(p, target)) == -EAGAIN) {
-        if (prod_cond_wait_until(p, deadline) < 0) {
+        /* Wait on the socket ourselves when nobody else does: the RELEASE then wakes this thread
+         * directly, not the background thread that would then wake us. Other flushes wait on cond. */
+        if (reading && !prod_rx_keep_locked(p)) {
+            prod_rx_give_back_locked(p); /* the connection went down: the background thread reconnects */
+            reading = 0;
+        }
+        if (!reading)
+            reading = prod_rx_take_locked(p);
+        if ((reading ? prod_rx_wait_locked(p, deadline) : prod_cond_wait_until(p, deadline)) < 0) {
             prod_set_error(p, "flush of stream '%s' not confirmed within %d ms", p->stream, timeout_ms);
             r = -ETIMEDOUT;
         } else
             r = 0;
     }
+    if (reading)
+        prod_rx_give_back_locked(p);
     pthread_mutex_unlock(&p->lock);
     return r;
 }
@@ -672,6 +697,10 @@ static void destroy(struct ls_producer *p, int in_child)
         close(p->wake_fd);
     if (p->cancel_fd >= 0)
         close(p->cancel_fd);
+    if (p->epoll_fd >= 0)
+        close(p->epoll_fd); /* (in a child: its copy; the epoll set is the parent's) */
+    if (p->flush_wake_fd >= 0)
+        close(p->flush_wake_fd);
     /* In a prod_forked child the arena is not mapped (MADV_DONTFORK): its range may hold the child's
      * own memory by now, so never unmap it there. */
     if (p->arena && !in_child) {
@@ -751,7 +780,7 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
     struct ls_producer *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
-    p->sock = p->pipe_w = p->event_fd = p->wake_fd = p->cancel_fd = p->arena_fd = -1;
+    p->sock = p->pipe_w = p->event_fd = p->wake_fd = p->cancel_fd = p->arena_fd = p->epoll_fd = p->flush_wake_fd = -1;
     p->close_deadline = -1;
     p->fork_gen = __atomic_load_n(&prod_fork_generation, __ATOMIC_RELAXED);
     snprintf(p->stream, sizeof p->stream, "%s", stream);
@@ -804,9 +833,6 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         goto fail;
     }
     p->arena = arena;
-    if ((r = prod_connect_once(p, &c)) < 0)
-        goto fail; /* prod_connect_once said why */
-    prod_install_conn_locked(p, &c); /* no other thread yet */
     p->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -816,6 +842,10 @@ int ls_producer_open(const char *stream, const char *socket_path, const struct l
         prod_set_error(NULL, "setting up the producer failed: %s", strerror(-r));
         goto fail;
     }
+    prod_rx_setup(p); /* before the connection is installed: it joins the epoll set */
+    if ((r = prod_connect_once(p, &c)) < 0)
+        goto fail; /* prod_connect_once said why */
+    prod_install_conn_locked(p, &c); /* no other thread yet */
     /* The background thread runs with every signal blocked: signals go to the application's
      * threads, and a SIGPIPE from a handover it makes stays pending there, harmless. */
     sigfillset(&all);
@@ -874,6 +904,7 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
     prod_fast_revoke_locked(p); /* a lock-free appender finishes its copy; the next write locks */
     prod_close_pipe_locked(p);
     pthread_cond_broadcast(&p->cond); /* writers and flushes waiting for a release: -ESHUTDOWN */
+    prod_wake_flusher_locked(p);      /* ... and the flush polling the socket */
     pthread_mutex_unlock(&p->lock);
     prod_wake_background(p); /* its poll, a reconnect's backoff or HELLO wait */
     if (p->thread_started)
@@ -882,6 +913,10 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
      * connection now, not when the runtime frees p. The arena stays mapped until then. */
     pthread_mutex_lock(&p->lock);
     p->thread_started = 0;
+    while (p->rx_flusher) { /* a flush polling the socket gives it back first (it sees `closed`) */
+        prod_wake_flusher_locked(p);
+        (void)prod_cond_wait_until(p, -1);
+    }
     if (p->sock >= 0) {
         close(p->sock);
         p->sock = -1;

@@ -12,7 +12,9 @@
  * right after the handover. With LS_TRANSPORT_SHM the arena is a sealed memfd passed with HELLO:
  * the daemon maps it, the handover writes a 32-byte descriptor (offset + length) to the pipe, and
  * the segment stays pinned until RELEASE, as with vmsplice. A background thread reads RELEASE / SHUTDOWN / ERROR from the control
- * socket and hands over a segment whose first record is older than the flush interval.
+ * socket and hands over a segment whose first record is older than the flush interval; a thread
+ * waiting in ls_producer_flush reads the socket itself meanwhile (locally; one such thread at a time),
+ * so its RELEASE wakes it directly.
  *
  * Contract (liburing style): every int function returns >= 0 on success or -errno; errno carries
  * no meaning. Common errors:
@@ -196,7 +198,11 @@ int ls_producer_try_write(struct ls_producer *p, const void *data, size_t len);
 /* Hand over the current segment and wait until the daemon released every batch handed over so
  * far (timeout_ms < 0: forever). Returns 0; -ETIMEDOUT; -ECONNRESET (broken, also when the daemon
  * closed the connection after SHUTDOWN before releasing everything); -EIO if the daemon reported
- * failed batches since the last flush (last_error says which; the report is consumed). */
+ * failed batches since the last flush (last_error says which; the report is consumed).
+ * On a local socket the first thread waiting here polls the control socket itself and acts on what
+ * comes, as the background thread would (one thread wake-up less per flush); other threads flushing
+ * meanwhile wait for it. LOGSINK_FLUSH_WAITS_ON_SOCKET=0 in the environment at open leaves all of
+ * it to the background thread (the path before; for comparisons). */
 int ls_producer_flush(struct ls_producer *p, int timeout_ms);
 
 /* Non-blocking flush in two steps, for event loops: flush_start hands over the current segment and
@@ -208,7 +214,7 @@ int ls_producer_flush_check(struct ls_producer *p, uint64_t target);
 /* Every seq <= this is dealt with by the daemon (0 in a forked child). */
 uint64_t ls_producer_released(struct ls_producer *p);
 
-/* An eventfd (non-blocking, close-on-exec) the background thread increments after each RELEASE,
+/* An eventfd (non-blocking, close-on-exec) the producer increments after each RELEASE,
  * SHUTDOWN, ERROR and connection loss. Event loops watch it for readability and read() 8 bytes to
  * reset it. Owned by the producer: do not close it. Returns the fd or -ECHILD. */
 int ls_producer_event_fd(struct ls_producer *p);

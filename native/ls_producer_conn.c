@@ -3,7 +3,8 @@
  * One attempt (prod_connect_once): AF_UNIX - connect, check who runs the daemon (SO_PEERCRED), make
  * the data pipe and pass its read end with HELLO (SCM_RIGHTS); TCP - connect, SO_ZEROCOPY, HELLO on
  * the socket itself; then wait for WELCOME (or ERROR). The background thread reads the control
- * socket (RELEASEs, SHUTDOWN, ERROR: ls_producer_msg.c), reaps zerocopy completions, hands over a
+ * socket (RELEASEs, SHUTDOWN, ERROR: ls_producer_msg.c) - or leaves that to a flushing thread that
+ * took it (below, "reading the control socket") - reaps zerocopy completions, hands over a
  * segment that waited flush_interval_ms, and when the connection is lost tears it down, reconnects
  * with jittered backoff and resends the unreleased queue, renumbered (ls_producer_int.h).
  */
@@ -24,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -33,7 +36,18 @@
 #define BACKOFF_FIRST_MS 50
 #define BACKOFF_MAX_MS 2000
 
-/* -- background thread ------------------------------------------------------------------------- */
+/* -- reading the control socket: the background thread or a flushing thread ---------------------- *
+ *
+ * See "Reading the control socket" in ls_producer_int.h. The background thread waits in epoll_wait
+ * on {wake_fd, the socket}; a flushing thread that takes the socket removes it from that set
+ * (EPOLL_CTL_DEL: no wake-up for anyone) and polls it itself; giving it back adds it again, and
+ * EPOLL_CTL_ADD reports bytes already waiting, so the background thread wakes at once for them.
+ * Without the epoll set (TCP, LOGSINK_FLUSH_WAITS_ON_SOCKET=0, epoll failed) the background thread
+ * polls as it always did and flushes wait on p->cond. */
+
+/* epoll_event.data of the background thread's set */
+#define EV_SOCK 0u
+#define EV_WAKE 1u
 
 /* The connection ended or failed under us: reconnect, or (reconnect = 0) break for good. */
 static void conn_lost_locked(struct ls_producer *p, const char *why)
@@ -44,6 +58,109 @@ static void conn_lost_locked(struct ls_producer *p, const char *why)
         prod_lost_locked(p, why);
 }
 
+void prod_rx_setup(struct ls_producer *p)
+{
+    const char *knob = getenv("LOGSINK_FLUSH_WAITS_ON_SOCKET");
+    /* TCP: the background thread reaps zerocopy completions off the same socket's error queue, and a
+     * network round trip dwarfs the wake-up saved: keep one reader there. */
+    if (p->is_tcp || (knob && strcmp(knob, "0") == 0))
+        return;
+    p->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    p->flush_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_WAKE};
+    if (p->epoll_fd < 0 || p->flush_wake_fd < 0 || epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, p->wake_fd, &ev) < 0) {
+        if (p->epoll_fd >= 0)
+            close(p->epoll_fd);
+        if (p->flush_wake_fd >= 0)
+            close(p->flush_wake_fd);
+        p->epoll_fd = p->flush_wake_fd = -1;
+        return;
+    }
+    p->flush_reads_sock = 1;
+}
+
+/* Put the socket in the background thread's epoll set (on) or take it out. Lock held. */
+static void bg_watch_sock_locked(struct ls_producer *p, int on)
+{
+    if (p->epoll_fd < 0 || p->sock < 0 || on == p->bg_watches_sock)
+        return;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_SOCK};
+    if (epoll_ctl(p->epoll_fd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, p->sock, &ev) == 0)
+        p->bg_watches_sock = on;
+}
+
+void prod_read_control_locked(struct ls_producer *p)
+{
+    int got = prod_recv_some(p, p->sock);
+    if (got == 0) {
+        conn_lost_locked(p, "the logsink daemon closed the connection");
+    } else if (got < 0 && got != -EAGAIN && got != -EINTR) {
+        char msg[ERRLEN];
+        snprintf(msg, sizeof msg, "control socket error: %s", strerror(-got));
+        conn_lost_locked(p, msg);
+    } else if (got > 0) {
+        (void)prod_drain_frames_locked(p);
+    }
+}
+
+int prod_rx_keep_locked(struct ls_producer *p)
+{
+    return p->conn != CONN_DOWN && p->sock >= 0 && !p->closed && !p->broken;
+}
+
+int prod_rx_take_locked(struct ls_producer *p)
+{
+    if (!p->flush_reads_sock || p->rx_flusher || !prod_rx_keep_locked(p))
+        return 0;
+    bg_watch_sock_locked(p, 0);
+    if (p->bg_watches_sock)
+        return 0; /* epoll_ctl failed: the background thread keeps reading */
+    p->rx_flusher = 1;
+    return 1;
+}
+
+void prod_rx_give_back_locked(struct ls_producer *p)
+{
+    p->rx_flusher = 0;
+    if (p->conn != CONN_DOWN) { /* (down: the background thread is tearing the connection down) */
+        bg_watch_sock_locked(p, 1); /* reports bytes already waiting: it wakes for them */
+        if (!p->bg_watches_sock)
+            prod_wake_background(p); /* EPOLL_CTL_ADD failed: it retries, or polls, next round */
+    }
+    pthread_cond_broadcast(&p->cond); /* another flush may take the socket; a teardown waits for it */
+}
+
+int prod_rx_wait_locked(struct ls_producer *p, int64_t deadline_ms)
+{
+    int wait = -1;
+    if (deadline_ms >= 0) {
+        int64_t left = deadline_ms - prod_now_ms();
+        if (left <= 0)
+            return -ETIMEDOUT;
+        wait = left > INT_MAX ? INT_MAX : (int)left;
+    }
+    /* p->sock stays open while we hold the socket: teardown takes it back first. */
+    struct pollfd pfd[2] = {{.fd = p->sock, .events = POLLIN}, {.fd = p->flush_wake_fd, .events = POLLIN}};
+    p->rx_flusher_polling = 1;
+    pthread_mutex_unlock(&p->lock);
+    int pr = poll(pfd, 2, wait);
+    int err = errno;
+    pthread_mutex_lock(&p->lock);
+    p->rx_flusher_polling = 0;
+    uint64_t v;
+    if (pr > 0 && pfd[1].revents && read(p->flush_wake_fd, &v, sizeof v) < 0) {
+    }
+    if (pr < 0 && err != EINTR && err != EAGAIN) {
+        conn_lost_locked(p, "polling the control socket failed");
+        return 0;
+    }
+    if (pr > 0 && (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) && prod_rx_keep_locked(p))
+        prod_read_control_locked(p);
+    return pr == 0 ? -ETIMEDOUT : 0;
+}
+
+/* -- background thread ------------------------------------------------------------------------- */
+
 /* How long a dead TCP connection may take to post its zerocopy completions before we give up on
  * the segments it references (after the abort below they come at once; a wedged NIC queue could
  * hold them). */
@@ -52,6 +169,13 @@ static void conn_lost_locked(struct ls_producer *p, const char *why)
 /* Close the lost connection. Lock held; may drop it while waiting for zerocopy completions. */
 static void teardown_locked(struct ls_producer *p)
 {
+    /* A flushing thread polling the socket gives it back first (seeing the connection down): nobody
+     * may be left polling a closed fd, nor reading rx while we do. */
+    while (p->rx_flusher) {
+        prod_wake_flusher_locked(p);
+        (void)prod_cond_wait_until(p, -1);
+    }
+    bg_watch_sock_locked(p, 0);
     if (p->sock >= 0) {
         /* RELEASEs the daemon sent before it went: fewer batches to resend. */
         while (!p->broken && prod_recv_some(p, p->sock) > 0)
@@ -198,6 +322,44 @@ static void reconnect_locked(struct ls_producer *p)
     }
 }
 
+/* Wait up to `wait` ms (lock dropped) for wake_fd and - unless a flushing thread took it - the
+ * control socket. Returns what poll/epoll_wait did (*err: its errno); *sock_ev gets the socket's
+ * events (POLL* bits), 0 if it is not ready. */
+static int bg_wait_locked(struct ls_producer *p, int wait, int *sock_ev, int *err)
+{
+    int use_epoll = p->epoll_fd >= 0, sock = p->sock; /* only this thread replaces sock */
+    if (use_epoll && !p->rx_flusher)
+        bg_watch_sock_locked(p, 1); /* no-op unless a give-back's EPOLL_CTL_ADD failed: retry */
+    if (use_epoll && !p->rx_flusher && !p->bg_watches_sock)
+        use_epoll = 0; /* epoll refuses the socket: poll it as before */
+    pthread_mutex_unlock(&p->lock);
+    int pr, woke = 0;
+    *sock_ev = 0;
+    if (use_epoll) {
+        struct epoll_event ev[2];
+        pr = epoll_wait(p->epoll_fd, ev, 2, wait);
+        for (int i = 0; i < pr; i++) {
+            if (ev[i].data.u32 == EV_SOCK)
+                *sock_ev = (int)ev[i].events; /* EPOLLIN/HUP/ERR have the POLL* values */
+            else
+                woke = 1;
+        }
+    } else {
+        struct pollfd pfd[2] = {{.fd = sock, .events = POLLIN}, {.fd = p->wake_fd, .events = POLLIN}};
+        pr = poll(pfd, 2, wait);
+        if (pr > 0) {
+            *sock_ev = pfd[0].revents;
+            woke = pfd[1].revents != 0;
+        }
+    }
+    *err = pr < 0 ? errno : 0;
+    uint64_t v;
+    if (woke && read(p->wake_fd, &v, sizeof v) < 0) {
+    }
+    pthread_mutex_lock(&p->lock);
+    return pr;
+}
+
 void *prod_background(void *arg)
 {
     struct ls_producer *p = arg;
@@ -223,40 +385,21 @@ void *prod_background(void *arg)
                 wait = (int)left;
             }
         }
-        int sock = p->sock; /* only this thread replaces it */
-        pthread_mutex_unlock(&p->lock);
-        struct pollfd pfd[2] = {{.fd = sock, .events = POLLIN}, {.fd = p->wake_fd, .events = POLLIN}};
-        int pr = poll(pfd, 2, wait);
-        int got = 0;
-        uint64_t v;
-        if (pr > 0 && pfd[1].revents && read(p->wake_fd, &v, sizeof v) < 0) {
-        }
-        if (pr > 0 && (pfd[0].revents & (POLLIN | POLLHUP)))
-            got = prod_recv_some(p, sock); /* only this thread touches rx after open */
-        else if (pr > 0)
-            got = -EAGAIN; /* the error queue (zerocopy completions), or only a wakeup */
-        pthread_mutex_lock(&p->lock);
+        int sock_ev = 0, err = 0;
+        int pr = bg_wait_locked(p, wait, &sock_ev, &err);
         if (p->closed)
             break;
-        if (p->is_tcp && pr > 0 && (pfd[0].revents & POLLERR)) {
+        if (p->is_tcp && (sock_ev & POLLERR)) {
             if (prod_zc_reap_locked(p) < 0) {
                 conn_lost_locked(p, "the TCP connection to the logsink daemon failed");
                 continue;
             }
             prod_signal_event(p);
         }
-        if (pr < 0 && errno != EINTR) {
+        if (pr < 0 && err != EINTR)
             conn_lost_locked(p, "polling the control socket failed");
-        } else if (pr > 0) {
-            if (got == 0) {
-                conn_lost_locked(p, "the logsink daemon closed the connection");
-            } else if (got < 0 && got != -EAGAIN && got != -EINTR) {
-                char msg[ERRLEN];
-                snprintf(msg, sizeof msg, "control socket error: %s", strerror(-got));
-                conn_lost_locked(p, msg);
-            } else if (got > 0)
-                (void)prod_drain_frames_locked(p);
-        }
+        else if ((sock_ev & (POLLIN | POLLHUP)) && !p->rx_flusher && p->conn != CONN_DOWN)
+            prod_read_control_locked(p); /* (a flushing thread that took the socket meanwhile reads it) */
     }
     pthread_mutex_unlock(&p->lock);
     return NULL;
@@ -549,7 +692,8 @@ static int open_unix(struct ls_producer *p, const char *path, struct conn_parts 
 }
 
 /* One connection attempt: connect, HELLO, WELCOME. On failure nothing stays open. Uses p->rx and
- * p->doc (owned by open, then by the background thread). Returns 0 or -errno (prod_open_error). */
+ * p->doc without the lock: at open nobody else runs, and on a reconnect the producer is CONN_DOWN,
+ * so no flushing thread reads them. Returns 0 or -errno (prod_open_error). */
 int prod_connect_once(struct ls_producer *p, struct conn_parts *c)
 {
     memset(c, 0, sizeof *c);
@@ -594,4 +738,5 @@ void prod_install_conn_locked(struct ls_producer *p, struct conn_parts *c)
     p->wire = 0;
     p->qsent = 0;
     p->conn = CONN_UP;
+    bg_watch_sock_locked(p, 1); /* (no flushing thread holds a socket: we were down) */
 }

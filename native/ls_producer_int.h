@@ -26,6 +26,21 @@
  * before each append. Only do_write grants ownership, under the lock, with the segment active and
  * non-empty.
  *
+ * Reading the control socket: p->rx is a reassembly buffer (a message may arrive split), so it is
+ * only touched with the lock held: receiving into it, decoding and acting on it
+ * (prod_read_control_locked) are one step under the lock, whoever does it. Who *waits* for the socket
+ * is an ownership, also changed under the lock: normally the background thread (the socket is in its
+ * epoll set); a thread in ls_producer_flush may take it (prod_rx_take_locked: only one at a time,
+ * only while a connection is up, never on TCP, whose error queue the background thread reaps). It
+ * removes the socket from the background thread's epoll set (which wakes nobody) and polls it
+ * itself, so a RELEASE wakes the flushing thread directly instead of the background thread, which
+ * then had to wake the flusher. It gives the socket back (prod_rx_give_back_locked) whenever it
+ * leaves the wait - released, timed out, failed, closed - or the connection went down; putting the
+ * socket back in the epoll set wakes the background thread at once if bytes are waiting, so nothing
+ * sits unread. Anything that must end its wait (the connection lost, broken, closed) calls
+ * prod_wake_flusher_locked, and the background thread takes the socket back (waiting for the give
+ * back) before it tears a connection down, so nobody polls a closed fd.
+ *
  * Batches and reconnects: a full segment becomes a batch with the next producer-wide number
  * (`seq`, never reset) and joins the queue `q`; the queue's first `qsent` entries went out on the
  * current connection, numbered 1, 2, 3... there (`wire`: the daemon numbers per connection). A
@@ -149,10 +164,18 @@ struct ls_producer {
     uint32_t zc_switch;     /* ...after this many, stop asking (0 = never); opts.zc_copied_switch */
     struct { uint32_t lo, hi; } zc_pending[64]; /* completions that arrived ahead of a gap */
     int zc_npending;
-    /* control socket input: owned by open, then by the background thread */
+    /* Control socket input (under lock once the background thread runs; see "Reading the control
+     * socket" above): who waits for it is the background thread, or a flushing thread that took it. */
     uint8_t *rx;
     size_t rx_len, rx_cap;
     struct ls_mp_doc doc;
+    int epoll_fd;          /* the background thread's wait: wake_fd, and the socket while it reads it */
+    int bg_watches_sock;   /* the socket is in epoll_fd's set */
+    int flush_reads_sock;  /* config: a flush may wait on the socket (not TCP, not with
+                            * LOGSINK_FLUSH_WAITS_ON_SOCKET=0) */
+    int rx_flusher;        /* a flushing thread reads the socket now (the background thread does not) */
+    int rx_flusher_polling; /* ... and waits in poll() without the lock: flush_wake_fd wakes it */
+    int flush_wake_fd;     /* eventfd: wakes that flushing thread (connection lost, broken, closed) */
 };
 
 /* -- shared state and small helpers ------------------------------------------------------------- */
@@ -250,5 +273,24 @@ int prod_connect_once(struct ls_producer *p, struct conn_parts *c);
 void prod_install_conn_locked(struct ls_producer *p, struct conn_parts *c);
 /* The background thread: releases, timed flushes, reconnects. arg is the producer. */
 void *prod_background(void *arg);
+/* Receive what the control socket has into p->rx and act on it: RELEASE, SHUTDOWN, ERROR, the end
+ * of the connection (reconnect, or broken). For whoever reads the socket now. */
+void prod_read_control_locked(struct ls_producer *p);
+/* A flushing thread takes the control socket from the background thread, if it may (see "Reading
+ * the control socket"). Returns 1 if it now reads it, 0 if it should wait on p->cond instead. */
+int prod_rx_take_locked(struct ls_producer *p);
+/* The flushing thread that took the socket may keep reading it (the connection is still there). */
+int prod_rx_keep_locked(struct ls_producer *p);
+/* The flushing thread hands the socket back to the background thread (and to other flushes). */
+void prod_rx_give_back_locked(struct ls_producer *p);
+/* The flushing thread waits once on the socket, until deadline_ms (< 0: none), and reads what came.
+ * Returns 0 (something happened: check again) or -ETIMEDOUT. */
+int prod_rx_wait_locked(struct ls_producer *p, int64_t deadline_ms);
+/* End the wait of a flushing thread polling the socket (the connection lost, broken, closed). */
+void prod_wake_flusher_locked(struct ls_producer *p);
+/* At open, before the first connection is installed: whether flushes may wait on the socket
+ * (LOGSINK_FLUSH_WAITS_ON_SOCKET, not TCP) and the epoll set that lets them. Failing here only
+ * keeps the background thread's path. */
+void prod_rx_setup(struct ls_producer *p);
 
 #endif

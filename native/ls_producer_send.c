@@ -199,6 +199,7 @@ void prod_go_down_locked(struct ls_producer *p, const char *why)
     prod_close_pipe_locked(p);
     snprintf(p->last_error, ERRLEN, "lost the logsink daemon (%s); reconnecting", why);
     pthread_cond_broadcast(&p->cond);
+    prod_wake_flusher_locked(p); /* a flush polling the socket gives it back for the teardown */
     prod_signal_event(p);
     prod_wake_background(p);
 }

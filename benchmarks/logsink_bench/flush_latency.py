@@ -7,9 +7,11 @@ them to the file and released them. Each flush's wall time is one sample; a run 
 ms (medians over the interleaved runs), and issue 10's target, p99 <= 0.25 ms.
 
 The path one flush waits for (vmsplice): producer vmsplice -> the daemon's engine thread splices
-the batch into the file -> it signals an eventfd -> the asyncio loop in the daemon's Python wakes
-and sends RELEASE (msgpack) on the control socket -> the producer's background thread reads it ->
-flush() wakes. docs/performance.md has the measured hop-by-hop breakdown.
+the batch into the file (small batches inline) -> it sends RELEASE on the control socket itself ->
+the flushing thread, polling that socket, reads it and returns. docs/performance.md has the
+measured hop-by-hop breakdown. --compare-bg-thread adds a "<transport> (bg thread)" row per
+transport, run interleaved with the others: the producer opened with LOGSINK_FLUSH_WAITS_ON_SOCKET=0,
+so its background thread reads RELEASE and wakes the flushing thread (the path before).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ WARMUP_ROUNDS = 50           # flushes not counted: connection set-up, first pag
 TARGET_P99_MS = 0.25
 CHUNK_BYTES = 64 << 10
 STREAM = "bench"
+BG_SUFFIX = " (bg thread)"  # a --compare-bg-thread variant
 
 
 @dataclass
@@ -73,14 +76,30 @@ def batch_chunks(batch: int, record_size: int) -> list[bytes]:
     return [b"".join(records[i:i + per]) for i in range(0, batch, per)]
 
 
-def run_producer(sock: str, transport: str, seconds: float, rate: int, batch: int, record_size: int) -> FlushSample:
-    """The timed loop, in this process. NotAvailable if the client does not implement `transport`."""
+def open_client(sock: str, variant: str):
+    """A Client for `variant` ("shm", or "shm (bg thread)": flushes left to the background thread, as
+    LOGSINK_FLUSH_WAITS_ON_SOCKET=0 at open says). NotAvailable if the client lacks the transport."""
     from logsink import Client
 
+    transport, bg = variant.removesuffix(BG_SUFFIX), variant.endswith(BG_SUFFIX)
+    saved = os.environ.get("LOGSINK_FLUSH_WAITS_ON_SOCKET")
+    if bg:
+        os.environ["LOGSINK_FLUSH_WAITS_ON_SOCKET"] = "0"  # read once, at open
     try:
-        client = Client(STREAM, socket=sock, transport=transport)
+        return Client(STREAM, socket=sock, transport=transport)
     except NotImplementedError as exc:
         raise NotAvailable(str(exc)) from None
+    finally:
+        if bg:
+            if saved is None:
+                os.environ.pop("LOGSINK_FLUSH_WAITS_ON_SOCKET", None)
+            else:
+                os.environ["LOGSINK_FLUSH_WAITS_ON_SOCKET"] = saved
+
+
+def run_producer(sock: str, transport: str, seconds: float, rate: int, batch: int, record_size: int) -> FlushSample:
+    """The timed loop, in this process. NotAvailable if the client does not implement `transport`."""
+    client = open_client(sock, transport)
     chunks = batch_chunks(batch, record_size)
     period_ns = int(batch / rate * 1e9)
     ticks = WARMUP_ROUNDS + max(1, int(seconds * 1e9 // period_ns))
@@ -112,7 +131,7 @@ def run_producer(sock: str, transport: str, seconds: float, rate: int, batch: in
 def measure(transport: str, args: argparse.Namespace, work: Path, sock: str, run_no: int) -> FlushSample:
     out = work / "out"
     clear_dir(out)
-    daemon = Daemon(out, sock, work / f"daemon-flush-{transport}-{run_no}.log", args.engine)
+    daemon = Daemon(out, sock, work / f"daemon-flush-{transport.replace(' ', '_')}-{run_no}.log", args.engine)
     try:
         total = int((args.seconds + WARMUP_ROUNDS * args.batch / args.rate) * args.rate * args.record_size)
         warm_page_cache(work / "warm.scratch", total)
@@ -138,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     p.add_argument("--engine", choices=engines.ENGINES, default="io_uring", help="the daemon's engine (default io_uring)")
     p.add_argument("--dir", type=Path, default=None, help="where outputs go (default: the current directory)")
+    p.add_argument("--compare-bg-thread", action="store_true",
+                   help="also run each transport with flushes left to the producer's background thread "
+                        "(LOGSINK_FLUSH_WAITS_ON_SOCKET=0), interleaved: rows '<transport> (bg thread)'")
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
     return p
 
@@ -146,23 +168,24 @@ KEYS = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms", "write_p50_ms")
 
 
 def table(results: list[VariantResult], args: argparse.Namespace, work: Path) -> list[str]:
+    W = max(10, *(len(r.variant) + 2 for r in results))  # noqa: N806 - the first column's width
     lines = [f"logsink bench flush: {args.batch} records of {args.record_size} bytes then flush(), every "
              f"{args.batch / args.rate * 1000:g} ms ({args.rate} records/s) for {args.seconds:g} s, engine {args.engine}, "
              f"medians of {args.runs} interleaved run(s); outputs on {filesystem_of(work)} (page cache)",
              "load average at the end: {:.2f} {:.2f} {:.2f} on {} CPUs (tails grow with other work on the machine)".format(
                  *os.getloadavg(), os.cpu_count()), "",
-             f"{'transport':<10}" + "".join(f"{h:>10}" for h in ("p50 ms", "p99 ms", "p99.9 ms", "max ms", "mean ms",
+             f"{'transport':<{W}}" + "".join(f"{h:>10}" for h in ("p50 ms", "p99 ms", "p99.9 ms", "max ms", "mean ms",
                                                                "write ms", "flushes", "late"))]
     for r in results:
         if r.unavailable:
-            lines.append(f"{r.variant:<10}not available: {r.unavailable}")
+            lines.append(f"{r.variant:<{W}}not available: {r.unavailable}")
             continue
         if not r.samples:
-            lines.append(f"{r.variant:<10}FAILED: {'; '.join(r.failures)}")
+            lines.append(f"{r.variant:<{W}}FAILED: {'; '.join(r.failures)}")
             continue
         cells = [f"{r.median(k):>10.3f}" for k in KEYS]
         cells += [f"{sum(len(s.latencies_ms) for s in r.samples):>10}", f"{sum(s.late_ticks for s in r.samples):>10}"]
-        lines.append(f"{r.variant:<10}" + "".join(cells))
+        lines.append(f"{r.variant:<{W}}" + "".join(cells))
     lines += ["", "write ms: the writes of one batch (p50), before flush() is called; late: ticks that started "
               "over 10% of a period behind schedule (the producer could not keep the rate).", *checks(results)]
     return lines
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     sock_dir = tempfile.mkdtemp(prefix="lsb-")
     sock = os.path.join(sock_dir, "bench.sock")
     try:
-        results = run_rounds(args.transports, args.runs, lambda t, n: measure(t, args, work, sock, n), lambda t: f"{t:<10}",
+        variants = [v for t in args.transports for v in ((t, t + BG_SUFFIX) if args.compare_bg_thread else (t,))]
+        results = run_rounds(variants, args.runs, lambda t, n: measure(t, args, work, sock, n), lambda t: f"{t:<22}",
                              lambda s: "p50 {p50_ms:.3f} ms  p99 {p99_ms:.3f} ms  max {max_ms:.3f} ms".format(**s.metrics()))
     except BenchError as exc:
         print(f"logsink bench flush: {exc}", file=sys.stderr)
