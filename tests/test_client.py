@@ -280,6 +280,25 @@ class TestClose:
         assert not _sockets_to(d.sock), "a closed Client still holds its control socket"
 
 
+def _exit_with_daemon_stopped(d, script: str) -> tuple[bytes, float]:
+    """Run ``script``, which prints "connected" and then waits for a line on stdin; stop the daemon
+    (SIGSTOP), let the script go on to its end and exit. Returns (its stdout, seconds from the go to
+    its exit); fails the test if it does not exit with 0 within 60 s."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"connected"
+        d.sigstop()
+        t0 = time.monotonic()
+        out, err = proc.communicate(b"go\n", timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        d.sigcont()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    return out, elapsed
+
+
 class TestForkAndExit:
     def test_forked_child_gets_its_own_connection_and_both_land(self, daemon):
         """After fork, parent and child both log through the same Client object: the child reconnects lazily and every record of both lands, each process's in order."""
@@ -325,20 +344,8 @@ c.close()
             f"import logsink, sys\nc = logsink.Client('stuck', socket={d.sock!r}, flush_interval=None)\n"
             "print('connected', flush=True)\nsys.stdin.readline()\nc.write(b'x\\n')\n"
         )
-        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert proc.stdout.readline().strip() == b"connected"
-            d.sigstop()
-            t0 = time.monotonic()
-            _, err = proc.communicate(b"go\n", timeout=30)
-            elapsed = time.monotonic() - t0
-        finally:
-            d.sigcont()
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, err.decode()
+        _, elapsed = _exit_with_daemon_stopped(d, script)
         assert elapsed < 20, f"exit took {elapsed:.1f} s"
-
 
     @pytest.mark.parametrize("transport,segments", [("shm", "segments=2, segment_size=4096"), ("vmsplice", "segments=2, segment_size=4096"),
                                                     ("vmsplice", "segments=None"), ("copy", "segments=None")])
@@ -365,18 +372,7 @@ c.close()
             "import time; time.sleep(1.0)\n"
             "print('blocked', flush=True)\n"
         )
-        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert proc.stdout.readline().strip() == b"connected"
-            d.sigstop()
-            t0 = time.monotonic()
-            out, err = proc.communicate(b"go\n", timeout=60)
-            elapsed = time.monotonic() - t0
-        finally:
-            d.sigcont()
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, err.decode()
+        out, elapsed = _exit_with_daemon_stopped(d, script)
         assert b"blocked" in out, out
         assert elapsed < 30, f"exit took {elapsed:.1f} s"
         for line in out.split(b"\n")[:-1]:  # whole lines only: the exit may stop the writer mid-print
