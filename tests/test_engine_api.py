@@ -121,8 +121,10 @@ class TestStreamBound:
             assert ("LS_EV_BATCH_DONE", 0, 3) not in eng.poll() and os.fstat(fd).st_size == 17
             fd2 = os.open(tmp_path / "app.log.new", os.O_RDWR | os.O_CREAT, 0o640)
             os.write(fd2, b"x" * 100)
+            assert eng.lib.ls_engine_pause_stream(eng.e, 0, 1) == 0  # (so the raise alone starts nothing)
             assert eng.lib.ls_engine_bound_stream(eng.e, 0, 20) == 0  # 3 bytes of allowance left at 17
             assert eng.lib.ls_engine_set_stream(eng.e, 0, fd2, 100) == 0  # ... so 103 in the new file
+            assert eng.lib.ls_engine_pause_stream(eng.e, 0, 0) == 0
             eng.wait(("LS_EV_BATCH_DONE", 0, 3), "the batch within the carried allowance")
             os.write(w, batch(4, [b"four\n"]))
             time.sleep(0.3)
