@@ -891,7 +891,8 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
         pthread_mutex_unlock(&p->lock);
         return 0;
     }
-    p->shutting = 1;
+    __atomic_store_n(&p->shutting, 1, __ATOMIC_RELAXED); /* no write is taken from here on ... */
+    prod_fast_revoke_locked(p); /* ... lock-free ones included: the final flush covers every accepted one */
     int64_t cd = __atomic_load_n(&p->close_deadline, __ATOMIC_ACQUIRE);
     if (cd >= 0) /* what is left of the bound once a blocked writer let go of the lock */
         bound = cd > prod_now_ms() ? (int)(cd - prod_now_ms()) : 0;

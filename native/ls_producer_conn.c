@@ -387,8 +387,8 @@ void *prod_background(void *arg)
         }
         int sock_ev = 0, err = 0;
         int pr = bg_wait_locked(p, wait, &sock_ev, &err);
-        if (p->closed)
-            break;
+        if (p->closed || p->broken)
+            break; /* (broken: a flushing thread read the daemon's refusal; its reason stays last_error) */
         if (p->is_tcp && (sock_ev & POLLERR)) {
             if (prod_zc_reap_locked(p) < 0) {
                 conn_lost_locked(p, "the TCP connection to the logsink daemon failed");

@@ -173,7 +173,7 @@ static int handover_nosigpipe_from(struct ls_producer *p, int splice_in, void *s
 
 int prod_usable_locked(struct ls_producer *p)
 {
-    if (p->closed) {
+    if (p->shutting) { /* (from its start: what was accepted before is in the final flush) */
         prod_set_error(p, "stream '%s': the producer was closed (by another thread, or at exit)", p->stream);
         return -ESHUTDOWN;
     }

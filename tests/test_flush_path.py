@@ -410,6 +410,69 @@ class TestFlushThroughConnectionChanges:
         fake.join()
 
 
+class TestRefusalsAndShutdown:
+    @pytest.mark.parametrize("knob", [None, "0"], ids=["default", "knob-0"])
+    def test_a_refusal_read_by_the_flushing_thread_keeps_its_reason(self, producer, tmp_path, monkeypatch, knob):
+        """The daemon refuses the producer for good (ERROR bad-frame, RELEASE, close - as the daemon does) while a
+        flush polls the socket: after the background thread ended, last_error still gives the daemon's reason,
+        not a "reconnecting" it will never do."""
+        go = threading.Event()
+
+        def script(conn, fd):
+            read_batch(fd)
+            go.wait(30)
+            conn.sendall(protocol.encode(protocol.error(protocol.E_BAD_FRAME, "frame header rejected: test"))
+                         + protocol.encode(protocol.release(0)))
+            conn.close()
+            os.close(fd)
+
+        if knob is not None:
+            monkeypatch.setenv("LOGSINK_FLUSH_WAITS_ON_SOCKET", knob)
+        fake = FakeDaemon(str(tmp_path / "f.sock"), protocol.welcome(0, "fake"), script)
+        before = set(os.listdir("/proc/self/task"))
+        pr = producer("app", fake.path, transport=COPY, flush_interval_ms=0, reconnect=1)
+        (bg,) = set(os.listdir("/proc/self/task")) - before
+        assert pr.write(b"one\n") == 0
+        f = Flusher(pr)
+        wait_for(lambda: blocked_in(f.tid) in ("poll", "futex"), 10, "the flush to wait")
+        go.set()
+        assert f.join() == -errno.ECONNRESET
+        wait_for(lambda: not os.path.exists(f"/proc/self/task/{bg}"), 10, "the background thread to end (refused for good)")
+        assert "bad-frame" in pr.last_error(), pr.last_error()
+        fake.join()
+
+    @pytest.mark.parametrize("transport", [COPY, SHM])
+    def test_every_write_accepted_while_shutdown_runs_is_in_the_file(self, daemon, producer, transport):
+        """Two threads write while another shuts the producer down: once shutdown returned 0, every record a write
+        accepted (returned 0) is in the file; the writes after its start are refused (-ESHUTDOWN), none dropped."""
+        d = daemon("readwrite")
+        for rnd in range(6):
+            pr = producer(f"s{rnd}", d.sock, transport=transport, flush_interval_ms=0, segment_size=65536)
+            ok: list[list[bytes]] = [[], []]
+            refused: list[int] = []
+
+            def writer(k: int, pr=pr, ok=ok, refused=refused, rnd=rnd) -> None:
+                i = 0
+                while True:
+                    rec = b"r%d-%d:%d\n" % (rnd, k, i)
+                    r = pr.write(rec)
+                    if r != 0:
+                        refused.append(r)
+                        return
+                    ok[k].append(rec)
+                    i += 1
+
+            ts = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+            for t in ts:
+                t.start()
+            wait_for(lambda ok=ok: len(ok[0]) + len(ok[1]) > 2000, 10, "the writers to be under way")
+            assert pr.lib.ls_producer_shutdown(pr.p, 10000) == 0
+            for t in ts:
+                t.join(20)
+            assert refused == [-errno.ESHUTDOWN] * 2
+            assert_file(d.log(f"s{rnd}"), {f"r{rnd}-0": ok[0], f"r{rnd}-1": ok[1]})
+
+
 class TestManyFlushers:
     @pytest.mark.parametrize("transport", [SHM, VMSPLICE], ids=["shm", "vmsplice"])
     def test_concurrent_flushes_each_return_after_their_records_are_in_the_file(self, daemon, producer, transport):
