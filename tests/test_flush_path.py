@@ -410,6 +410,29 @@ class TestFlushThroughConnectionChanges:
         fake.join()
 
 
+class TestTcpKeepsTheBackgroundThread:
+    @needs_known_arch
+    def test_tcp_flush_leaves_the_socket_to_the_background_thread(self, daemon, producer):
+        """Over TCP (zerocopy completions arrive on the same socket's error queue) a waiting flush sleeps on the
+        condition variable: the background thread keeps reading the socket, and the flush still returns."""
+        from test_tcp import tcp_daemon
+
+        d, address = tcp_daemon(daemon, "readwrite")
+        pr = producer("app", address, transport=COPY, flush_interval_ms=0)
+        assert pr.write(b"one\n") == 0 and pr.flush(20000) == 0
+        d.sigstop()
+        try:
+            assert pr.write(b"two\n") == 0
+            f = Flusher(pr)
+            wait_for(lambda: blocked_in(f.tid) in ("poll", "futex"), 10, "the flush to wait")
+            state = blocked_in(f.tid)
+        finally:
+            d.sigcont()
+        assert f.join() == 0
+        assert state == "futex", f"the flushing thread waits in {state}, not on the condition variable"
+        assert d.log("app").read_bytes() == b"one\ntwo\n"
+
+
 class TestRefusalsAndShutdown:
     @pytest.mark.parametrize("knob", [None, "0"], ids=["default", "knob-0"])
     def test_a_refusal_read_by_the_flushing_thread_keeps_its_reason(self, producer, tmp_path, monkeypatch, knob):
