@@ -85,6 +85,26 @@ def unread_by_peer(conn) -> int:
     return int.from_bytes(fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), "little")
 
 
+def release_on(go: threading.Event):
+    """A FakeDaemon script: read one batch, and release it once `go` is set."""
+
+    def script(conn, fd):
+        seq, _ = read_batch(fd)
+        go.wait(30)
+        conn.sendall(protocol.encode(protocol.release(seq)))
+
+    return script
+
+
+def one_record_pending(producer, tmp_path: Path, go: threading.Event):
+    """A FakeDaemon that releases the first batch once `go` is set, and a copy producer on it that
+    wrote one record (not yet handed over). Returns (fake, producer)."""
+    fake = FakeDaemon(str(tmp_path / "f.sock"), protocol.welcome(0, "fake"), release_on(go))
+    pr = producer("app", fake.path, transport=COPY, flush_interval_ms=0)
+    assert pr.write(b"one\n") == 0
+    return fake, pr
+
+
 class Flusher:
     """ls_producer_flush on its own thread; `tid` is its kernel thread id, `rc` the result once done."""
 
@@ -118,15 +138,7 @@ class TestFlushingThreadReadsTheSocket:
         """While its RELEASE is outstanding the flushing thread sleeps in poll() on the socket, not on the condition
         variable, and the RELEASE ends the flush."""
         go = threading.Event()
-
-        def script(conn, fd):
-            seq, _ = read_batch(fd)
-            go.wait(30)
-            conn.sendall(protocol.encode(protocol.release(seq)))
-
-        fake = FakeDaemon(str(tmp_path / "f.sock"), protocol.welcome(0, "fake"), script)
-        pr = producer("app", fake.path, transport=COPY, flush_interval_ms=0)
-        assert pr.write(b"one\n") == 0
+        fake, pr = one_record_pending(producer, tmp_path, go)
         f = Flusher(pr)
         wait_for(lambda: blocked_in(f.tid) == "poll", 10, "the flushing thread to poll the control socket")
         go.set()
@@ -138,16 +150,8 @@ class TestFlushingThreadReadsTheSocket:
     def test_knob_0_keeps_the_background_thread_path(self, producer, tmp_path, monkeypatch):
         """LOGSINK_FLUSH_WAITS_ON_SOCKET=0 at open: the flushing thread sleeps on the condition variable as before."""
         go = threading.Event()
-
-        def script(conn, fd):
-            seq, _ = read_batch(fd)
-            go.wait(30)
-            conn.sendall(protocol.encode(protocol.release(seq)))
-
-        fake = FakeDaemon(str(tmp_path / "f.sock"), protocol.welcome(0, "fake"), script)
-        monkeypatch.setenv("LOGSINK_FLUSH_WAITS_ON_SOCKET", "0")
-        pr = producer("app", fake.path, transport=COPY, flush_interval_ms=0)
-        assert pr.write(b"one\n") == 0
+        monkeypatch.setenv("LOGSINK_FLUSH_WAITS_ON_SOCKET", "0")  # read at open
+        fake, pr = one_record_pending(producer, tmp_path, go)
         f = Flusher(pr)
         wait_for(lambda: blocked_in(f.tid) == "futex", 10, "the flushing thread to wait on the condition variable")
         go.set()
@@ -387,15 +391,7 @@ class TestFlushThroughConnectionChanges:
         """Forking while a flush polls the socket: in the child every call is -ECHILD and its close frees only its
         copies; the parent's flush still gets its RELEASE and returns 0."""
         go = threading.Event()
-
-        def script(conn, fd):
-            seq, _ = read_batch(fd)
-            go.wait(30)
-            conn.sendall(protocol.encode(protocol.release(seq)))
-
-        fake = FakeDaemon(str(tmp_path / "f.sock"), protocol.welcome(0, "fake"), script)
-        pr = producer("app", fake.path, transport=COPY, flush_interval_ms=0)
-        assert pr.write(b"one\n") == 0
+        fake, pr = one_record_pending(producer, tmp_path, go)
         f = Flusher(pr)
         wait_for(lambda: pr.stats()["handed_over_through"] == 1, 10, "the flush to hand over")
         pid = os.fork()
