@@ -228,10 +228,16 @@ void eng_stream_release(struct ls_engine *e, struct stream *s)
      * the bound is checked: a stream held at its spool bound must see that its file shrank. */
     struct stat st;
     if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < s->offset) {
-        /* (A bound stays as it is, in offsets: the control plane sees the shrunk file next, resets
-         * its forwarders to it and sends a new bound; meanwhile the old one still applies.) */
+        uint64_t cut = s->offset - (uint64_t)st.st_size;
         s->offset = (uint64_t)st.st_size;
         s->c.offset = s->offset;
+        if (s->bounded) {
+            /* The bound was in the old content's offsets: hold the stream until the control plane,
+             * woken by this event, has reset its forwarders to the new end and sent a bound again
+             * (else new bytes could land where a lagging forwarder still expects old ones). */
+            s->bound = s->offset;
+            eng_emit(e, LS_EV_HOLE_CLOSED, p, 0, p->h.seq, cut, 0);
+        }
     }
     if (s->paused || (s->bounded && s->offset >= s->bound))
         return;

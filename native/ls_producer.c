@@ -878,6 +878,7 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
         return -ECHILD;
     /* The shorter bound wins, for the final flush and any handover it makes. */
     int bound = timeout_ms >= 0 && (p->timeout_ms < 0 || timeout_ms < p->timeout_ms) ? timeout_ms : p->timeout_ms;
+    int was_broken = __atomic_load_n(&p->broken, __ATOMIC_RELAXED); /* (broken before: close reports 0, as always) */
     if (bound >= 0 && !__atomic_load_n(&p->shutting, __ATOMIC_RELAXED)) {
         /* Before taking the lock: a writer may hold it while it waits for pipe or socket room with
          * no deadline of its own (ls_cancel.h). From here on it waits no longer than ours. */
@@ -901,6 +902,11 @@ int ls_producer_shutdown(struct ls_producer *p, int timeout_ms)
     pthread_mutex_unlock(&p->lock);
     int ret = do_flush ? ls_producer_flush(p, bound) : 0;
     pthread_mutex_lock(&p->lock);
+    if (ret == 0 && !was_broken && p->broken && (p->released < p->seq || (p->active && p->pos))) {
+        /* It broke while we closed (a handover our own bound cut short) with accepted records the
+         * daemon never confirmed: not a success. */
+        ret = -p->broken;
+    }
     __atomic_store_n(&p->closed, 1, __ATOMIC_RELAXED); /* also read by a connect in progress */
     prod_fast_revoke_locked(p); /* a lock-free appender finishes its copy; the next write locks */
     prod_close_pipe_locked(p);

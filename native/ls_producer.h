@@ -234,7 +234,9 @@ int ls_producer_close_within(struct ls_producer *p, int timeout_ms);
  * threads return -ESHUTDOWN (writers and flushes waiting for a release wake up with it) instead of
  * racing the free. ls_producer_close then only frees. For runtimes that cannot be sure no other
  * thread is inside a call (Python's Client at exit, with daemon threads still logging): free once
- * nothing can call any more. Returns 0 or the flush's error (0 if already shut down). */
+ * nothing can call any more. Returns 0 or the flush's error (0 if already shut down), or -errno
+ * (-ECONNRESET) if the producer broke while closing - e.g. a handover cut short by timeout_ms -
+ * with accepted records the daemon never confirmed. */
 int ls_producer_shutdown(struct ls_producer *p, int timeout_ms);
 
 /* Fault in every page of p's segments now (MADV_POPULATE_WRITE; their contents do not change), so

@@ -210,7 +210,9 @@ void prod_go_down_locked(struct ls_producer *p, const char *why)
 static int handover_failed_locked(struct ls_producer *p, int ret, const char *what)
 {
     char why[ERRLEN];
-    if (ret == -ETIMEDOUT)
+    if (ret == -ETIMEDOUT && __atomic_load_n(&p->close_deadline, __ATOMIC_ACQUIRE) >= 0)
+        snprintf(why, sizeof why, "%s was cut short by close: the pipe stayed full until its deadline", what);
+    else if (ret == -ETIMEDOUT)
         snprintf(why, sizeof why, "%s failed: the pipe stayed full for %d ms", what, p->timeout_ms);
     else
         snprintf(why, sizeof why, "%s failed: %s", what, strerror(-ret));

@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from lsk_helpers import assert_file, make_records, proc_state, wait_for
+from test_flush_path import blocked_in, needs_known_arch
 
 STATS_KEYS = {
     "transport", "segment_size", "segments", "pipe_size", "batches", "records", "bytes",
@@ -278,6 +280,47 @@ class TestClose:
         assert d.log("held").read_bytes() == b"last\n" * 3
         assert all(not c.connected for c in kept)
         assert not _sockets_to(d.sock), "a closed Client still holds its control socket"
+
+
+class TestShutdownReportsLoss:
+    @needs_known_arch
+    def test_shutdown_that_cuts_a_blocked_handover_short_says_so(self, daemon, logsink):
+        """A close whose bound cuts short a handover blocked on a full pipe (daemon stopped, no reconnect)
+        does not report success: accepted records were not delivered, so shutdown returns an error and
+        last_error says the close cut it short."""
+        from logsink._native import ffi, lib
+
+        d = daemon("readwrite")
+        c = logsink.Client("app", socket=d.sock, transport="vmsplice", segments=32, segment_size=1 << 20,
+                           flush_interval=None, reconnect=False)
+        d.sigstop()
+        accepted: list[int] = []
+        tid: list[int] = []
+
+        def writer() -> None:
+            tid.append(threading.get_native_id())
+            rec = b"w" * 199 + b"\n"
+            try:
+                while True:
+                    c.write(rec)
+                    accepted.append(1)
+            except (ConnectionError, TimeoutError, ValueError):
+                pass
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        # A segment's handover fills the 1 MiB pipe; the next one waits for room, in poll, holding the lock.
+        wait_for(lambda: len(accepted) * 200 > c.pipe_size and blocked_in(tid[0]) == "poll", 20,
+                 "the writer's handover to wait for pipe room")
+        try:
+            ret = lib.ls_producer_shutdown(c._p, 500)
+            t.join(10)
+        finally:
+            d.sigcont()
+        assert not t.is_alive()
+        assert ret < 0, "shutdown returned 0 though the daemon confirmed none of the accepted records"
+        assert "cut short by close" in ffi.string(lib.ls_producer_last_error(c._p)).decode()
+        c.close()
 
 
 def _exit_with_daemon_stopped(d, script: str) -> tuple[bytes, float]:

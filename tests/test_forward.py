@@ -576,6 +576,30 @@ class TestDaemonForwarding:
         assert any(e.get("event") == "forward_source_truncated" for e in d.stderr_events())
 
 
+    def test_copytruncate_under_a_bounded_stream_with_the_collector_up_loses_nothing_after_it(self, daemon, sinks):
+        """A kept, policy=block file truncated (copytruncate) while a producer writes and the collector reads:
+        the collector gets every whole record the file holds afterwards, never a torn one."""
+        import logsink
+
+        sink = sinks()
+        d = daemon("io_uring", "--forward", f"app=tcp://127.0.0.1:{sink.port},file,policy=block,spool_max=64K")
+        first, second = make_records("c1", 3000), make_records("c2", 3000)
+        with logsink.Client("app", socket=d.sock, segments=2, segment_size=16384, flush_interval=None) as c:
+            for r in first:
+                c.write(r)
+            c.flush(timeout=20)
+            os.truncate(d.log("app"), 0)  # copytruncate's second half, the collector maybe behind
+            for r in second:
+                c.write(r)
+            c.flush(timeout=20)
+        kept = d.log("app").read_bytes()
+        assert kept.endswith(b"".join(second))
+        wait_for(lambda: b"".join(sink.records("newline")).endswith(kept), 30, "the collector to get what the file holds")
+        got = sink.records("newline")
+        assert all(r.startswith((b"c1:", b"c2:")) and r.endswith(b"\n") for r in got)
+        assert got[-len(second):] == second
+
+
 class TestRealCollectors:
     def test_rsyslog_imtcp_octet_counted(self, daemon, producers, tmp_path):
         """A real rsyslogd (imtcp -> omfile, %rawmsg%) gets every record once, in order per producer."""

@@ -178,9 +178,13 @@ class ForwardManager:
         for g in self.groups.values():
             end = g.end()
             if end != g.last_end:
+                shrunk = end < g.last_end  # truncated under us (copytruncate)
                 g.last_end = end
                 for fw in g.forwarders:
                     fw.on_advance(end)
+                if shrunk:  # the engine holds a bounded stream whose file shrank until it hears from us
+                    g.bound = -1
+                    g.update_bound()
 
     def stream_reopened(self, sid: int, fd: int, size: int) -> None:
         """SIGHUP moved stream ``sid`` to a new ``fd`` (at ``size``); the old file is complete."""
