@@ -372,7 +372,10 @@ class Client:
                 self.close(timeout=EXIT_FLUSH_TIMEOUT)  # pragma: no cover - best effort when dropped unclosed
         except Exception:
             pass
-        p = getattr(self, "_p", ffi.NULL)  # (absent if __init__ raised early)
-        if getattr(self, "_closed", False) and p != ffi.NULL:
-            self._p = ffi.NULL
-            lib.ls_producer_close(p)  # shut down already: only frees (nobody can be inside a call now)
+        try:
+            p = getattr(self, "_p", ffi.NULL)  # (absent if __init__ raised early)
+            if getattr(self, "_closed", False) and p != ffi.NULL:
+                self._p = ffi.NULL
+                lib.ls_producer_close(p)  # shut down already: only frees (nobody can be inside a call now)
+        except Exception:  # pragma: no cover - late interpreter teardown (module globals already gone)
+            pass
