@@ -171,9 +171,17 @@ def child_logging(variant: str, n: int, out: Path, args: argparse.Namespace) -> 
         handler.ident = "bench: "  # a TAG, so rsyslog's parser leaves the JSON whole as MSG
         handler.append_nul = False
         handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("bench.producer")
+    return _timed_logger_run(logging.getLogger("bench.producer"), logging.INFO, handler, n, out, args, end_marker=variant == "e")
+
+
+def _timed_logger_run(logger: Any, level: int, handler: Any, n: int, out: Path, args: argparse.Namespace,
+                      end_marker: bool = False) -> dict[str, Any]:
+    """The measured part of a stdlib-style logging row (logging or picologging): ``handler`` alone on
+    a non-propagating ``logger``, n records of STDLIB_FORMAT, then the handler's close (logsink: flush
+    + close; FileHandler: the file's close; syslog: the socket's), and with ``end_marker`` the wait
+    until the syslog daemon wrote the last record."""
     logger.propagate = False
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.addHandler(handler)
     warm_page_cache(out.parent / "scratch.warm", n * args.record_size)
     fmt = STDLIB_FORMAT
@@ -181,10 +189,10 @@ def child_logging(variant: str, n: int, out: Path, args: argparse.Namespace) -> 
     cpu0, t0 = self_cpu_seconds(), time.perf_counter_ns()
     for i in range(n):
         logger.info(fmt, i, i % 10000, i)
-    if variant == "e":
+    if end_marker:
         logger.info(END_MARKER)
-    handler.close()  # logsink: flush + close; FileHandler: the file's close; syslog: the socket's
-    if variant == "e":
+    handler.close()
+    if end_marker:
         wait_for_marker(out)
     t1, cpu1 = time.perf_counter_ns(), self_cpu_seconds()
     logger.removeHandler(handler)
@@ -198,20 +206,7 @@ def child_picologging(variant: str, n: int, out: Path, args: argparse.Namespace)
 
     handler = picologging.FileHandler(str(out), mode="w", encoding="utf-8")
     handler.setFormatter(JsonFormatter() if variant == "p" else picologging.Formatter(PICO_FORMAT))
-    logger = picologging.getLogger("bench.producer")
-    logger.propagate = False
-    logger.setLevel(picologging.INFO)
-    logger.addHandler(handler)
-    warm_page_cache(out.parent / "scratch.warm", n * args.record_size)
-    fmt = STDLIB_FORMAT
-
-    cpu0, t0 = self_cpu_seconds(), time.perf_counter_ns()
-    for i in range(n):
-        logger.info(fmt, i, i % 10000, i)
-    handler.close()
-    t1, cpu1 = time.perf_counter_ns(), self_cpu_seconds()
-    logger.removeHandler(handler)
-    return {"ns": t1 - t0, "cpu_s": cpu1 - cpu0}
+    return _timed_logger_run(picologging.getLogger("bench.producer"), picologging.INFO, handler, n, out, args)
 
 
 def _format_only_handler():
