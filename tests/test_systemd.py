@@ -281,6 +281,15 @@ class TestHardening:
             assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 995, 995), d
 
 
+def _terminate(proc: subprocess.Popen) -> str:
+    """SIGTERM a `systemd-socket-activate ... logsink serve` and return its stderr (killed after 30 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
 class TestSocketActivation:
     """systemd/logsink.socket: systemd holds the control socket; the daemon adopts it (logsink/daemon/activation.py)."""
 
@@ -326,12 +335,7 @@ class TestSocketActivation:
                 c.flush(timeout=30)
             assert (logs / "early.log").read_bytes() == b"".join(b"early %d\n" % i for i in range(1000))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
+            err = _terminate(proc)
         assert "socket_activation" in err and str(sock) in err, err
         assert sock.exists(), "the daemon must not unlink a socket systemd owns"
 
@@ -364,10 +368,5 @@ class TestAbstractActivation:
             p.close()
             assert (logs / "abs.log").read_bytes() == b"abstract\n"
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
+            err = _terminate(proc)
         assert proc.returncode == 0 and "embedded null" not in err, err
