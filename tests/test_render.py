@@ -83,19 +83,25 @@ class TestNativeRendering:
         assert d.log("small").read_bytes() == b"".join(expected)
 
 
+def alone_on_logger(name: str, handler: logging.Handler, request) -> logging.Logger:
+    """Logger ``name`` with ``handler`` as its only handler, not propagating, at DEBUG; the handler is
+    closed and the logger emptied when the test ends."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.handlers[:] = [handler]
+    request.addfinalizer(handler.close)
+    request.addfinalizer(logger.handlers.clear)
+    return logger
+
+
 class TestHandleInC:
     """LogsinkHandler.handle runs in C (logsink._fastlog) for plain records; whatever a user set keeps working."""
 
     def setup_handler(self, daemon, request, **kw):
         d = daemon("io_uring")
         handler = kw.pop("handler_class", LogsinkHandler)("c", socket=d.sock, **kw)
-        logger = logging.getLogger(f"render.c.{request.node.name}")
-        logger.propagate = False
-        logger.setLevel(logging.DEBUG)
-        logger.handlers[:] = [handler]
-        request.addfinalizer(handler.close)
-        request.addfinalizer(logger.handlers.clear)
-        return d, logger, handler
+        return d, alone_on_logger(f"render.c.{request.node.name}", handler, request), handler
 
     def lines(self, d, handler) -> list[bytes]:
         handler.flush()
@@ -190,14 +196,8 @@ class TestFastLogger:
         import logsink.logging as ll
 
         d = daemon("io_uring")
-        logger = logging.getLogger(f"render.fast.{request.node.name}")
         handler = ll.LogsinkHandler("fast", socket=d.sock)
-        logger.propagate = False
-        logger.setLevel(logging.DEBUG)
-        logger.handlers[:] = [handler]
-        request.addfinalizer(handler.close)
-        request.addfinalizer(logger.handlers.clear)
-        return d, logger, handler
+        return d, alone_on_logger(f"render.fast.{request.node.name}", handler, request), handler
 
     @staticmethod
     def direct() -> int:
