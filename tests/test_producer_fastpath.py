@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,25 @@ long syscall(long nr, ...)
     return real(nr, a, b, c, d, e, f);
 }
 """
+
+
+def run_threads(*calls: Callable[[], object]) -> None:
+    """Run every call on a thread of its own, all at once, and wait for them; fail with what any of
+    them raised (an exception on a thread would otherwise only be printed)."""
+    errs: list[BaseException] = []
+
+    def guarded(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errs.append(exc)
+
+    ts = [threading.Thread(target=guarded, args=(fn,)) for fn in calls]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errs, errs
 
 
 def rec_len(t: int, seq: int) -> int:
@@ -132,29 +152,17 @@ class TestMixedCalls:
         n = 20000
         plain = make_records("plain", n)
         c = Client("mixed", socket=d.sock, flush_interval=0.001)
-        errs: list[BaseException] = []
 
         def writer():
-            try:
-                for r in plain:
-                    c.write(r)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-                errs.append(exc)
+            for r in plain:
+                c.write(r)
 
         def logger():
-            try:
-                for i in range(n):
-                    assert c.write_log_json(1.7e9 + i, b"INFO", b"app", b"msg %08d" % i)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-                errs.append(exc)
+            for i in range(n):
+                assert c.write_log_json(1.7e9 + i, b"INFO", b"app", b"msg %08d" % i)
 
         try:
-            ts = [threading.Thread(target=writer), threading.Thread(target=logger)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            assert not errs, errs
+            run_threads(writer, logger)
             c.flush()
         finally:
             c.close()
@@ -172,24 +180,17 @@ class TestThreadsComingAndGoing:
         d = daemon("io_uring")
         recs = {f"w{i}": make_records(f"w{i}", 500) for i in range(60)}
         c = Client("churn", socket=d.sock, flush_interval=0.001)
-        errs: list[BaseException] = []
 
-        def run(tag):
-            try:
+        def writer(tag):
+            def run():
                 for r in recs[tag]:
                     c.write(r)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-                errs.append(exc)
+            return run
 
         try:
             tags = list(recs)
             for i in range(0, len(tags), 4):
-                ts = [threading.Thread(target=run, args=(t,)) for t in tags[i:i + 4]]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
-            assert not errs, errs
+                run_threads(*(writer(t) for t in tags[i:i + 4]))
             c.flush()
         finally:
             c.close()
