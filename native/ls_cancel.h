@@ -18,8 +18,8 @@ struct ls_wait_cancel {
 /* The calling thread's waits in ls_transport.c honour c until called again with NULL. */
 void ls_transport_cancel_scope(const struct ls_wait_cancel *c);
 
-/* The deadline a wait of this thread must keep, given its own (< 0: none); *watch_fd gets the fd
- * to poll for the start of closing, or -1 once it began (the deadline covers it then). */
-int64_t ls_wait_deadline(int64_t deadline, int *watch_fd);
+/* The deadline a wait under c (NULL: none) must keep, given its own (< 0: none); *watch_fd gets
+ * the fd to poll for the start of closing, or -1 once it began (the deadline covers it then). */
+int64_t ls_wait_deadline(const struct ls_wait_cancel *c, int64_t deadline, int *watch_fd);
 
 #endif

@@ -107,9 +107,7 @@ static int handover_tcp_locked(struct ls_producer *p, char *seg, uint32_t len, u
         if (r != -EAGAIN)
             return r == -EPIPE ? -EPIPE : (int)r;
         int wait = -1, watch;
-        ls_transport_cancel_scope(&p->cancel); /* a shutdown can cut this wait short (ls_cancel.h) */
-        int64_t until = ls_wait_deadline(deadline, &watch);
-        ls_transport_cancel_scope(NULL);
+        int64_t until = ls_wait_deadline(&p->cancel, deadline, &watch); /* a shutdown can cut it short */
         if (until >= 0) {
             int64_t left = until - prod_now_ms();
             if (left <= 0)

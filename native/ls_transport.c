@@ -125,14 +125,14 @@ void ls_transport_cancel_scope(const struct ls_wait_cancel *c)
     tls_cancel = c;
 }
 
-int64_t ls_wait_deadline(int64_t deadline, int *watch_fd)
+int64_t ls_wait_deadline(const struct ls_wait_cancel *c, int64_t deadline, int *watch_fd)
 {
     *watch_fd = -1;
-    if (!tls_cancel)
+    if (!c)
         return deadline;
-    int64_t cd = __atomic_load_n(tls_cancel->close_deadline, __ATOMIC_ACQUIRE);
+    int64_t cd = __atomic_load_n(c->close_deadline, __ATOMIC_ACQUIRE);
     if (cd < 0) {
-        *watch_fd = tls_cancel->fd;
+        *watch_fd = c->fd;
         return deadline;
     }
     return deadline < 0 || cd < deadline ? cd : deadline;
@@ -144,7 +144,7 @@ int64_t ls_wait_deadline(int64_t deadline, int *watch_fd)
 static int wait_writable(int fd, int64_t deadline)
 {
     int watch;
-    deadline = ls_wait_deadline(deadline, &watch);
+    deadline = ls_wait_deadline(tls_cancel, deadline, &watch);
     int wait = -1;
     if (deadline >= 0) {
         int64_t left = deadline - now_ms();
