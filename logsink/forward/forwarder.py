@@ -116,8 +116,7 @@ class Forwarder:
             lost = self.counters().end - self.counters().cursor
             log.error("forward_source_truncated", stream=self.spec.stream, downstream=self.address, unsent_bytes_lost=lost)
             check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
-            self.group.bound = -1  # the engine holds a truncated bounded stream until it hears again
-            self.group.update_bound()
+            self.group.update_bound(force=True)  # the engine holds a truncated bounded stream until it hears again
             ret = lib.ls_forward_advance(self.f, end)
         check(ret, "advancing the forwarder")
         if self._ring_fd >= 0 and lib.ls_forward_ring_busy(self.f) and not self.wants_pause:
@@ -165,7 +164,7 @@ class Forwarder:
         log.error("forward_source_truncated", stream=self.spec.stream, downstream=self.address, unsent_bytes_lost=c.end - c.cursor)
         check(lib.ls_forward_reset(self.f, -1, 0), "restarting the forwarder")
         check(lib.ls_forward_advance(self.f, size), "advancing the forwarder")
-        self.group.bound = -1  # (the engine may hold the stream since it saw the file shrink)
+        self.group.update_bound(force=True)  # (the engine may hold the stream since it saw the file shrink)
         return True
 
     def _on_ring(self) -> None:

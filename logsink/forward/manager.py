@@ -57,14 +57,15 @@ class _StreamGroup:
             log.info("stream_paused" if want else "stream_resumed", stream=self.name, reason="forward spool bound")
         self.update_bound()
 
-    def update_bound(self) -> None:
+    def update_bound(self, force: bool = False) -> None:
         """Give the engine the spool bound of the "block" policy as an offset in the file: it lands and
-        releases batches itself, so the bound must hold there, not only when this loop gets to run."""
+        releases batches itself, so the bound must hold there, not only when this loop gets to run.
+        ``force``: send it even if unchanged (the engine moved or held its own: a new file, a shrunk one)."""
         if self.switching:
             return  # stream_reopened sends one bound once every forwarder has the new file
         ends = [f.allowed_end() for f in self.forwarders if f.spec.policy == "block"]
         want = 0 if self.mgr.no_blocking or not ends else max(1, min(ends))
-        if want != self.bound:
+        if want != self.bound or force:
             self.bound = want
             check(lib.ls_engine_bound_stream(self.mgr.engine, self.sid, want), "bounding the stream")
 
@@ -183,8 +184,7 @@ class ForwardManager:
                 for fw in g.forwarders:
                     fw.on_advance(end)
                 if shrunk:  # the engine holds a bounded stream whose file shrank until it hears from us
-                    g.bound = -1
-                    g.update_bound()
+                    g.update_bound(force=True)
 
     def stream_reopened(self, sid: int, fd: int, size: int) -> None:
         """SIGHUP moved stream ``sid`` to a new ``fd`` (at ``size``); the old file is complete."""
@@ -205,8 +205,7 @@ class ForwardManager:
                 fw.switch_file(old_end, fd, size, (st.st_dev, st.st_ino))
         finally:
             g.switching = False
-        g.bound = -1  # the engine moved its bound to the new file's offsets: send ours again
-        g.update_bound()
+        g.update_bound(force=True)  # the engine moved its bound to the new file's offsets: send ours again
 
     def stop_blocking(self) -> None:
         """Shutdown: let paused streams take their pending batches (they land in the spool, not lost)."""
