@@ -194,14 +194,20 @@ class TestRates:
         import sys
 
         d = daemon("readwrite")
-        proc = subprocess.Popen([sys.executable, "-m", "logsink", "status", "--socket", str(d.sock), "--watch", "0.2", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "logsink", "status", "--socket", str(d.sock),
+                                 "--watch", "0.2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
             assert first["pid"] == second["pid"] == d.pid and second["uptime"] > first["uptime"]
         finally:
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 0, proc.stderr.read()
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:  # (seen once under load) say where it was: faulthandler dumps on SIGABRT
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(30)
+                pytest.fail(f"--watch did not exit within 30 s of SIGINT; its threads:\n{proc.stderr.read()}")
+            assert rc == 0, proc.stderr.read()
 
 
 class TestServe:
